@@ -1,0 +1,104 @@
+"""Small helpers shared by the benchmark scripts in ``benchmarks/`` (standard library only).
+
+Import it from a script in this folder with ``from common import ...`` (the script's own folder
+is on ``sys.path`` when it is run as ``python benchmarks/<script>.py``).
+"""
+
+from __future__ import annotations
+
+import datetime
+import importlib.metadata
+import json
+import platform
+import re
+import statistics
+import subprocess
+import time
+from pathlib import Path
+
+THREAD_ENV_VARS = ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS",
+                   "VECLIB_MAXIMUM_THREADS", "NUMEXPR_NUM_THREADS")
+
+
+def time_median(fn, repeats: int = 3, warmup: bool = False, budget_s: float | None = None):
+    """Call ``fn()`` ``repeats`` times; return ``(median seconds, all times, first result)``.
+
+    With ``warmup`` one extra untimed call is made first (JIT, allocator and thread-pool start-up).
+    With ``budget_s`` no further call is started once the timed calls have taken that long (at
+    least one call is always timed), so a very slow method cannot stall a whole benchmark.
+    """
+    if warmup:
+        fn()
+    times, first = [], None
+    for i in range(max(1, repeats)):
+        t0 = time.perf_counter()
+        out = fn()
+        times.append(time.perf_counter() - t0)
+        if i == 0:
+            first = out
+        if budget_s is not None and sum(times) >= budget_s:
+            break
+    return statistics.median(times), times, first
+
+
+def cpu_name() -> str:
+    """The CPU "model name" from /proc/cpuinfo (falls back to ``platform.processor()``)."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine() or "unknown-cpu"
+
+
+def device_tag(n_threads: int) -> str:
+    """Short file-name-safe device name, e.g. ``intel-xeon-e5-2690-v4-2t`` for 2 threads."""
+    name = re.sub(r"\((R|TM|tm|r)\)|\bCPU\b|\bProcessor\b|@.*$", " ", cpu_name())
+    name = re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-") or "cpu"
+    return f"{name}-{n_threads}t"
+
+
+def package_versions(*dists: str) -> dict[str, str | None]:
+    """Installed versions of the given distributions (``None`` where not installed)."""
+    out: dict[str, str | None] = {"python": platform.python_version()}
+    for dist in dists:
+        try:
+            out[dist] = importlib.metadata.version(dist)
+        except importlib.metadata.PackageNotFoundError:
+            out[dist] = None
+    return out
+
+
+def git_commit(repo: Path) -> str | None:
+    """Short hash of HEAD in ``repo`` (``None`` outside git), with ``+dirty`` if modified."""
+    try:
+        head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=repo, check=True,
+                              capture_output=True, text=True).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain"], cwd=repo, check=True,
+                               capture_output=True, text=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return None
+    return head + ("+dirty" if dirty else "")
+
+
+def now_iso() -> str:
+    return datetime.datetime.now().astimezone().isoformat(timespec="seconds")
+
+
+def format_table(headers: list[str], rows: list[list[str]], markdown: bool = False) -> str:
+    """Render rows of strings as an aligned plain-text table, or as a Markdown table."""
+    if markdown:
+        lines = ["| " + " | ".join(headers) + " |", "|" + "|".join("---" for _ in headers) + "|"]
+        lines += ["| " + " | ".join(r) + " |" for r in rows]
+        return "\n".join(lines)
+    widths = [max(len(h), *(len(r[i]) for r in rows)) if rows else len(h)
+              for i, h in enumerate(headers)]
+    lines = [headers, ["-" * w for w in widths], *rows]
+    return "\n".join("  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip()
+                     for r in lines)
+
+
+def write_json(path: Path, data) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(data, indent=2, default=str) + "\n")

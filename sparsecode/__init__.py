@@ -1,0 +1,10 @@
+"""sparsecode: sparse coding and dictionary learning on one batched torch solver core.
+
+The scikit-learn layer (:func:`sparse_encode`, :class:`SparseCoder`) sits on
+:mod:`sparsecode.core` (operators, solvers, sparse codes), which the SAEs and the pruner share.
+"""
+
+from .decomposition import ALGORITHMS, SparseCoder, sparse_encode
+
+__all__ = ["ALGORITHMS", "SparseCoder", "sparse_encode"]
+__version__ = "0.1.0"

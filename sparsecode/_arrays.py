@@ -1,0 +1,73 @@
+"""Input checking and numpy/torch conversion shared by the scikit-learn layer.
+
+Rule: numpy in -> numpy out; torch in -> torch out on the input's device. Computation runs on
+``device`` ("auto" picks CUDA when available for numpy input, the tensor's own device for torch
+input). float32 and float64 are kept; other dtypes are converted to float64 (as scikit-learn).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor
+
+_FLOATS = (torch.float32, torch.float64)
+
+
+def resolve_device(device: str | torch.device | None, like: Any = None) -> torch.device:
+    """``"auto"``/``None``: the device of a torch input, else CUDA if present, else CPU."""
+    if device is None or device == "auto":
+        if isinstance(like, Tensor):
+            return like.device
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
+def to_tensor(
+    a: Any,
+    name: str,
+    *,
+    device: torch.device,
+    dtype: torch.dtype | None = None,
+    ndim: int = 2,
+    allow_empty: bool = False,
+) -> Tensor:
+    """Convert ``a`` to a floating tensor on ``device``, checking shape, emptiness and finiteness."""
+    if isinstance(a, Tensor):
+        t = a.detach()
+    else:
+        arr = np.asarray(a)
+        if arr.dtype == object:
+            raise ValueError(f"{name} must be a numeric array, got dtype object")
+        if arr.dtype.kind not in "fiub":
+            raise ValueError(f"{name} must be numeric, got dtype {arr.dtype}")
+        t = torch.from_numpy(np.ascontiguousarray(arr))
+    if t.dim() != ndim:
+        raise ValueError(f"{name} must be {ndim}-D, got shape {tuple(t.shape)}")
+    if dtype is None:
+        dtype = t.dtype if t.dtype in _FLOATS else torch.float64
+    t = t.to(device=device, dtype=dtype)
+    if not allow_empty and t.numel() == 0:
+        raise ValueError(f"{name} is empty (shape {tuple(t.shape)})")
+    if not bool(torch.isfinite(t).all()):
+        bad = (~torch.isfinite(t)).nonzero()[0].tolist()
+        raise ValueError(f"{name} contains NaN or inf (first at index {tuple(bad)})")
+    return t
+
+
+def to_output(t: Tensor, like: Any) -> Any:
+    """Return ``t`` in the input's kind: numpy for numpy-like input, torch on its device else."""
+    if isinstance(like, Tensor):
+        return t.to(like.device)
+    return t.cpu().numpy()
+
+
+def float_dtype(*arrays: Any) -> torch.dtype:
+    """float32 only if every input is float32, else float64 (scikit-learn's rule)."""
+    def is32(a: Any) -> bool:
+        dt = a.dtype if isinstance(a, (Tensor, np.ndarray)) else np.asarray(a).dtype
+        return dt in (torch.float32, np.float32)
+
+    return torch.float32 if all(is32(a) for a in arrays) else torch.float64

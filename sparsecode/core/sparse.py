@@ -1,0 +1,81 @@
+"""k-sparse codes stored as (values, indices), and their decode.
+
+A TopK SAE, OMP with ``n_nonzero_coefs=k`` and every top-k projection produce at most ``k`` nonzeros
+per row. Keeping them as two ``(N, k)`` tensors instead of a dense ``(N, n_atoms)`` matrix saves
+memory and lets the decoder gather ``k`` dictionary rows per signal instead of multiplying by the
+whole dictionary.
+
+Padding convention: unused slots hold index 0 and value 0, so they add nothing when decoded or
+densified.
+
+Example
+-------
+>>> import torch
+>>> from sparsecode.core.sparse import SparseCodes
+>>> codes = SparseCodes.from_dense(torch.tensor([[0.0, 2.0, 0.0, -1.0]]), k=2)
+>>> codes.to_dense()
+tensor([[ 0.,  2.,  0., -1.]])
+>>> D = torch.eye(4)
+>>> codes.decode(D)
+tensor([[ 0.,  2.,  0., -1.]])
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+
+@dataclass
+class SparseCodes:
+    """Row-wise k-sparse codes: ``values[i, j]`` is the weight of atom ``indices[i, j]`` in row i."""
+
+    values: Tensor  # (N, k), float
+    indices: Tensor  # (N, k), int64
+    n_atoms: int
+
+    def __post_init__(self) -> None:
+        if self.values.shape != self.indices.shape or self.values.dim() != 2:
+            raise ValueError(
+                f"values and indices must both be (N, k); got {tuple(self.values.shape)} and "
+                f"{tuple(self.indices.shape)}"
+            )
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        """Shape of the dense code matrix."""
+        return (self.values.shape[0], self.n_atoms)
+
+    @classmethod
+    def from_dense(cls, z: Tensor, k: int | None = None) -> SparseCodes:
+        """Keep the ``k`` largest-magnitude entries of each row (default: the most nonzeros in a row)."""
+        if k is None:
+            k = int((z != 0).sum(dim=-1).max().item()) if z.numel() else 0
+        k = max(min(k, z.shape[-1]), 1)
+        idx = z.abs().topk(k, dim=-1).indices
+        vals = z.gather(-1, idx)
+        idx = torch.where(vals != 0, idx, torch.zeros_like(idx))
+        return cls(vals, idx, z.shape[-1])
+
+    def to_dense(self) -> Tensor:
+        """The ``(N, n_atoms)`` dense code matrix."""
+        out = self.values.new_zeros(self.shape)
+        return out.scatter_add_(1, self.indices, self.values)
+
+    def decode(self, dictionary: Tensor, bias: Tensor | None = None) -> Tensor:
+        """``to_dense() @ dictionary (+ bias)`` computed as a gather of k atoms per row.
+
+        Uses ``embedding_bag`` (sum mode with per-sample weights), which never materialises the
+        dense code and is differentiable in both ``values`` and ``dictionary``.
+        """
+        if dictionary.shape[0] != self.n_atoms:
+            raise ValueError(
+                f"dictionary has {dictionary.shape[0]} atoms but the codes index {self.n_atoms}"
+            )
+        out = F.embedding_bag(
+            self.indices, dictionary, per_sample_weights=self.values.to(dictionary.dtype), mode="sum"
+        )
+        return out if bias is None else out + bias
