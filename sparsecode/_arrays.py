@@ -34,7 +34,7 @@ def to_tensor(
     ndim: int = 2,
     allow_empty: bool = False,
 ) -> Tensor:
-    """Convert ``a`` to a floating tensor on ``device``, checking shape, emptiness and finiteness."""
+    """Convert ``a`` to a float tensor on ``device``; check its shape, emptiness, finiteness."""
     if isinstance(a, Tensor):
         t = a.detach()
     else:

@@ -125,7 +125,9 @@ class LeastSquares:
 
     def rows(self, index: Tensor | slice) -> LeastSquares:
         """The sub-problem of the given rows (shares the dictionary / Gram)."""
-        pick = (lambda t: None if t is None else t[index])
+        def pick(t: Tensor | None) -> Tensor | None:
+            return None if t is None else t[index]
+
         return LeastSquares(self.gram, pick(self._cov), pick(self._sq_norms), pick(self.X), self.D)
 
     def chunks(self, size: int) -> Iterator[tuple[slice, LeastSquares]]:
@@ -437,7 +439,7 @@ def _lars_chunk(prob, alpha, cap, k_stop, lasso, positive, max_iter):
             width = min(max_width, 2 * width)
             _lars_widen(st, width)
         d = torch.bmm(st["Minv"][:, :s, :s], st["sA"][:, :s, None]).squeeze(2)  # direction
-        d_full = torch.zeros_like(st["rho"]).scatter_(1, st["idx"][:, :s], d)
+        d_full = torch.zeros_like(st["rho"]).scatter_add_(1, st["idx"][:, :s], d)
         a = d_full @ G  # effect of the direction on every correlation
         lam, rho = st["lam"][:, None], st["rho"]
         guard = 10 * eps * lam

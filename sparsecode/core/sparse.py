@@ -31,7 +31,7 @@ from torch import Tensor
 
 @dataclass
 class SparseCodes:
-    """Row-wise k-sparse codes: ``values[i, j]`` is the weight of atom ``indices[i, j]`` in row i."""
+    """Row-wise k-sparse codes: ``values[i, j]`` weighs atom ``indices[i, j]`` in row ``i``."""
 
     values: Tensor  # (N, k), float
     indices: Tensor  # (N, k), int64
@@ -51,7 +51,7 @@ class SparseCodes:
 
     @classmethod
     def from_dense(cls, z: Tensor, k: int | None = None) -> SparseCodes:
-        """Keep the ``k`` largest-magnitude entries of each row (default: the most nonzeros in a row)."""
+        """Keep the ``k`` largest-magnitude entries per row (default: the largest row support)."""
         if k is None:
             k = int((z != 0).sum(dim=-1).max().item()) if z.numel() else 0
         k = max(min(k, z.shape[-1]), 1)
@@ -75,7 +75,6 @@ class SparseCodes:
             raise ValueError(
                 f"dictionary has {dictionary.shape[0]} atoms but the codes index {self.n_atoms}"
             )
-        out = F.embedding_bag(
-            self.indices, dictionary, per_sample_weights=self.values.to(dictionary.dtype), mode="sum"
-        )
+        weights = self.values.to(dictionary.dtype)
+        out = F.embedding_bag(self.indices, dictionary, per_sample_weights=weights, mode="sum")
         return out if bias is None else out + bias

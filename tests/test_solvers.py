@@ -1,0 +1,216 @@
+"""The batched solvers of sparsecode.core against scikit-learn, closed forms and brute force."""
+
+import numpy as np
+import pytest
+import torch
+from sklearn.linear_model import lars_path_gram, orthogonal_mp_gram
+
+from sparsecode.core import SparseCodes, fista, iht, ista, lars, lasso, lipschitz, omp
+from sparsecode.core.operators import L0, L1, MCP, NM, SCAD, Lq, TopK
+from sparsecode.core.solvers import LeastSquares
+
+
+def make_problem(n=40, feat=16, K=48, seed=0, dtype=torch.float64):
+    rng = np.random.default_rng(seed)
+    D = rng.standard_normal((K, feat))
+    D /= np.linalg.norm(D, axis=1, keepdims=True)
+    X = rng.standard_normal((n, feat))
+    return X, D, LeastSquares.from_data(torch.tensor(X, dtype=dtype), torch.tensor(D, dtype=dtype))
+
+
+def objective(X, D, Z, alpha):
+    return 0.5 * ((X - Z @ D) ** 2).sum(1) + alpha * np.abs(Z).sum(1)
+
+
+def test_lipschitz_is_largest_eigenvalue():
+    _, D, _ = make_problem()
+    G = torch.tensor(D @ D.T)
+    top = float(torch.linalg.eigvalsh(G)[-1])
+    assert top <= lipschitz(G) <= 1.02 * top
+
+
+@pytest.mark.parametrize("k", [1, 4, 9])
+@pytest.mark.parametrize("chunk_size", [None, 7])
+def test_omp_matches_sklearn_n_nonzero(k, chunk_size):
+    X, D, prob = make_problem()
+    ref = orthogonal_mp_gram(D @ D.T, D @ X.T, n_nonzero_coefs=k).T
+    res = omp(prob, n_nonzero_coefs=k, chunk_size=chunk_size)
+    Z = res.codes.to_dense().numpy()
+    np.testing.assert_allclose(Z, ref, atol=1e-10)
+    assert (res.n_iter == k).all()
+
+
+def test_omp_tolerance_matches_sklearn_and_is_reached():
+    X, D, prob = make_problem(n=60)
+    sq = (X**2).sum(1)
+    tol = 0.2 * sq.mean()
+    ref = orthogonal_mp_gram(D @ D.T, D @ X.T, tol=tol, norms_squared=sq).T
+    res = omp(prob, tol=tol)
+    Z = res.codes.to_dense().numpy()
+    np.testing.assert_allclose(Z, ref, atol=1e-10)
+    resid = ((X - Z @ D) ** 2).sum(1)
+    assert (resid <= tol * (1 + 1e-9)).all()
+    np.testing.assert_array_equal(res.n_iter.numpy(), (Z != 0).sum(1))
+
+
+def test_omp_from_gram_equals_from_data():
+    X, D, prob = make_problem()
+    Xt, Dt = torch.tensor(X), torch.tensor(D)
+    g = LeastSquares.from_gram(Dt @ Dt.T, Xt @ Dt.T, (Xt * Xt).sum(1))
+    a = omp(prob, n_nonzero_coefs=5).codes.to_dense()
+    b = omp(g, n_nonzero_coefs=5).codes.to_dense()
+    torch.testing.assert_close(a, b)
+
+
+def test_omp_stops_on_linear_dependence():
+    # 3 independent atoms in R^3 plus a duplicate: a 4th atom cannot be added
+    D = torch.tensor([[1.0, 0, 0], [0, 1.0, 0], [0, 0, 1.0], [1.0, 0, 0]], dtype=torch.float64)
+    X = torch.tensor([[3.0, -2.0, 1.0]], dtype=torch.float64)
+    res = omp(LeastSquares.from_data(X, D), n_nonzero_coefs=4)
+    assert int(res.n_iter[0]) == 3
+    torch.testing.assert_close(res.codes.decode(D), X)
+
+
+def test_omp_zero_signal_and_tol_already_met():
+    X, D, _ = make_problem(n=3)
+    X[0] = 0.0
+    prob = LeastSquares.from_data(torch.tensor(X), torch.tensor(D))
+    res = omp(prob, tol=1e-3)
+    assert int(res.n_iter[0]) == 0
+    assert (res.codes.to_dense()[0] == 0).all()
+
+
+def test_omp_errors():
+    _, _, prob = make_problem()
+    with pytest.raises(ValueError, match="n_nonzero_coefs or tol"):
+        omp(prob)
+    with pytest.raises(ValueError, match="n_nonzero_coefs must be in"):
+        omp(prob, n_nonzero_coefs=49)
+    with pytest.raises(ValueError, match="tol must be"):
+        omp(prob, tol=-1.0)
+
+
+@pytest.mark.parametrize("alpha", [0.05, 0.3, 1.0])
+@pytest.mark.parametrize("positive", [False, True])
+def test_lasso_is_exact(alpha, positive):
+    X, D, prob = make_problem()
+    res = lasso(prob, alpha, positive=positive, chunk_size=16)
+    Z = res.codes.numpy()
+    G, C = D @ D.T, X @ D.T
+    # KKT conditions of 0.5||x - zD||^2 + alpha||z||_1 hold to machine precision
+    corr = C - Z @ G
+    on = Z != 0
+    np.testing.assert_allclose(corr[on], alpha * np.sign(Z[on]), atol=1e-9)
+    off = corr[~on] if positive else np.abs(corr[~on])
+    assert (off <= alpha + 1e-9).all()
+    if positive:
+        assert (Z >= 0).all()
+    # and it equals scikit-learn's LARS path at alpha (per sample)
+    for i in range(3):
+        alphas, _, coefs = lars_path_gram(C[i], G, n_samples=1, alpha_min=alpha,
+                                          method="lasso", positive=positive)
+        np.testing.assert_allclose(Z[i], coefs[:, -1], atol=1e-8)
+
+
+def test_lar_matches_sklearn():
+    X, D, prob = make_problem()
+    res = lars(prob, n_nonzero_coefs=5, lasso=False)
+    Z = res.codes.numpy()
+    G, C = D @ D.T, X @ D.T
+    for i in range(5):
+        _, _, coefs = lars_path_gram(C[i], G, n_samples=1, max_iter=5, method="lar")
+        np.testing.assert_allclose(Z[i], coefs[:, -1], atol=1e-9)
+    assert ((Z != 0).sum(1) == 5).all()
+
+
+def test_lasso_float32_close_to_float64():
+    X, D, p64 = make_problem()
+    _, _, p32 = make_problem(dtype=torch.float32)
+    z64 = lasso(p64, 0.2).codes.numpy()
+    z32 = lasso(p32, 0.2).codes.double().numpy()
+    rel = objective(X, D, z32, 0.2).sum() / objective(X, D, z64, 0.2).sum() - 1
+    assert 0 <= rel < 1e-5
+
+
+@pytest.mark.parametrize("fast", [True, False])
+def test_fista_ista_converge_to_lasso(fast):
+    X, D, prob = make_problem(n=10)
+    exact = lasso(prob, 0.2).codes.numpy()
+    res = fista(prob, L1(0.2), fast=fast, tol=1e-12, max_iter=20000)
+    Z = res.codes.numpy()
+    f, f_star = objective(X, D, Z, 0.2).sum(), objective(X, D, exact, 0.2).sum()
+    assert abs(f / f_star - 1) < 1e-8
+    assert (res.n_iter < 20000).all()
+
+
+def test_fista_needs_fewer_iterations_than_ista():
+    _, _, prob = make_problem(n=10)
+    a = fista(prob, L1(0.1), tol=1e-8, max_iter=20000).n_iter.float().mean()
+    b = ista(prob, L1(0.1), tol=1e-8, max_iter=20000).n_iter.float().mean()
+    assert a < b
+
+
+def test_fista_warm_start_from_solution_stops_at_once():
+    _, _, prob = make_problem(n=5)
+    z = lasso(prob, 0.3).codes
+    res = fista(prob, L1(0.3), init=z, tol=1e-8, check_every=1)
+    assert (res.n_iter == 1).all()
+
+
+@pytest.mark.parametrize(
+    "penalty", [L0(0.1), Lq(0.1, q=0.5), MCP(0.2, gamma=3.0), SCAD(0.2, gamma=3.7), TopK(4)]
+)
+@pytest.mark.parametrize("fast", [True, False])
+def test_nonconvex_objective_decreases_monotonically(penalty, fast):
+    _, _, prob = make_problem(n=8)
+    values = []
+    for t in range(1, 40):
+        z = fista(prob, penalty, fast=fast, max_iter=t, tol=0.0).codes
+        values.append((prob.loss(z) + penalty.value(z)).numpy())
+    values = np.array(values)
+    assert (np.diff(values, axis=0) <= 1e-12).all()
+    assert (values[-1] < values[0]).all()
+
+
+def test_iht_topk_and_nm():
+    X, D, prob = make_problem()
+    cov = prob.cov
+    for proj in (TopK(3), NM(2, 4)):
+        z = iht(prob, proj, max_iter=300).codes
+        assert bool(proj.contains(z).all())
+        # better than projecting the plain correlations
+        z0 = proj.project(cov)
+        assert (prob.loss(z) <= prob.loss(z0) + 1e-12).all()
+    with pytest.raises(TypeError, match="Projection"):
+        iht(prob, L1(0.1))
+
+
+def test_solver_argument_errors():
+    _, _, prob = make_problem()
+    with pytest.raises(ValueError, match="max_iter"):
+        fista(prob, L1(0.1), max_iter=0)
+    with pytest.raises(ValueError, match="alpha"):
+        lasso(prob, -1.0)
+    with pytest.raises(ValueError, match="step"):
+        fista(prob, L1(0.1), step=-1.0)
+
+
+def test_sparse_codes_decode_and_gradients_match_dense():
+    torch.manual_seed(0)
+    z = torch.randn(6, 10, dtype=torch.float64)
+    z[z.abs() < 0.8] = 0
+    codes = SparseCodes.from_dense(z)
+    torch.testing.assert_close(codes.to_dense(), z)
+    D = torch.randn(10, 5, dtype=torch.float64, requires_grad=True)
+    vals = codes.values.clone().requires_grad_(True)
+    out = SparseCodes(vals, codes.indices, 10).decode(D)
+    dense = SparseCodes(vals, codes.indices, 10).to_dense()
+    ref = dense @ D
+    torch.testing.assert_close(out, ref)
+    g = torch.randn_like(out)
+    gv, gd = torch.autograd.grad(out, (vals, D), g)
+    rv, rd = torch.autograd.grad(ref, (vals, D), g)
+    torch.testing.assert_close(gv, rv)
+    torch.testing.assert_close(gd, rd)
+    with pytest.raises(ValueError, match="atoms"):
+        codes.decode(torch.randn(9, 5, dtype=torch.float64))
