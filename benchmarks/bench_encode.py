@@ -50,6 +50,7 @@ for _var in THREAD_ENV_VARS:
     os.environ[_var] = str(N_THREADS)
 
 import argparse
+import inspect
 import warnings
 from dataclasses import asdict, dataclass, field
 
@@ -118,7 +119,10 @@ def make_spams(task):
     return prepare, call
 
 
-def make_ours(algorithm, **params):
+def make_ours(algorithm, device=None, **params):
+    if device is not None and "device" in inspect.signature(sparsecode.sparse_encode).parameters:
+        params["device"] = device  # pin the CPU: the default "auto" would pick a GPU if present
+
     def prepare(X, D):
         return X, D
 
@@ -361,7 +365,9 @@ def write_markdown(path, meta, rows, checks, notes):
     text = [
         f"# Sparse coding benchmark: {meta['device']}",
         "",
-        f"- date: {meta['date']}; CPU: {meta['cpu']}; threads: {meta['threads']}",
+        f"- date: {meta['date']}; CPU: {meta['cpu']} ({meta['n_cpus']} cores); threads: "
+        f"{meta['threads']}; load average (1 min) at start/end: "
+        f"{meta['loadavg_1_5_15min']['start'][0]:.2f}/{meta['loadavg_1_5_15min']['end'][0]:.2f}",
         f"- versions: python {v['python']}, torch {v['torch']}, scikit-learn {v['scikit-learn']},"
         f" spams-bin {v['spams-bin']}, numpy {v['numpy']}, sparsecode {v['sparsecode']}"
         f" (git {meta['git']})",
@@ -410,6 +416,8 @@ def parse_args(argv=None):
     p.add_argument("--budget", type=float, default=120.0,
                    help="seconds of timed calls per method after which no more repeats are "
                         "started (default 120; at least one call is always timed)")
+    p.add_argument("--device", default="cpu",
+                   help="torch device for sparsecode (default cpu, to compare on 2 CPU threads)")
     p.add_argument("--out", type=Path, default=HERE / "results",
                    help="folder for the JSON and Markdown results (benchmarks/results)")
     return p.parse_args(argv)
@@ -429,6 +437,7 @@ def main(argv=None):
     torch.set_num_threads(N_THREADS)
     threadpool_limits(N_THREADS)  # belt and braces on top of the environment variables
 
+    load_start = os.getloadavg()  # other processes on the machine make timings noisy
     X = image_patches(patch_size=PATCH_SIZE, n_patches=n)  # float64, rows are patches
     D = overcomplete_dct(PATCH_SIZE, N_ATOMS)  # (256, 64), unit-norm rows
 
@@ -446,7 +455,7 @@ def main(argv=None):
         ("omp", "SPAMS", "omp", ("float64",), make_spams("omp") if spams else None, n,
          "OLS-type selection"),
         ("omp", "sparsecode", "omp", ("float64", "float32"),
-         make_ours("omp", n_nonzero_coefs=OMP_K) if has_ours else None, n, ""),
+         make_ours("omp", args.device, n_nonzero_coefs=OMP_K) if has_ours else None, n, ""),
         ("lasso", "sklearn", "lasso_cd", ("float64", "float32"),
          make_sklearn("lasso_cd", alpha=ALPHA), n, ""),
         ("lasso", "sklearn", "lasso_lars", ("float64", "float32"),
@@ -456,12 +465,12 @@ def main(argv=None):
          "LARS, mode=2"),
     ] + [
         ("lasso", "sparsecode", alg, ("float64", "float32"),
-         make_ours(alg, alpha=ALPHA) if has_ours else None, n, "")
+         make_ours(alg, args.device, alpha=ALPHA) if has_ours else None, n, "")
         for alg in ("lasso_cd", "lasso_lars", "fista")
     ]
 
     print(f"Sparse coding benchmark: {n} patches, {N_ATOMS} atoms, {N_THREADS} threads, "
-          f"{device_tag(N_THREADS)}", flush=True)
+          f"{device_tag(N_THREADS)}, load average {load_start[0]:.2f}", flush=True)
     rows = []
     for task, lib, alg, dtypes, make, n_rows, note in plan:
         if make is None:
@@ -481,6 +490,10 @@ def main(argv=None):
                          "raised ConvergenceWarning (not converged in max_iter=1000).")
         if r.library == "sparsecode" and r.out_dtype and r.out_dtype != r.dtype:
             notes.append(f"{r.label} {r.dtype} returned {r.out_dtype}.")
+    load_end = os.getloadavg()
+    if max(load_start[0], load_end[0] - N_THREADS) > 0.5:
+        notes.append(f"The machine was busy (1-min load average {load_start[0]:.2f} at start, "
+                     f"{load_end[0]:.2f} at end, {os.cpu_count()} cores): timings are noisy.")
     spams_omp = find(rows, "omp", "SPAMS", "omp", "float64")
     sk_omp = find(rows, "omp", "sklearn", "omp", "float64")
     if spams_omp and sk_omp:
@@ -516,6 +529,9 @@ def main(argv=None):
         "device": device,
         "cpu": cpu_name(),
         "threads": N_THREADS,
+        "n_cpus": os.cpu_count(),
+        "loadavg_1_5_15min": {"start": load_start, "end": load_end},
+        "sparsecode_device": args.device,
         "versions": versions,
         "git": git_commit(HERE.parent),
         "command": " ".join([Path(sys.argv[0]).name, *sys.argv[1:]]),

@@ -62,12 +62,3 @@ def to_output(t: Tensor, like: Any) -> Any:
     if isinstance(like, Tensor):
         return t.to(like.device)
     return t.cpu().numpy()
-
-
-def float_dtype(*arrays: Any) -> torch.dtype:
-    """float32 only if every input is float32, else float64 (scikit-learn's rule)."""
-    def is32(a: Any) -> bool:
-        dt = a.dtype if isinstance(a, (Tensor, np.ndarray)) else np.asarray(a).dtype
-        return dt in (torch.float32, np.float32)
-
-    return torch.float32 if all(is32(a) for a in arrays) else torch.float64

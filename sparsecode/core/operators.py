@@ -13,6 +13,17 @@ Conventions
   step and ``value`` is 0 on the set and ``inf`` outside it.
 * ``positive=True`` adds the constraint ``u >= 0`` (nonnegative codes, ReLU-style SAEs).
 
+Operators
+---------
+Separable penalties: :class:`L1`, :class:`L0`, :class:`Lq` (``0 < q < 1``), :class:`MCP`,
+:class:`SCAD`, :class:`CEL0`. Group penalty: :class:`GroupL21`. Projections: :class:`TopK`,
+:class:`BatchTopK`, :class:`FeatureChoice`, :class:`NM` and the JumpReLU activation
+:class:`Jump`. Build one by name with :func:`make_operator` (names in :data:`OPERATORS`).
+
+The nonconvex proxes are exact for every step: where a textbook closed form needs a bound on the
+step (MCP ``step < gamma``, SCAD ``step < gamma - 1``, CEL0 ``step * a_i^2 < 1``) the other
+regime is derived and handled too (see each class).
+
 Example
 -------
 >>> import torch
@@ -206,7 +217,7 @@ def _lq_threshold(lam: Tensor, q: float) -> tuple[Tensor, Tensor]:
 
 
 def _lq_half(y: Tensor, lam: Tensor) -> Tensor:
-    """Half thresholding (Xu et al. 2012), ``q = 1/2``, for ``y >= 0``.
+    """Half thresholding (Xu et al. 2012), ``q = 1/2``, for ``y >= 0`` (``lam`` shaped like ``y``).
 
     With ``s = w^2`` stationarity is the cubic ``w^3 - y w + lam/2 = 0`` whose largest root is
     ``s = (2y/3) (1 + cos(2 pi/3 - (2/3) arccos((3 sqrt(3)/4) lam y^(-3/2))))``.
@@ -224,7 +235,7 @@ def _lq_half(y: Tensor, lam: Tensor) -> Tensor:
 
 
 def _lq_two_thirds(y: Tensor, lam: Tensor) -> Tensor:
-    """``q = 2/3`` thresholding (Cao et al. 2013), for ``y >= 0``.
+    """``q = 2/3`` thresholding (Cao et al. 2013), for ``y >= 0`` (``lam`` shaped like ``y``).
 
     With ``s = w^3`` stationarity is the quartic ``w^4 - y w + c = 0``, ``c = 2 lam / 3``.
     Ferrari: ``m`` is the real root of the resolvent ``m^3 - c m - y^2/8 = 0``,
@@ -239,7 +250,7 @@ def _lq_two_thirds(y: Tensor, lam: Tensor) -> Tensor:
     tau_c = 2.0 * c.pow(0.75)
     ys = torch.where(keep, y, tau_c)
     # the arccosh argument is (3 sqrt 3 / 4) r^2 with r = y / tau >= 1; far above the threshold
-    # (r > 1e6) one Newton step from y is exact to rounding and avoids overflow
+    # (r > 1e6) the formula is replaced by s = y (then polished) to avoid overflow
     r = (ys / tau_c).clamp(1.0, 1e6)
     x = (3.0 * math.sqrt(3.0) / 4.0) * r * r
     m = 2.0 * torch.sqrt(c / 3.0) * torch.cosh(torch.arccosh(x) / 3.0)
@@ -247,7 +258,10 @@ def _lq_two_thirds(y: Tensor, lam: Tensor) -> Tensor:
     w = 0.5 * (A + torch.sqrt((2.0 * ys / A - A * A).clamp(min=0)))
     s = w * w * w
     far = ys > 1e6 * tau_c
-    s = torch.where(far, _lq_newton_step(ys, lam, q, ys), s)
+    s = torch.where(far, ys, s)
+    # one Newton step polishes the rounding of the formula (a few ulps near the threshold)
+    # and, from s = y, is already exact far above it
+    s = _lq_newton_step(ys, torch.where(pos, lam, torch.zeros_like(lam)), q, s)
     s = torch.where(pos, s, y)
     return torch.where(keep, s, torch.zeros_like(s))
 
@@ -261,7 +275,7 @@ def _lq_newton_step(y: Tensor, lam: Tensor, q: float, s: Tensor) -> Tensor:
 
 
 def _lq_newton(y: Tensor, lam: Tensor, q: float, n_iter: int) -> Tensor:
-    """Numerical ``lq`` thresholding for any ``q in (0, 1)``, for ``y >= 0``.
+    """Numerical ``lq`` thresholding for any ``q in (0, 1)``, for ``y >= 0`` (``lam`` like ``y``).
 
     For ``y > tau`` the minimiser is the largest root of ``s + lam q s^(q-1) = y``; the left side
     is convex and increasing for ``s >= beta``, so Newton from ``s = y`` (above the root)

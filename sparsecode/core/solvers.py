@@ -28,6 +28,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 from .operators import L1, Operator, Projection
@@ -47,8 +48,6 @@ __all__ = [
 
 #: Default bound on the working memory of one chunk, in bytes.
 CHUNK_BYTES = 64 * 2**20
-#: OMP works best on cache-sized chunks.
-OMP_CHUNK_BYTES = 8 * 2**20
 
 
 @dataclass
@@ -488,9 +487,9 @@ def _lars_widen(st: dict, width: int) -> None:
     """Grow the zero-padded active-set storage to ``width`` slots."""
     m, w = st["Minv"].shape[:2]
     pad = width - w
-    st["Minv"] = torch.nn.functional.pad(st["Minv"], (0, pad, 0, pad))
+    st["Minv"] = F.pad(st["Minv"], (0, pad, 0, pad))
     for key in ("zA", "sA", "idx"):
-        st[key] = torch.nn.functional.pad(st[key], (0, pad))
+        st[key] = F.pad(st[key], (0, pad))
 
 
 def _lars_finish(st: dict, mask: Tensor, out: Tensor, steps_out: Tensor) -> None:
@@ -627,7 +626,7 @@ def omp(
     values = torch.zeros(n, kmax, dtype=ref.dtype, device=ref.device)
     indices = torch.zeros(n, kmax, dtype=torch.long, device=ref.device)
     n_iter = torch.zeros(n, dtype=torch.long, device=ref.device)
-    chunk = chunk_size or max(64, OMP_CHUNK_BYTES // (ref.element_size() * (kmax + 4) * K))
+    chunk = chunk_size or max(64, CHUNK_BYTES // (ref.element_size() * (min(kmax, 8) + 2) * K))
     for sl, sub in problem.chunks(chunk):
         values[sl], indices[sl], n_iter[sl] = _omp_chunk(sub, kmax, tol)
     return SolverResult(SparseCodes(values, indices, K), n_iter)
@@ -643,47 +642,66 @@ def _omp_chunk(prob: LeastSquares, kmax: int, tol: float | None):
     residual correlations update as ``alpha -= <q_n, x> u_n``. Codes solve ``L^T z = c``.
     An atom already selected has (numerically) zero residual correlation and ``L[n, n] = 0``,
     so the linear-dependence test also stops rows that would pick one twice.
+
+    Storage for ``u`` and ``L`` starts narrow and doubles on demand (with a tolerance most rows
+    stop long before ``kmax``); finished rows are dropped from the working set in batches.
     """
     G = prob.gram
-    cov = prob.cov
-    n, K = cov.shape
-    dev, dt = cov.device, cov.dtype
+    n, K = prob.n_rows, prob.n_atoms
+    alpha = prob.cov.clone()
+    dev, dt = alpha.device, alpha.dtype
     diag = torch.diagonal(G)
-    eps = torch.finfo(dt).eps
-    L = torch.eye(kmax, dtype=dt, device=dev).repeat(n, 1, 1)
-    c = torch.zeros(n, kmax, dtype=dt, device=dev)
-    idx = torch.zeros(n, kmax, dtype=torch.long, device=dev)
+    eps, tiny = torch.finfo(dt).eps, torch.finfo(dt).tiny
+    width = min(kmax, 8)
+    L = torch.eye(width, dtype=dt, device=dev).repeat(n, 1, 1)
+    c = torch.zeros(n, width, dtype=dt, device=dev)
+    idx = torch.zeros(n, width, dtype=torch.long, device=dev)
     count = torch.zeros(n, dtype=torch.long, device=dev)
-    rows = torch.arange(n, device=dev)  # working set, compacted as rows finish
-    alpha = cov.clone()
-    U = torch.empty(n, kmax, K, dtype=dt, device=dev)
+    # working set: rows still selecting atoms (compacted when a quarter has finished)
+    rows = torch.arange(n, device=dev)
     resid = prob.sq_norms.clone() if tol is not None else None
-    if resid is not None and not bool((resid > tol).all()):
-        keep = resid > tol
-        rows, alpha, U, resid = rows[keep], alpha[keep], U[keep], resid[keep]
+    if resid is not None:  # rows already within tolerance select nothing
+        rows = (resid > tol).nonzero().squeeze(1)
+        alpha, resid = alpha[rows], resid[rows]
+    U = torch.empty(rows.numel(), width, K, dtype=dt, device=dev)
+    live = torch.ones(rows.numel(), dtype=torch.bool, device=dev)
+    n_live = int(live.sum())
     for step in range(kmax):
-        m = rows.numel()
-        if m == 0:
+        if n_live == 0:
             break
+        if n_live < 0.75 * rows.numel():
+            keep = live
+            rows, alpha, U, live = rows[keep], alpha[keep], U[keep], live[keep]
+            resid = resid[keep] if resid is not None else None
+        if step == width:
+            new = min(kmax, 2 * width)
+            U = F.pad(U, (0, 0, 0, new - width))
+            L = F.pad(L, (0, new - width, 0, new - width))
+            L[:, torch.arange(width, new), torch.arange(width, new)] = 1.0
+            c = F.pad(c, (0, new - width))
+            idx = F.pad(idx, (0, new - width))
+            width = new
+        m = rows.numel()
         j = alpha.abs().argmax(dim=1)
         a_j = alpha.gather(1, j[:, None]).squeeze(1)
         g_j = G.index_select(0, j)
         if step:
             proj = U[:, :step].gather(2, j.view(m, 1, 1).expand(m, step, 1)).squeeze(2)
-            w = torch.baddbmm(g_j.unsqueeze(1), proj.unsqueeze(1), U[:, :step], alpha=-1).squeeze(1)
+            w = torch.baddbmm(g_j.unsqueeze(1), proj.unsqueeze(1), U[:, :step], alpha=-1)
+            w = w.squeeze(1)
             norm2 = diag[j] - (proj * proj).sum(dim=1)
         else:
             proj, w, norm2 = None, g_j, diag[j].clone()
-        ok = (norm2 > 1e2 * eps * diag[j]) & (a_j * a_j > torch.finfo(dt).tiny)
+        ok = live & (norm2 > 1e2 * eps * diag[j]) & (a_j * a_j > tiny)
         lnn = torch.sqrt(torch.where(ok, norm2, 1.0))
         cn = torch.where(ok, a_j / lnn, 0.0)
         u = w / lnn[:, None]
         alpha.addcmul_(cn[:, None], u, value=-1)
         U[:, step] = u
-        keep = ok
+        live = ok
         if resid is not None:
             resid = resid - cn * cn
-            keep = keep & (resid > tol)
+            live = live & (resid > tol)
         r_ok = rows[ok]
         if proj is not None:
             L[r_ok, step, :step] = proj[ok]
@@ -691,8 +709,7 @@ def _omp_chunk(prob: LeastSquares, kmax: int, tol: float | None):
         c[r_ok, step] = cn[ok]
         idx[r_ok, step] = j[ok]
         count[r_ok] += 1
-        if not bool(keep.all()):
-            rows, alpha, U = rows[keep], alpha[keep], U[keep]
-            resid = resid[keep] if resid is not None else None
+        n_live = int(live.sum())
     z = torch.linalg.solve_triangular(L.transpose(1, 2), c.unsqueeze(-1), upper=True).squeeze(-1)
-    return z, idx, count
+    pad = kmax - width
+    return F.pad(z, (0, pad)), F.pad(idx, (0, pad)), count

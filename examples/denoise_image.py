@@ -1,0 +1,80 @@
+"""Denoise a built-in image by sparse coding its patches (offline, about 10 s on 2 CPU cores).
+
+Every overlapping 8x8 patch of ``skimage.data.camera()`` plus Gaussian noise is coded by OMP
+against an overcomplete DCT dictionary until its residual reaches the noise level
+(``||r||^2 <= n * (1.15 sigma)^2``, Elad & Aharon 2006); the denoised image averages the coded
+patches. Prints the PSNR before and after and writes a before/after PNG.
+
+    python examples/denoise_image.py                 # full 512x512 image, sigma = 25/255
+    python examples/denoise_image.py --size 128      # a quick crop
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+from pathlib import Path
+
+import numpy as np
+from skimage import data
+from skimage.metrics import peak_signal_noise_ratio
+from sklearn.feature_extraction.image import extract_patches_2d, reconstruct_from_patches_2d
+
+from sparsecode import SparseCoder
+from sparsecode.datasets import overcomplete_dct
+
+
+def denoise(noisy: np.ndarray, sigma: float, patch: int = 8, n_atoms: int = 256) -> np.ndarray:
+    """Denoise a [0, 1] grey image by OMP on all overlapping patches (DC kept exactly)."""
+    patches = extract_patches_2d(noisy, (patch, patch)).reshape(-1, patch * patch)
+    means = patches.mean(axis=1, keepdims=True)
+    coder = SparseCoder(
+        overcomplete_dct(patch, n_atoms),
+        transform_algorithm="omp",
+        transform_alpha=patch * patch * (1.15 * sigma) ** 2,  # squared-residual target
+    )
+    codes = coder.fit_transform(patches - means)
+    clean = coder.inverse_transform(codes) + means
+    return reconstruct_from_patches_2d(clean.reshape(-1, patch, patch), noisy.shape)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--sigma", type=float, default=25.0, help="noise std on the 0-255 scale")
+    ap.add_argument("--size", type=int, default=512, help="crop the image to size x size")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--out", type=Path, default=Path("out/denoise_camera.png"))
+    args = ap.parse_args()
+
+    clean = data.camera()[: args.size, : args.size].astype(np.float64) / 255.0
+    sigma = args.sigma / 255.0
+    rng = np.random.default_rng(args.seed)
+    noisy = clean + sigma * rng.standard_normal(clean.shape)
+
+    t0 = time.perf_counter()
+    restored = denoise(noisy, sigma)
+    elapsed = time.perf_counter() - t0
+    psnr_in = peak_signal_noise_ratio(clean, noisy, data_range=1.0)
+    psnr_out = peak_signal_noise_ratio(clean, np.clip(restored, 0, 1), data_range=1.0)
+    print(f"noisy PSNR {psnr_in:.2f} dB -> denoised PSNR {psnr_out:.2f} dB ({elapsed:.1f} s)")
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 3, figsize=(12, 4.4))
+    panels = [("clean", clean), (f"noisy {psnr_in:.2f} dB", noisy),
+              (f"OMP + DCT {psnr_out:.2f} dB", restored)]
+    for ax, (title, img) in zip(axes, panels):
+        ax.imshow(np.clip(img, 0, 1), cmap="gray", vmin=0, vmax=1)
+        ax.set_title(title)
+        ax.axis("off")
+    fig.tight_layout()
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(args.out, dpi=80)
+    print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()
