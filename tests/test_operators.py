@@ -110,14 +110,14 @@ SEPARABLE_CASES = [
         for pos in (False, True)
         for t in (0.5, 1, 3, 5)
     ],
-    *[(MCP(alpha=1.2, gamma=1.5), t) for t in (1.0, 1.49, 2.0)],
+    *[(MCP(alpha=1.2, gamma=1.5), t) for t in (1.0, 1.49, 1.5 - 1e-12, 2.0)],
     # SCAD gamma=3.7: convex closed form (t < 2.7), boundary t = gamma - 1, nonconvex (t > 2.7)
     *[
         (SCAD(alpha=0.9, gamma=3.7, positive=pos), t)
         for pos in (False, True)
         for t in (0.5, 1.0, 2.7, 4.0)
     ],
-    *[(SCAD(alpha=1.1, gamma=2.2), t) for t in (0.3, 1.0, 1.2, 1.5, 3.0)],
+    *[(SCAD(alpha=1.1, gamma=2.2), t) for t in (0.3, 1.0, 1.2 - 1e-12, 1.2, 1.5, 3.0)],
     # CEL0: firm threshold for step * a^2 < 1, l0 hard threshold beyond
     *[
         (CEL0(alpha=0.6, norms=[a], positive=pos), t)

@@ -306,7 +306,8 @@ def _firm_threshold(y: Tensor, t: Tensor, a: float | Tensor, g: float | Tensor) 
     zero = torch.zeros_like(y)
     firm_ok = t < g
     den = torch.where(firm_ok, 1.0 - t / g, torch.ones_like(t))
-    firm = torch.where(y <= t * a, zero, torch.where(y <= g * a, (y - t * a) / den, y))
+    # min(y, .) is the firm threshold's third piece and guards rounding when t is close to g
+    firm = torch.where(y <= t * a, zero, torch.minimum((y - t * a) / den, y))
     hard = torch.where(y > a * torch.sqrt(t * g), y, zero)
     return torch.where(firm_ok, firm, hard)
 
@@ -430,6 +431,7 @@ class SCAD(Operator):
         convex = g - 1.0 - t > 0
         den = torch.where(convex, g - 1.0 - t, torch.ones_like(t))
         mid = y + t * (y - g * a) / den  # = ((g - 1) y - t g a) / (g - 1 - t)
+        mid = torch.minimum(mid.clamp(min=a), y)  # in [a, y] exactly; guards t close to g - 1
         closed = torch.where(
             y <= t * a,
             zero,

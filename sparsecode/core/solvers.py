@@ -17,7 +17,7 @@ Example
 >>> from sparsecode.core.solvers import LeastSquares, fista
 >>> D = torch.eye(3, dtype=torch.float64)
 >>> X = torch.tensor([[3.0, 0.5, -2.0]], dtype=torch.float64)
->>> fista(LeastSquares.from_data(X, D), L1(1.0)).codes
+>>> fista(LeastSquares.from_data(X, D), L1(1.0)).codes.round(decimals=6)
 tensor([[ 2.,  0., -1.]], dtype=torch.float64)
 """
 
