@@ -66,7 +66,7 @@ def main() -> None:
     fig, axes = plt.subplots(1, 3, figsize=(12, 4.4))
     panels = [("clean", clean), (f"noisy {psnr_in:.2f} dB", noisy),
               (f"OMP + DCT {psnr_out:.2f} dB", restored)]
-    for ax, (title, img) in zip(axes, panels):
+    for ax, (title, img) in zip(axes, panels, strict=True):
         ax.imshow(np.clip(img, 0, 1), cmap="gray", vmin=0, vmax=1)
         ax.set_title(title)
         ax.axis("off")
