@@ -21,7 +21,7 @@ from typing import Any
 
 import numpy as np
 import torch
-from sklearn.base import BaseEstimator, TransformerMixin
+from sklearn.base import BaseEstimator, ClassNamePrefixFeaturesOutMixin, TransformerMixin
 from sklearn.utils.validation import check_is_fitted, validate_data
 
 from ._arrays import resolve_device, to_output, to_tensor
@@ -184,7 +184,7 @@ def _problem(X: torch.Tensor, D: torch.Tensor, gram: Any, cov: Any, dev) -> Leas
     return problem
 
 
-class SparseCoder(TransformerMixin, BaseEstimator):
+class SparseCoder(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEstimator):
     """Sparse coding against a fixed dictionary (drop-in for scikit-learn's ``SparseCoder``).
 
     Each row of ``X`` is encoded as a sparse combination of the rows (atoms) of ``dictionary`` by
@@ -275,15 +275,24 @@ class SparseCoder(TransformerMixin, BaseEstimator):
             X = np.asarray(X)
             D = np.asarray(D, dtype=X.dtype if X.dtype in (np.float32, np.float64) else None)
         k = D.shape[0]
+        width = 2 * k if self.split_sign else k
+        if X.ndim != 2 or X.shape[1] != width:
+            raise ValueError(
+                f"codes must be 2-D with {width} columns ({k} atoms"
+                f"{', split_sign' if self.split_sign else ''}), got shape {tuple(X.shape)}"
+            )
         if self.split_sign:
             X = X[:, :k] - X[:, k:]
-        if X.shape[1] != k:
-            raise ValueError(f"codes have {X.shape[1]} columns, expected {k} atoms")
         return X @ D
 
     @property
     def n_components_(self) -> int:
         return self.dictionary.shape[0]
+
+    @property
+    def _n_features_out(self) -> int:
+        """Output width, for ``get_feature_names_out`` (doubled by ``split_sign``)."""
+        return self.n_components_ * (2 if self.split_sign else 1)
 
     def __sklearn_tags__(self):
         tags = super().__sklearn_tags__()

@@ -322,11 +322,11 @@ def lasso(
 ) -> SolverResult:
     """Exact Lasso ``0.5||x - zD||^2 + alpha ||z||_1`` per row (optionally with ``z >= 0``).
 
-    Runs the batched homotopy of :func:`lars`, then re-solves each row's optimality system on its
-    final support with a Cholesky factorisation and checks the KKT conditions. Rows that fail the
-    check (degenerate paths, ``max_iter`` reached) are finished by :func:`fista` warm-started from
-    the homotopy's codes, to relative accuracy ``tol``. ``n_iter`` counts homotopy steps plus
-    any FISTA iterations.
+    Runs the batched homotopy of :func:`lars` and checks the KKT conditions of every row. Rows
+    that fail (rounding on long paths, degenerate ties, ``max_iter`` reached) are re-solved on their
+    support with a Cholesky factorisation; rows that still fail are finished by :func:`fista`
+    warm-started from the homotopy's codes, to relative accuracy ``tol``. ``n_iter`` counts
+    homotopy steps plus any FISTA iterations.
     """
     if not alpha >= 0:
         raise ValueError(f"alpha must be >= 0, got {alpha!r}")
@@ -335,15 +335,31 @@ def lasso(
     codes, n_iter = res.codes, res.n_iter
     if problem.n_rows == 0:
         return res
-    exact, ok = _support_solve(problem, codes, alpha, positive)
-    codes = torch.where(ok[:, None], exact, codes)
-    bad = (~ok).nonzero().squeeze(1)
+    bad = (~_kkt_ok(problem, codes, alpha, positive)).nonzero().squeeze(1)
+    if bad.numel():
+        exact, ok = _support_solve(problem.rows(bad), codes[bad], alpha, positive)
+        codes[bad[ok]] = exact[ok]
+        bad = bad[~ok]
     if bad.numel():
         fix = fista(problem.rows(bad), L1(alpha, positive=positive), max_iter=max_iter, tol=tol,
                     init=codes[bad], chunk_size=chunk_size)
         codes[bad] = fix.codes
         n_iter[bad] += fix.n_iter
     return SolverResult(codes, n_iter)
+
+
+def _kkt_ok(prob: LeastSquares, z: Tensor, alpha: float, positive: bool) -> Tensor:
+    """Per row: do the Lasso optimality conditions hold (to rounding)?
+
+    ``c_j - (z G)_j = alpha sign(z_j)`` on the support and ``|c_j - (z G)_j| <= alpha`` off it
+    (``<= alpha`` without the absolute value when ``positive``).
+    """
+    corr = -prob.grad(z)
+    slack = 1e3 * torch.finfo(z.dtype).eps * (alpha + corr.abs().amax(dim=1, keepdim=True))
+    on = z != 0
+    on_err = torch.where(on, (corr - alpha * torch.sign(z)).abs(), 0.0)
+    off = torch.where(on, 0.0, corr if positive else corr.abs())
+    return ((on_err <= slack) & (off <= alpha + slack)).all(dim=1)
 
 
 def lars(
@@ -397,6 +413,7 @@ def lars(
 
 def _lars_chunk(prob, alpha, cap, k_stop, lasso, positive, max_iter):
     G = prob.gram
+    D = prob.D if prob.use_data else None
     rho = prob.cov.clone()  # residual correlations x D^T - z G
     n, K = rho.shape
     dev, dt = rho.device, rho.dtype
@@ -419,7 +436,7 @@ def _lars_chunk(prob, alpha, cap, k_stop, lasso, positive, max_iter):
         "sA": torch.zeros(n, width, dtype=dt, device=dev),
         "idx": torch.zeros(n, width, dtype=torch.long, device=dev),
         "count": torch.zeros(n, dtype=torch.long, device=dev),
-        "inactive": torch.ones(n, K, dtype=torch.bool, device=dev),
+        "active": torch.zeros(n, K, dtype=torch.bool, device=dev),
         "steps": torch.zeros(n, dtype=torch.long, device=dev),
     }
     n_live = int(st["live"].sum())
@@ -439,19 +456,21 @@ def _lars_chunk(prob, alpha, cap, k_stop, lasso, positive, max_iter):
             _lars_widen(st, width)
         d = torch.bmm(st["Minv"][:, :s, :s], st["sA"][:, :s, None]).squeeze(2)  # direction
         d_full = torch.zeros_like(st["rho"]).scatter_add_(1, st["idx"][:, :s], d)
-        a = d_full @ G  # effect of the direction on every correlation
+        # effect of the direction on every correlation: d G, through D when that is cheaper
+        a = (d_full @ D) @ D.T if D is not None else d_full @ G
         lam, rho = st["lam"][:, None], st["rho"]
         guard = 10 * eps * lam
-        # next entry: an inactive correlation reaches +-lam
-        one_m_a = 1 - a
-        g = (lam - rho) / one_m_a
-        g = torch.where((g > guard) & (one_m_a > eps), g, inf)
+        # next entry: an inactive correlation reaches +-lam. Numerators are >= 0 off the active
+        # set; clamping the denominators at eps turns "never" into a step too long to be chosen.
+        g = (lam - rho).div_((1 - a).clamp_(min=eps))
+        g.masked_fill_(g <= guard, math.inf)
         if not positive:
-            one_p_a = 1 + a
-            g2 = (lam + rho) / one_p_a
-            g = torch.minimum(g, torch.where((g2 > guard) & (one_p_a > eps), g2, inf))
-        g = torch.where(st["inactive"] & (count < cap)[:, None], g, inf)  # (k_stop: see below)
+            g2 = (lam + rho).div_((1 + a).clamp_(min=eps))
+            g2.masked_fill_(g2 <= guard, math.inf)
+            g = torch.minimum(g, g2)
+        g.masked_fill_(st["active"], math.inf)
         g_add, j_add = g.min(dim=1)
+        g_add.masked_fill_(count >= cap, math.inf)  # no room: the active set spans the space
         if lasso:
             slot_ok = torch.arange(s, device=dev)[None, :] < count[:, None]
             gd = -st["zA"][:, :s] / d
@@ -506,8 +525,9 @@ def _lars_add(st: dict, add: Tensor, j: Tensor, G: Tensor, positive: bool) -> Te
 
     Rank-one update of ``G_AA^{-1}`` done with masks over all working rows (no gathers): with
     ``b = G[A, j]``, ``u = G_AA^{-1} b`` and ``sigma = G[j, j] - b.u`` the new inverse is
-    ``[[M + u u^T / sigma, -u / sigma], [-u^T / sigma, 1 / sigma]]``. Returns the rows whose atom
-    is linearly dependent on their active set (``sigma ~ 0``); those are not updated.
+    ``[[M + u u^T / sigma, -u / sigma], [-u^T / sigma, 1 / sigma]]``, one rank-one update of the
+    zero-padded ``M``. Returns the rows whose atom is linearly dependent on their active set
+    (``sigma ~ 0``); those are not updated.
     """
     count = st["count"]
     s = min(int(count.max()) + 1, st["Minv"].shape[1])
@@ -522,17 +542,15 @@ def _lars_add(st: dict, add: Tensor, j: Tensor, G: Tensor, positive: bool) -> Te
     add = add & ~dep
     sigma = torch.where(add, sigma, 1.0)
     e = (ar[None, :] == count[:, None]) & add[:, None]  # one-hot new slot (rows that add)
-    ef = e.to(u.dtype)
-    w = (-u / sigma[:, None]) * add[:, None]
-    Minv += (u * (add / sigma)[:, None])[:, :, None] * u[:, None, :]
-    Minv += ef[:, :, None] * w[:, None, :] + w[:, :, None] * ef[:, None, :]
-    Minv += (ef / sigma[:, None])[:, :, None] * ef[:, None, :]
+    # [[M + u u^T/sigma, -u/sigma], [-u^T/sigma, 1/sigma]] = M + (u - e)(u - e)^T / sigma
+    v = u - e.to(u.dtype)
+    Minv.baddbmm_(v[:, :, None] * (add / sigma)[:, None, None], v[:, None, :])
     sign = torch.ones_like(sigma) if positive else torch.sign(st["rho"].gather(1, j[:, None])[:, 0])
     st["sA"][:, :s] = torch.where(e, sign[:, None], st["sA"][:, :s])
     st["zA"][:, :s] = torch.where(e, 0.0, st["zA"][:, :s])
     st["idx"][:, :s] = torch.where(e, j[:, None], st["idx"][:, :s])
     r = add.nonzero().squeeze(1)
-    st["inactive"][r, j[r]] = False
+    st["active"][r, j[r]] = True
     st["count"] += add.long()
     return dep
 
@@ -552,7 +570,7 @@ def _lars_drop(st: dict, r: Tensor, p: Tensor) -> None:
     st["Minv"][r[:, None, None], ar[None, :, None], ar[None, None, :]] = Minv
     for key in ("zA", "sA", "idx"):
         st[key][r[:, None], ar[None, :]] = st[key][r[:, None], perm]
-    st["inactive"][r, st["idx"][r, last]] = True
+    st["active"][r, st["idx"][r, last]] = False
     for key in ("zA", "sA", "idx"):
         st[key][r, last] = 0
     st["count"][r] -= 1
@@ -568,7 +586,6 @@ def _support_solve(
     candidate is optimal: signs agree and ``|c_j - (z G)_j| <= alpha`` off the support.
     """
     n, K = z.shape
-    eps = torch.finfo(z.dtype).eps
     nnz = (z != 0).sum(dim=1)
     W = int(nnz.max().item()) if n else 0
     sign_ok = torch.ones(n, dtype=torch.bool, device=z.device)
@@ -587,10 +604,7 @@ def _support_solve(
         zs = torch.where(valid, zs, 0.0)
         sign_ok = ((zs * signs > 0) | ~valid).all(dim=1) & (info == 0)
         cand.scatter_add_(1, idx, zs)
-    corr = -prob.grad(cand)
-    slack = alpha + 1e3 * eps * (alpha + corr.abs().amax(dim=1, keepdim=True))
-    viol = ((corr if positive else corr.abs()) > slack) & (cand == 0)
-    return cand, sign_ok & ~viol.any(dim=1)
+    return cand, sign_ok & _kkt_ok(prob, cand, alpha, positive)
 
 
 def omp(
