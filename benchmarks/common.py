@@ -7,6 +7,7 @@ is on ``sys.path`` when it is run as ``python benchmarks/<script>.py``).
 from __future__ import annotations
 
 import datetime
+import hashlib
 import importlib.metadata
 import json
 import platform
@@ -80,6 +81,14 @@ def git_commit(repo: Path) -> str | None:
     except (OSError, subprocess.CalledProcessError):
         return None
     return head + ("+dirty" if dirty else "")
+
+
+def tree_digest(folder: Path, pattern: str = "*.py") -> str:
+    """Short sha256 of the matching files under ``folder``: which source a result came from."""
+    h = hashlib.sha256()
+    for f in sorted(folder.rglob(pattern)):
+        h.update(str(f.relative_to(folder)).encode() + b"\0" + f.read_bytes())
+    return h.hexdigest()[:12]
 
 
 def now_iso() -> str:
