@@ -48,6 +48,8 @@ __all__ = [
 
 #: Default bound on the working memory of one chunk, in bytes.
 CHUNK_BYTES = 64 * 2**20
+#: OMP's working set per chunk (smaller: it streams over its storage once per selected atom).
+OMP_CHUNK_BYTES = 20 * 2**20
 
 
 @dataclass
@@ -640,7 +642,8 @@ def omp(
     values = torch.zeros(n, kmax, dtype=ref.dtype, device=ref.device)
     indices = torch.zeros(n, kmax, dtype=torch.long, device=ref.device)
     n_iter = torch.zeros(n, dtype=torch.long, device=ref.device)
-    chunk = chunk_size or max(64, CHUNK_BYTES // (ref.element_size() * (min(kmax, 8) + 2) * K))
+    # ~20 MB working sets measured fastest on CPU caches (2048 rows of 256 atoms in float32)
+    chunk = chunk_size or max(64, OMP_CHUNK_BYTES // (ref.element_size() * (min(kmax, 8) + 2) * K))
     for sl, sub in problem.chunks(chunk):
         values[sl], indices[sl], n_iter[sl] = _omp_chunk(sub, kmax, tol)
     return SolverResult(SparseCodes(values, indices, K), n_iter)
@@ -678,6 +681,7 @@ def _omp_chunk(prob: LeastSquares, kmax: int, tol: float | None):
         rows = (resid > tol).nonzero().squeeze(1)
         alpha, resid = alpha[rows], resid[rows]
     U = torch.empty(rows.numel(), width, K, dtype=dt, device=dev)
+    score = torch.empty(rows.numel(), K, dtype=dt, device=dev)
     live = torch.ones(rows.numel(), dtype=torch.bool, device=dev)
     n_live = int(live.sum())
     for step in range(kmax):
@@ -696,20 +700,24 @@ def _omp_chunk(prob: LeastSquares, kmax: int, tol: float | None):
             idx = F.pad(idx, (0, new - width))
             width = new
         m = rows.numel()
-        j = alpha.abs().argmax(dim=1)
+        j = torch.abs(alpha, out=score[:m]).max(dim=1).indices  # (max is ~2x faster than argmax)
         a_j = alpha.gather(1, j[:, None]).squeeze(1)
-        g_j = G.index_select(0, j)
+        w = G.index_select(0, j)
         if step:
             proj = U[:, :step].gather(2, j.view(m, 1, 1).expand(m, step, 1)).squeeze(2)
-            w = torch.baddbmm(g_j.unsqueeze(1), proj.unsqueeze(1), U[:, :step], alpha=-1)
-            w = w.squeeze(1)
+            if step <= 2:  # tiny batched matmuls are slow; two axpys are not
+                for i in range(step):
+                    w.addcmul_(proj[:, i : i + 1], U[:, i], value=-1)
+            else:
+                w = torch.baddbmm(w.unsqueeze(1), proj.unsqueeze(1), U[:, :step], alpha=-1)
+                w = w.squeeze(1)
             norm2 = diag[j] - (proj * proj).sum(dim=1)
         else:
-            proj, w, norm2 = None, g_j, diag[j].clone()
+            proj, norm2 = None, diag[j].clone()
         ok = live & (norm2 > 1e2 * eps * diag[j]) & (a_j * a_j > tiny)
         lnn = torch.sqrt(torch.where(ok, norm2, 1.0))
         cn = torch.where(ok, a_j / lnn, 0.0)
-        u = w / lnn[:, None]
+        u = w.div_(lnn[:, None])
         alpha.addcmul_(cn[:, None], u, value=-1)
         U[:, step] = u
         live = ok
