@@ -436,6 +436,7 @@ def _lars_chunk(prob, alpha, cap, k_stop, lasso, positive, max_iter):
         "Minv": torch.zeros(n, width, width, dtype=dt, device=dev),  # G_AA^{-1}, zero-padded
         "zA": torch.zeros(n, width, dtype=dt, device=dev),
         "sA": torch.zeros(n, width, dtype=dt, device=dev),
+        "d": torch.zeros(n, width, dtype=dt, device=dev),  # direction G_AA^{-1} s_A
         "idx": torch.zeros(n, width, dtype=torch.long, device=dev),
         "count": torch.zeros(n, dtype=torch.long, device=dev),
         "active": torch.zeros(n, K, dtype=torch.bool, device=dev),
@@ -456,20 +457,25 @@ def _lars_chunk(prob, alpha, cap, k_stop, lasso, positive, max_iter):
         if s == width and width < max_width:  # make room for one more atom
             width = min(max_width, 2 * width)
             _lars_widen(st, width)
-        d = torch.bmm(st["Minv"][:, :s, :s], st["sA"][:, :s, None]).squeeze(2)  # direction
+        d = st["d"][:, :s]
         d_full = torch.zeros_like(st["rho"]).scatter_add_(1, st["idx"][:, :s], d)
         # effect of the direction on every correlation: d G, through D when that is cheaper
         a = (d_full @ D) @ D.T if D is not None else d_full @ G
         lam, rho = st["lam"][:, None], st["rho"]
         guard = 10 * eps * lam
-        # next entry: an inactive correlation reaches +-lam. Numerators are >= 0 off the active
-        # set; clamping the denominators at eps turns "never" into a step too long to be chosen.
-        g = (lam - rho).div_((1 - a).clamp_(min=eps))
+        # next entry: an inactive correlation reaches +lam at (lam - rho) / (1 - a) or -lam at
+        # (lam + rho) / (1 + a). Off the active set |rho| <= lam, and the first of the two
+        # (both valid when |a| < 1; only one when |a| >= 1) is the side sigma = sign(rho - lam a),
+        # so one formula covers both. Clamping the denominator at eps turns "never" into a step
+        # too long to be chosen; rounding-level candidates (<= guard) are not events.
+        if positive:
+            num, den = lam - rho, 1 - a
+        else:
+            sigma = torch.sign(torch.addcmul(rho, lam, a, value=-1))
+            num = torch.addcmul(lam, sigma, rho, value=-1)
+            den = torch.addcmul(torch.ones_like(a), sigma, a, value=-1)
+        g = num.div_(den.clamp_(min=eps))
         g.masked_fill_(g <= guard, math.inf)
-        if not positive:
-            g2 = (lam + rho).div_((1 + a).clamp_(min=eps))
-            g2.masked_fill_(g2 <= guard, math.inf)
-            g = torch.minimum(g, g2)
         g.masked_fill_(st["active"], math.inf)
         g_add, j_add = g.min(dim=1)
         g_add.masked_fill_(count >= cap, math.inf)  # no room: the active set spans the space
@@ -509,7 +515,7 @@ def _lars_widen(st: dict, width: int) -> None:
     m, w = st["Minv"].shape[:2]
     pad = width - w
     st["Minv"] = F.pad(st["Minv"], (0, pad, 0, pad))
-    for key in ("zA", "sA", "idx"):
+    for key in ("zA", "sA", "idx", "d"):
         st[key] = F.pad(st[key], (0, pad))
 
 
@@ -546,8 +552,12 @@ def _lars_add(st: dict, add: Tensor, j: Tensor, G: Tensor, positive: bool) -> Te
     e = (ar[None, :] == count[:, None]) & add[:, None]  # one-hot new slot (rows that add)
     # [[M + u u^T/sigma, -u/sigma], [-u^T/sigma, 1/sigma]] = M + (u - e)(u - e)^T / sigma
     v = u - e.to(u.dtype)
-    Minv.baddbmm_(v[:, :, None] * (add / sigma)[:, None, None], v[:, None, :])
+    Minv.addcmul_(v[:, :, None] * (add / sigma)[:, None, None], v[:, None, :])
     sign = torch.ones_like(sigma) if positive else torch.sign(st["rho"].gather(1, j[:, None])[:, 0])
+    # the direction follows without a matrix product: with M e = 0 and v.e = -1,
+    # M_new (s + sign e) = d + v (u.s - sign) / sigma
+    coef = ((u * st["sA"][:, :s]).sum(dim=1) - sign) * (add / sigma)
+    st["d"][:, :s].addcmul_(coef[:, None], v)
     st["sA"][:, :s] = torch.where(e, sign[:, None], st["sA"][:, :s])
     st["zA"][:, :s] = torch.where(e, 0.0, st["zA"][:, :s])
     st["idx"][:, :s] = torch.where(e, j[:, None], st["idx"][:, :s])
@@ -558,7 +568,7 @@ def _lars_add(st: dict, add: Tensor, j: Tensor, G: Tensor, positive: bool) -> Te
 
 
 def _lars_drop(st: dict, r: Tensor, p: Tensor) -> None:
-    """Remove active slot ``p`` from rows ``r``: move it last, then downdate G_AA^{-1}."""
+    """Remove active slot ``p`` from rows ``r``: move it last, downdate G_AA^{-1}, new direction."""
     last = st["count"][r] - 1
     m, s = r.numel(), int(last.max()) + 1
     ar, rm = torch.arange(s, device=r.device), torch.arange(m, device=r.device)
@@ -576,6 +586,7 @@ def _lars_drop(st: dict, r: Tensor, p: Tensor) -> None:
     for key in ("zA", "sA", "idx"):
         st[key][r, last] = 0
     st["count"][r] -= 1
+    st["d"][r[:, None], ar[None, :]] = torch.bmm(Minv, st["sA"][r, :s, None]).squeeze(2)
 
 
 def _support_solve(
