@@ -80,6 +80,7 @@ def sparse_encode(
     * ``positive``: nonnegative codes (not for ``'omp'`` / ``'lars'``, as in scikit-learn).
     * ``gram`` (``D D^T``) and ``cov`` (``D X^T``, shape ``(n_components, n_samples)``) may be
       precomputed; ``init`` warm-starts the iterative algorithms.
+    * ``verbose``: a progress bar over row chunks (tqdm).
     * ``device``: ``"auto"`` runs on CUDA when present (numpy input) or on the tensor's device.
       ``n_jobs`` is accepted for compatibility; parallelism comes from torch threads.
 
@@ -129,15 +130,16 @@ def sparse_encode(
 
     problem = _problem(Xt, Dt, gram, cov, dev)
     a = 1.0 if alpha is None else float(alpha)
+    bar = dict(progress=bool(verbose))
     if algorithm in ("lasso_lars", "lasso_cd"):
         codes = lasso(problem, a, positive=positive, max_iter=max_iter, tol=tol,
-                      chunk_size=chunk_size).codes
+                      chunk_size=chunk_size, **bar).codes
     elif algorithm == "lars":
         codes = lars(problem, n_nonzero_coefs=k, lasso=False, max_iter=max_iter,
-                     chunk_size=chunk_size).codes
+                     chunk_size=chunk_size, **bar).codes
     elif algorithm == "omp":
         res = omp(problem, n_nonzero_coefs=None if alpha is not None else k,
-                  tol=float(alpha) if alpha is not None else None, chunk_size=chunk_size)
+                  tol=float(alpha) if alpha is not None else None, chunk_size=chunk_size, **bar)
         codes = res.codes.to_dense()
     elif algorithm == "threshold":
         codes = ops.L1(a, positive=positive).prox(problem.cov, 1.0)
@@ -149,7 +151,7 @@ def sparse_encode(
             raise ValueError(
                 f"init must have shape {(n_samples, n_components)}, got {tuple(init_t.shape)}"
             )
-        kw = dict(max_iter=max_iter, tol=tol, init=init_t, chunk_size=chunk_size)
+        kw = dict(max_iter=max_iter, tol=tol, init=init_t, chunk_size=chunk_size, **bar)
         if algorithm == "iht":
             codes = iht(problem, ops.TopK(k, positive=positive), **kw).codes
         elif algorithm in ("fista", "ista"):
@@ -161,8 +163,6 @@ def sparse_encode(
                 params.setdefault("norms", norms)
             penalty = ops.make_operator(algorithm, alpha=a, positive=positive, **params)
             codes = fista(problem, penalty, **kw).codes
-    if verbose:
-        print(f"[sparse_encode] {algorithm}: {n_samples} samples x {n_components} atoms")
     return to_output(codes, X)
 
 

@@ -214,3 +214,11 @@ def test_sparse_codes_decode_and_gradients_match_dense():
     torch.testing.assert_close(gd, rd)
     with pytest.raises(ValueError, match="atoms"):
         codes.decode(torch.randn(9, 5, dtype=torch.float64))
+
+
+def test_progress_bar_reports_rows(capsys):
+    _, _, prob = make_problem(n=30)
+    plain = omp(prob, n_nonzero_coefs=3).codes.to_dense()
+    shown = omp(prob, n_nonzero_coefs=3, progress=True, chunk_size=10).codes.to_dense()
+    torch.testing.assert_close(plain, shown)
+    assert "30/30" in capsys.readouterr().err
