@@ -693,8 +693,8 @@ def _omp_chunk(prob: LeastSquares, kmax: int, tol: float | None):
     """
     G = prob.gram
     n, K = prob.n_rows, prob.n_atoms
-    alpha = prob.cov.clone()
-    dev, dt = alpha.device, alpha.dtype
+    cov = prob.cov
+    dev, dt = cov.device, cov.dtype
     diag = torch.diagonal(G)
     eps, tiny = torch.finfo(dt).eps, torch.finfo(dt).tiny
     width = min(kmax, 8)
@@ -702,12 +702,13 @@ def _omp_chunk(prob: LeastSquares, kmax: int, tol: float | None):
     c = torch.zeros(n, width, dtype=dt, device=dev)
     idx = torch.zeros(n, width, dtype=torch.long, device=dev)
     count = torch.zeros(n, dtype=torch.long, device=dev)
-    # working set: rows still selecting atoms (compacted when a quarter has finished)
+    # working set: rows still selecting atoms (compacted when half of them have finished)
     rows = torch.arange(n, device=dev)
-    resid = prob.sq_norms.clone() if tol is not None else None
-    if resid is not None:  # rows already within tolerance select nothing
-        rows = (resid > tol).nonzero().squeeze(1)
-        alpha, resid = alpha[rows], resid[rows]
+    if tol is None:
+        alpha, resid = cov.clone(), None  # residual correlations, squared residual norms
+    else:  # rows already within tolerance select nothing
+        rows = (prob.sq_norms > tol).nonzero().squeeze(1)
+        alpha, resid = cov[rows], prob.sq_norms[rows]
     U = torch.empty(rows.numel(), width, K, dtype=dt, device=dev)
     score = torch.empty(rows.numel(), K, dtype=dt, device=dev)
     live = torch.ones(rows.numel(), dtype=torch.bool, device=dev)
@@ -715,7 +716,7 @@ def _omp_chunk(prob: LeastSquares, kmax: int, tol: float | None):
     for step in range(kmax):
         if n_live == 0:
             break
-        if n_live < 0.75 * rows.numel():
+        if n_live <= 0.5 * rows.numel():
             keep = live
             rows, alpha, U, live = rows[keep], alpha[keep], U[keep], live[keep]
             resid = resid[keep] if resid is not None else None
