@@ -71,7 +71,7 @@ def sparse_encode(
       ``n_nonzero_coefs`` largest correlations, the TopK-SAE encoder for a fixed dictionary) and
       the nonconvex penalties ``'l0'``, ``'lq'``, ``'mcp'``, ``'scad'``, ``'cel0'`` (weight
       ``alpha``, extra parameters such as ``q`` or ``gamma`` in ``penalty_params``), solved by
-      monotone FISTA.
+      monotone FISTA (``'lq'`` defaults to ``q = 1/2``).
     * ``n_nonzero_coefs``: for omp/lars/iht/topk; default ``min(max(n_features / 10, 1),
       n_components)`` as in scikit-learn.
     * ``alpha``: the l1 (or penalty) weight; the threshold for ``'threshold'``; for ``'omp'`` the
@@ -161,7 +161,14 @@ def sparse_encode(
             params = dict(penalty_params or {})
             if algorithm == "cel0":
                 params.setdefault("norms", norms)
-            penalty = ops.make_operator(algorithm, alpha=a, positive=positive, **params)
+            if algorithm == "lq":
+                params.setdefault("q", 0.5)
+            try:
+                penalty = ops.make_operator(algorithm, alpha=a, positive=positive, **params)
+            except TypeError as err:
+                raise ValueError(
+                    f"penalty_params {penalty_params!r} do not fit algorithm {algorithm!r}: {err}"
+                ) from None
             codes = fista(problem, penalty, **kw).codes
     return to_output(codes, X)
 

@@ -732,3 +732,15 @@ def test_property_shapes_dtypes_sparsity(
         assert (nnz(Z) <= k).all()
     if zero_row:
         assert not Z[0].any()
+
+
+def test_lq_defaults_to_half_and_bad_penalty_params_raise():
+    rng = np.random.default_rng(0)
+    D = _unit_rows(rng.standard_normal((12, 6)))
+    X = rng.standard_normal((4, 6))
+    np.testing.assert_array_equal(
+        sparse_encode(X, D, algorithm="lq", alpha=0.1),
+        sparse_encode(X, D, algorithm="lq", alpha=0.1, penalty_params={"q": 0.5}),
+    )
+    with pytest.raises(ValueError, match="penalty_params .* 'mcp'"):
+        sparse_encode(X, D, algorithm="mcp", alpha=0.1, penalty_params={"q": 0.5})
