@@ -129,48 +129,71 @@ def sparse_encode(
         raise ValueError(f"alpha must be a finite number >= 0, got {alpha!r}")
 
     problem = _problem(Xt, Dt, gram, cov, dev)
-    a = 1.0 if alpha is None else float(alpha)
-    bar = dict(progress=bool(verbose))
-    if algorithm in ("lasso_lars", "lasso_cd"):
-        codes = lasso(problem, a, positive=positive, max_iter=max_iter, tol=tol,
-                      chunk_size=chunk_size, **bar).codes
-    elif algorithm == "lars":
-        codes = lars(problem, n_nonzero_coefs=k, lasso=False, max_iter=max_iter,
-                     chunk_size=chunk_size, **bar).codes
-    elif algorithm == "omp":
-        res = omp(problem, n_nonzero_coefs=None if alpha is not None else k,
-                  tol=float(alpha) if alpha is not None else None, chunk_size=chunk_size, **bar)
-        codes = res.codes.to_dense()
-    elif algorithm == "threshold":
-        codes = ops.L1(a, positive=positive).prox(problem.cov, 1.0)
-    elif algorithm == "topk":
-        codes = ops.TopK(k, positive=positive).project(problem.cov)
-    else:
-        init_t = None if init is None else to_tensor(init, "init", device=dev, dtype=Xt.dtype)
-        if init_t is not None and init_t.shape != (n_samples, n_components):
-            raise ValueError(
-                f"init must have shape {(n_samples, n_components)}, got {tuple(init_t.shape)}"
-            )
-        kw = dict(max_iter=max_iter, tol=tol, init=init_t, chunk_size=chunk_size, **bar)
-        if algorithm == "iht":
-            codes = iht(problem, ops.TopK(k, positive=positive), **kw).codes
-        elif algorithm in ("fista", "ista"):
-            codes = fista(problem, ops.L1(a, positive=positive), fast=algorithm == "fista",
-                          **kw).codes
-        else:
-            params = dict(penalty_params or {})
-            if algorithm == "cel0":
-                params.setdefault("norms", norms)
-            if algorithm == "lq":
-                params.setdefault("q", 0.5)
-            try:
-                penalty = ops.make_operator(algorithm, alpha=a, positive=positive, **params)
-            except TypeError as err:
-                raise ValueError(
-                    f"penalty_params {penalty_params!r} do not fit algorithm {algorithm!r}: {err}"
-                ) from None
-            codes = fista(problem, penalty, **kw).codes
+    init_t = None if init is None else to_tensor(init, "init", device=dev, dtype=Xt.dtype)
+    if init_t is not None and init_t.shape != (n_samples, n_components):
+        raise ValueError(
+            f"init must have shape {(n_samples, n_components)}, got {tuple(init_t.shape)}"
+        )
+    codes = encode(
+        problem, algorithm, n_nonzero_coefs=k if algorithm in _USES_K else None, alpha=alpha,
+        positive=positive, max_iter=max_iter, tol=tol, penalty_params=penalty_params,
+        init=init_t, chunk_size=chunk_size, progress=bool(verbose),
+    )
     return to_output(codes, X)
+
+
+def encode(
+    problem: LeastSquares,
+    algorithm: str,
+    *,
+    n_nonzero_coefs: int | None = None,
+    alpha: float | None = None,
+    positive: bool = False,
+    max_iter: int = 1000,
+    tol: float = 1e-6,
+    penalty_params: dict | None = None,
+    init: torch.Tensor | None = None,
+    chunk_size: int | None = None,
+    progress: bool = False,
+) -> torch.Tensor:
+    """Dense codes for an already-validated problem: the dispatch behind :func:`sparse_encode`.
+
+    The estimators that learn dictionaries call this directly (their atoms may be zero while
+    learning, which :func:`sparse_encode` rejects).
+    """
+    a = 1.0 if alpha is None else float(alpha)
+    k = n_nonzero_coefs
+    bar = dict(chunk_size=chunk_size, progress=progress)
+    if algorithm in ("lasso_lars", "lasso_cd"):
+        return lasso(problem, a, positive=positive, max_iter=max_iter, tol=tol, **bar).codes
+    if algorithm == "lars":
+        return lars(problem, n_nonzero_coefs=k, lasso=False, max_iter=max_iter, **bar).codes
+    if algorithm == "omp":
+        res = omp(problem, n_nonzero_coefs=None if alpha is not None else k,
+                  tol=None if alpha is None else a, **bar)
+        return res.codes.to_dense()
+    if algorithm == "threshold":
+        return ops.L1(a, positive=positive).prox(problem.cov, 1.0)
+    if algorithm == "topk":
+        return ops.TopK(k, positive=positive).project(problem.cov)
+    kw = dict(max_iter=max_iter, tol=tol, init=init, **bar)
+    if algorithm == "iht":
+        return iht(problem, ops.TopK(k, positive=positive), **kw).codes
+    if algorithm in ("fista", "ista"):
+        penalty = ops.L1(a, positive=positive)
+        return fista(problem, penalty, fast=algorithm == "fista", **kw).codes
+    params = dict(penalty_params or {})
+    if algorithm == "cel0":
+        params.setdefault("norms", problem.gram.diagonal().clamp(min=0).sqrt())
+    if algorithm == "lq":
+        params.setdefault("q", 0.5)
+    try:
+        penalty = ops.make_operator(algorithm, alpha=a, positive=positive, **params)
+    except TypeError as err:
+        raise ValueError(
+            f"penalty_params {penalty_params!r} do not fit algorithm {algorithm!r}: {err}"
+        ) from None
+    return fista(problem, penalty, **kw).codes
 
 
 def _problem(X: torch.Tensor, D: torch.Tensor, gram: Any, cov: Any, dev) -> LeastSquares:
