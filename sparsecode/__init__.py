@@ -5,6 +5,17 @@ The scikit-learn layer (:func:`sparse_encode`, :class:`SparseCoder`) sits on
 """
 
 from .decomposition import ALGORITHMS, SparseCoder, sparse_encode
+from .dict_learning import DictionaryLearning, MiniBatchDictionaryLearning
+from .ksvd import KSVD
+from .lista import LISTA
 
-__all__ = ["ALGORITHMS", "SparseCoder", "sparse_encode"]
+__all__ = [
+    "ALGORITHMS",
+    "KSVD",
+    "LISTA",
+    "DictionaryLearning",
+    "MiniBatchDictionaryLearning",
+    "SparseCoder",
+    "sparse_encode",
+]
 __version__ = "0.1.0"

@@ -62,3 +62,16 @@ def to_output(t: Tensor, like: Any) -> Any:
     if isinstance(like, Tensor):
         return t.to(like.device)
     return t.cpu().numpy()
+
+
+def check_dictionary(D: Tensor, X: Tensor) -> None:
+    """Atoms must match the signals' feature count and have nonzero norm."""
+    if D.shape[1] != X.shape[1]:
+        raise ValueError(
+            f"X has {X.shape[1]} features but the dictionary's atoms have {D.shape[1]} "
+            f"(X shape {tuple(X.shape)}, dictionary shape {tuple(D.shape)})"
+        )
+    norms = torch.linalg.vector_norm(D, dim=1)
+    if bool((norms == 0).any()):
+        zero = (norms == 0).nonzero().squeeze(1)[:5].tolist()
+        raise ValueError(f"dictionary has zero-norm atoms (rows {zero}...); remove or replace them")

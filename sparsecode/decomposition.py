@@ -24,7 +24,7 @@ import torch
 from sklearn.base import BaseEstimator, ClassNamePrefixFeaturesOutMixin, TransformerMixin
 from sklearn.utils.validation import check_is_fitted, validate_data
 
-from ._arrays import resolve_device, to_output, to_tensor
+from ._arrays import check_dictionary, resolve_device, to_output, to_tensor
 from .core import operators as ops
 from .core.solvers import LeastSquares, fista, iht, lars, lasso, omp
 
@@ -104,15 +104,7 @@ def sparse_encode(
     Dt = to_tensor(dictionary, "dictionary", device=dev, dtype=Xt.dtype)
     n_samples, n_features = Xt.shape
     n_components = Dt.shape[0]
-    if Dt.shape[1] != n_features:
-        raise ValueError(
-            f"X has {n_features} features but the dictionary's atoms have {Dt.shape[1]} "
-            f"(X shape {tuple(Xt.shape)}, dictionary shape {tuple(Dt.shape)})"
-        )
-    norms = torch.linalg.vector_norm(Dt, dim=1)
-    if bool((norms == 0).any()):
-        zero = (norms == 0).nonzero().squeeze(1)[:5].tolist()
-        raise ValueError(f"dictionary has zero-norm atoms (rows {zero}...); remove or replace them")
+    check_dictionary(Dt, Xt)
     if positive and algorithm in ("omp", "lars"):
         raise ValueError(f"Positive constraint not supported for '{algorithm}' coding method.")
     if algorithm in _USES_K:

@@ -115,6 +115,11 @@ class LeastSquares:
         K = self.n_atoms
         return min(K, self.D.shape[1]) if self.D is not None else K
 
+    def lipschitz(self) -> float:
+        """Lipschitz constant of the gradient, ``||D D^T||_2`` (from the smaller Gram)."""
+        D = self.D
+        return lipschitz(D.T @ D if D is not None and D.shape[1] < D.shape[0] else self.gram)
+
     def new_codes(self, width: int | None = None, dtype: torch.dtype | None = None) -> Tensor:
         """Zeros of shape ``(n_rows, width or n_atoms)`` on the problem's device and dtype."""
         ref = self.X if self.X is not None else self.cov
@@ -199,9 +204,7 @@ def _step_size(problem: LeastSquares, step: float | None) -> float:
         if not step > 0:
             raise ValueError(f"step must be > 0, got {step!r}")
         return float(step)
-    D = problem.D
-    small = D.T @ D if D is not None and D.shape[1] < D.shape[0] else problem.gram
-    L = lipschitz(small)
+    L = problem.lipschitz()
     return 1.0 / L if L > 0 else 1.0
 
 
