@@ -10,6 +10,7 @@ import warnings
 import numpy as np
 import pytest
 import torch
+from conftest import unit_rows
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from sklearn.base import clone
@@ -35,28 +36,14 @@ DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 NONCONVEX = [("l0", {}), ("lq", {"q": 0.5}), ("mcp", {}), ("scad", {}), ("cel0", {})]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_torch_thread():
-    # The solvers run many tiny batched ops; on a shared 2-core machine, torch's thread pool
-    # spins against other processes and slows them down by more than an order of magnitude.
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 # --------------------------------------------------------------------------------------------
 # data and helpers
 # --------------------------------------------------------------------------------------------
 
 
-def _unit_rows(D):
-    return D / np.linalg.norm(D, axis=1, keepdims=True)
-
-
 def _random_problem():
     rng = np.random.default_rng(0)
-    D = _unit_rows(rng.standard_normal((60, 20)))
+    D = unit_rows(rng.standard_normal((60, 20)))
     X = rng.standard_normal((50, 20))
     return X, D
 
@@ -207,7 +194,7 @@ def test_lars_matches_textbook_lar(seed, k):
     # small overcomplete problems where scikit-learn's Lars stops one atom early on some rows
     rng = np.random.default_rng(seed)
     n, f, K = rng.integers(1, 21), rng.integers(2, 13), rng.integers(2, 31)
-    D = _unit_rows(rng.standard_normal((K, f)))
+    D = unit_rows(rng.standard_normal((K, f)))
     X = rng.standard_normal((n, f))
     Z = sparse_encode(X, D, algorithm="lars", n_nonzero_coefs=k)
     ref = np.array([ref_lar(x, D, k) for x in X])
@@ -416,7 +403,7 @@ def test_sparse_coder_n_features_in_and_mismatch():
 
 
 def test_get_params_lists_every_init_parameter_and_sklearn_ones():
-    D = _unit_rows(np.random.default_rng(0).standard_normal((6, 4)))
+    D = unit_rows(np.random.default_rng(0).standard_normal((6, 4)))
     coder = SparseCoder(D)
     init_params = set(inspect.signature(SparseCoder.__init__).parameters) - {"self"}
     assert set(coder.get_params()) == init_params
@@ -483,7 +470,7 @@ def test_inverse_transform_reconstructs(split_sign, as_torch):
 
 @pytest.mark.parametrize("as_torch", [False, True])
 def test_inverse_transform_wrong_width_split_sign(as_torch):
-    D = _unit_rows(np.random.default_rng(0).standard_normal((12, 6)))
+    D = unit_rows(np.random.default_rng(0).standard_normal((12, 6)))
     coder = SparseCoder(D, split_sign=True).fit(np.ones((2, 6)))
     code = np.ones((5, 25))
     code = torch.from_numpy(code) if as_torch else code
@@ -507,7 +494,7 @@ def _digits():
 
 def test_pipeline_with_logistic_regression_on_digits():
     Xtr, Xte, ytr, yte = _digits()
-    D = _unit_rows(Xtr[:100])
+    D = unit_rows(Xtr[:100])
     pipe = make_pipeline(
         SparseCoder(D, transform_algorithm="omp", transform_n_nonzero_coefs=8, split_sign=True),
         LogisticRegression(max_iter=1000),
@@ -522,7 +509,7 @@ def test_pipeline_with_logistic_regression_on_digits():
 def test_grid_search_over_n_nonzero_coefs():
     Xtr, _, ytr, _ = _digits()
     Xtr, ytr = Xtr[:450], ytr[:450]
-    D = _unit_rows(Xtr[:100])
+    D = unit_rows(Xtr[:100])
     grid = GridSearchCV(
         make_pipeline(SparseCoder(D, split_sign=True), LogisticRegression(max_iter=500)),
         {"sparsecoder__transform_n_nonzero_coefs": [1, 3, 6]},
@@ -552,7 +539,7 @@ def _kw(algorithm):
 
 def _small():
     rng = np.random.default_rng(3)
-    D = _unit_rows(rng.standard_normal((16, 6)))
+    D = unit_rows(rng.standard_normal((16, 6)))
     X = rng.standard_normal((7, 6))
     return X, D
 
@@ -736,7 +723,7 @@ def test_property_shapes_dtypes_sparsity(
 
 def test_lq_defaults_to_half_and_bad_penalty_params_raise():
     rng = np.random.default_rng(0)
-    D = _unit_rows(rng.standard_normal((12, 6)))
+    D = unit_rows(rng.standard_normal((12, 6)))
     X = rng.standard_normal((4, 6))
     np.testing.assert_array_equal(
         sparse_encode(X, D, algorithm="lq", alpha=0.1),

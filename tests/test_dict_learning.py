@@ -9,6 +9,7 @@ import warnings
 import numpy as np
 import pytest
 import torch
+from conftest import unit_rows
 from sklearn import decomposition as skd
 from sklearn.datasets import make_sparse_coded_signal
 from sklearn.pipeline import make_pipeline
@@ -17,18 +18,6 @@ from sklearn.utils.estimator_checks import check_estimator
 
 from sparsecode import DictionaryLearning, MiniBatchDictionaryLearning
 from sparsecode.core.dictionary import project_atoms, surrogate, update_dictionary
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
-
-
-def unit_rows(a):
-    return a / np.linalg.norm(a, axis=1, keepdims=True)
 
 
 def data(n=120, f=10, seed=0):

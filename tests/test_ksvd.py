@@ -23,15 +23,6 @@ from sparsecode import sparse_encode
 from sparsecode.ksvd import KSVD
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_torch_thread():
-    # shared 2-core machine: torch's thread pool would spin against other processes
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 @pytest.fixture(scope="module")
 def signal():
     """Aharon et al.'s protocol, small: 1500 signals of dim 20, 3 of 50 unit atoms each."""

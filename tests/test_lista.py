@@ -7,6 +7,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from conftest import unit_rows
 from sklearn.base import clone
 from sklearn.linear_model import LogisticRegression
 from sklearn.model_selection import GridSearchCV
@@ -18,22 +19,9 @@ from sparsecode.core.operators import L1
 from sparsecode.lista import LISTA, OBJECTIVES, PARAMETRIZATIONS
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_torch_thread():
-    # shared 2-core machine: torch's thread pool would spin against other processes
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
-def _unit_rows(D):
-    return D / np.linalg.norm(D, axis=1, keepdims=True)
-
-
 def _problem(n_samples=40, n_atoms=24, n_features=10, seed=0):
     rng = np.random.default_rng(seed)
-    D = _unit_rows(rng.standard_normal((n_atoms, n_features)))
+    D = unit_rows(rng.standard_normal((n_atoms, n_features)))
     X = rng.standard_normal((n_samples, n_features))
     return X, D
 
@@ -111,7 +99,7 @@ def test_trained_lista_beats_same_depth_ista_and_fista():
     a well-conditioned Gaussian dictionary); that stronger claim is not asserted.
     """
     rng = np.random.default_rng(0)
-    D = _unit_rows(rng.standard_normal((500, 250)))
+    D = unit_rows(rng.standard_normal((500, 250)))
     X_train = _bernoulli_gaussian(rng, 4000, D, 0.1).astype(np.float32)
     X_test = _bernoulli_gaussian(rng, 500, D, 0.1)
     alpha = 1e-3 * float(np.abs(X_test @ D.T).max(1).mean())
@@ -217,7 +205,7 @@ def test_unfitted_raises():
 def test_pipeline_with_classifier():
     # each signal is a positive multiple of one atom; the class is the atom's group
     rng = np.random.default_rng(0)
-    D = _unit_rows(rng.standard_normal((20, 15)))
+    D = unit_rows(rng.standard_normal((20, 15)))
     atoms = rng.integers(0, 20, 200)
     y = (atoms >= 10).astype(int)
     X = rng.uniform(1.0, 2.0, (200, 1)) * D[atoms] + 0.01 * rng.standard_normal((200, 15))
