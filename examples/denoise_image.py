@@ -1,12 +1,15 @@
-"""Denoise a built-in image by sparse coding its patches (offline, about 10 s on 2 CPU cores).
+"""Denoise a built-in image by sparse coding its patches (offline, ~15 s on 2 CPU cores).
 
-Every overlapping 8x8 patch of ``skimage.data.camera()`` plus Gaussian noise is coded by OMP
-against an overcomplete DCT dictionary until its residual reaches the noise level
-(``||r||^2 <= n * (1.15 sigma)^2``, Elad & Aharon 2006); the denoised image averages the coded
-patches. Prints the PSNR before and after and writes a before/after PNG.
+A dictionary of 256 atoms is learned online on 40,000 random 8x8 patches of the noisy image
+(``--dictionary learned``, the default; Elad & Aharon 2006 / the classic scikit-learn example on
+``skimage.data.camera()``) or taken as an overcomplete DCT (``--dictionary dct``). Every
+overlapping patch is then coded by OMP until its residual reaches the noise level
+(``||r||^2 <= n * (1.15 sigma)^2``), and the denoised image averages the coded patches. Prints
+the PSNR before and after and writes a before/after PNG.
 
-    python examples/denoise_image.py                 # full 512x512 image, sigma = 25/255
-    python examples/denoise_image.py --size 128      # a quick crop
+    python examples/denoise_image.py                     # 512x512 camera, sigma = 25/255
+    python examples/denoise_image.py --dictionary dct    # no learning
+    python examples/denoise_image.py --size 128          # a quick crop
 """
 
 from __future__ import annotations
@@ -20,16 +23,31 @@ from skimage import data
 from skimage.metrics import peak_signal_noise_ratio
 from sklearn.feature_extraction.image import extract_patches_2d, reconstruct_from_patches_2d
 
-from sparsecode import SparseCoder
-from sparsecode.datasets import overcomplete_dct
+from sparsecode import MiniBatchDictionaryLearning, SparseCoder
+from sparsecode.datasets import image_patches, overcomplete_dct
 
 
-def denoise(noisy: np.ndarray, sigma: float, patch: int = 8, n_atoms: int = 256) -> np.ndarray:
+def learn_dictionary(noisy: np.ndarray, patch: int = 8, n_atoms: int = 256,
+                     n_patches: int = 40_000, seed: int = 0) -> np.ndarray:
+    """Online dictionary learning on random noisy patches, started from the DCT dictionary.
+
+    Codes with 4-sparse OMP (l1 coding at any alpha we tried gave 0.3-0.6 dB less), two passes.
+    """
+    X = image_patches(noisy, patch, n_patches, random_state=seed).astype(np.float32)
+    dl = MiniBatchDictionaryLearning(
+        n_atoms, fit_algorithm="omp", fit_n_nonzero_coefs=4, batch_size=256, max_iter=2,
+        tol=0.0, max_no_improvement=None, dict_init=overcomplete_dct(patch, n_atoms),
+        random_state=seed,
+    )
+    return dl.fit(X).components_.astype(np.float64)
+
+
+def denoise(noisy: np.ndarray, sigma: float, dictionary: np.ndarray, patch: int = 8) -> np.ndarray:
     """Denoise a [0, 1] grey image by OMP on all overlapping patches (DC kept exactly)."""
     patches = extract_patches_2d(noisy, (patch, patch)).reshape(-1, patch * patch)
     means = patches.mean(axis=1, keepdims=True)
     coder = SparseCoder(
-        overcomplete_dct(patch, n_atoms),
+        dictionary / np.linalg.norm(dictionary, axis=1, keepdims=True),
         transform_algorithm="omp",
         transform_alpha=patch * patch * (1.15 * sigma) ** 2,  # squared-residual target
     )
@@ -42,6 +60,8 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--sigma", type=float, default=25.0, help="noise std on the 0-255 scale")
     ap.add_argument("--size", type=int, default=512, help="crop the image to size x size")
+    ap.add_argument("--dictionary", choices=["learned", "dct"], default="learned")
+    ap.add_argument("--n-patches", type=int, default=40_000, help="patches to learn from")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", type=Path, default=Path("out/denoise_camera.png"))
     args = ap.parse_args()
@@ -52,7 +72,11 @@ def main() -> None:
     noisy = clean + sigma * rng.standard_normal(clean.shape)
 
     t0 = time.perf_counter()
-    restored = denoise(noisy, sigma)
+    if args.dictionary == "learned":
+        D = learn_dictionary(noisy, n_patches=args.n_patches, seed=args.seed)
+    else:
+        D = overcomplete_dct(8, 256)
+    restored = denoise(noisy, sigma, D)
     elapsed = time.perf_counter() - t0
     psnr_in = peak_signal_noise_ratio(clean, noisy, data_range=1.0)
     psnr_out = peak_signal_noise_ratio(clean, np.clip(restored, 0, 1), data_range=1.0)
@@ -65,7 +89,7 @@ def main() -> None:
 
     fig, axes = plt.subplots(1, 3, figsize=(12, 4.4))
     panels = [("clean", clean), (f"noisy {psnr_in:.2f} dB", noisy),
-              (f"OMP + DCT {psnr_out:.2f} dB", restored)]
+              (f"OMP + {args.dictionary} dictionary {psnr_out:.2f} dB", restored)]
     for ax, (title, img) in zip(axes, panels, strict=True):
         ax.imshow(np.clip(img, 0, 1), cmap="gray", vmin=0, vmax=1)
         ax.set_title(title)

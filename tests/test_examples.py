@@ -5,18 +5,33 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def test_denoise_example_improves_psnr(tmp_path):
+def run_example(name, *args):
+    proc = subprocess.run([sys.executable, str(ROOT / "examples" / name), *map(str, args)],
+                          capture_output=True, text=True, check=True, timeout=600)
+    return proc.stdout
+
+
+@pytest.mark.parametrize("dictionary", ["dct", "learned"])
+def test_denoise_example_improves_psnr(tmp_path, dictionary):
     out = tmp_path / "fig.png"
-    proc = subprocess.run(
-        [sys.executable, str(ROOT / "examples" / "denoise_image.py"), "--size", "96",
-         "--out", str(out)],
-        capture_output=True, text=True, check=True, timeout=600,
-    )
-    m = re.search(r"noisy PSNR ([\d.]+) dB -> denoised PSNR ([\d.]+) dB", proc.stdout)
-    assert m, proc.stdout
+    stdout = run_example("denoise_image.py", "--size", 96, "--dictionary", dictionary,
+                         "--n-patches", 3000, "--out", out)
+    m = re.search(r"noisy PSNR ([\d.]+) dB -> denoised PSNR ([\d.]+) dB", stdout)
+    assert m, stdout
     before, after = map(float, m.groups())
     assert after > before + 5.0
     assert out.stat().st_size > 10_000
+
+
+def test_digits_example_learns_atoms(tmp_path):
+    out = tmp_path / "atoms.png"
+    stdout = run_example("digits_atoms.py", "--n-atoms", 16, "--epochs", 2, "--out", out)
+    m = re.search(r"held-out relative error ([\d.]+)", stdout)
+    assert m, stdout
+    assert float(m.group(1)) < 0.5
+    assert out.stat().st_size > 5_000
