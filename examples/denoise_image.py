@@ -42,13 +42,17 @@ def learn_dictionary(noisy: np.ndarray, patch: int = 8, n_atoms: int = 256,
     return dl.fit(X).components_.astype(np.float64)
 
 
-def denoise(noisy: np.ndarray, sigma: float, dictionary: np.ndarray, patch: int = 8) -> np.ndarray:
-    """Denoise a [0, 1] grey image by OMP on all overlapping patches (DC kept exactly)."""
+def denoise(noisy: np.ndarray, sigma: float, dictionary: np.ndarray, patch: int = 8,
+            coder: str = "ormp") -> np.ndarray:
+    """Denoise a [0, 1] grey image by sparse coding all overlapping patches (DC kept exactly).
+
+    ``coder``: ``"ormp"`` (order-recursive matching pursuit, as SPAMS' omp) or ``"omp"``.
+    """
     patches = extract_patches_2d(noisy, (patch, patch)).reshape(-1, patch * patch)
     means = patches.mean(axis=1, keepdims=True)
     coder = SparseCoder(
         dictionary / np.linalg.norm(dictionary, axis=1, keepdims=True),
-        transform_algorithm="omp",
+        transform_algorithm=coder,
         transform_alpha=patch * patch * (1.15 * sigma) ** 2,  # squared-residual target
     )
     codes = coder.fit_transform(patches - means)
@@ -61,6 +65,7 @@ def main() -> None:
     ap.add_argument("--sigma", type=float, default=25.0, help="noise std on the 0-255 scale")
     ap.add_argument("--size", type=int, default=512, help="crop the image to size x size")
     ap.add_argument("--dictionary", choices=["learned", "dct"], default="learned")
+    ap.add_argument("--coder", choices=["ormp", "omp"], default="ormp")
     ap.add_argument("--n-patches", type=int, default=40_000, help="patches to learn from")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", type=Path, default=Path("out/denoise_camera.png"))
@@ -76,7 +81,7 @@ def main() -> None:
         D = learn_dictionary(noisy, n_patches=args.n_patches, seed=args.seed)
     else:
         D = overcomplete_dct(8, 256)
-    restored = denoise(noisy, sigma, D)
+    restored = denoise(noisy, sigma, D, coder=args.coder)
     elapsed = time.perf_counter() - t0
     psnr_in = peak_signal_noise_ratio(clean, noisy, data_range=1.0)
     psnr_out = peak_signal_noise_ratio(clean, np.clip(restored, 0, 1), data_range=1.0)
@@ -89,7 +94,7 @@ def main() -> None:
 
     fig, axes = plt.subplots(1, 3, figsize=(12, 4.4))
     panels = [("clean", clean), (f"noisy {psnr_in:.2f} dB", noisy),
-              (f"OMP + {args.dictionary} dictionary {psnr_out:.2f} dB", restored)]
+              (f"{args.coder.upper()} + {args.dictionary} dictionary {psnr_out:.2f} dB", restored)]
     for ax, (title, img) in zip(axes, panels, strict=True):
         ax.imshow(np.clip(img, 0, 1), cmap="gray", vmin=0, vmax=1)
         ax.set_title(title)

@@ -47,7 +47,7 @@ class DictionaryTransformerMixin(ClassNamePrefixFeaturesOutMixin, TransformerMix
         check_is_fitted(self, "components_")
         Xt, X = self._validate_input(X, reset=False)
         alpha = self.transform_alpha
-        if alpha is None and self.transform_algorithm != "omp":
+        if alpha is None and self.transform_algorithm not in ("omp", "ormp"):
             alpha = getattr(self, "alpha", None)
         code = sparse_encode(
             Xt,

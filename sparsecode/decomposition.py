@@ -33,8 +33,8 @@ SKLEARN_ALGORITHMS = ("lasso_lars", "lasso_cd", "lars", "omp", "threshold")
 #: Penalties solved by (monotone) FISTA: the algorithm name is the penalty name.
 PENALTY_ALGORITHMS = ("l0", "lq", "mcp", "scad", "cel0")
 #: All algorithm names accepted by :func:`sparse_encode`.
-ALGORITHMS = SKLEARN_ALGORITHMS + ("fista", "ista", "iht", "topk") + PENALTY_ALGORITHMS
-_USES_K = ("omp", "lars", "iht", "topk")
+ALGORITHMS = SKLEARN_ALGORITHMS + ("ormp", "fista", "ista", "iht", "topk") + PENALTY_ALGORITHMS
+_USES_K = ("omp", "ormp", "lars", "iht", "topk")
 
 
 def sparse_encode(
@@ -65,19 +65,20 @@ def sparse_encode(
     * ``algorithm``: ``'lasso_lars'``, ``'lasso_cd'`` (both: exact Lasso by batched homotopy,
       ``0.5||x - zD||^2 + alpha||z||_1``), ``'lars'`` (least-angle regression with
       ``n_nonzero_coefs`` atoms), ``'omp'`` (orthogonal matching pursuit), ``'threshold'``
-      (soft threshold of ``X D^T`` at ``alpha``); and, beyond scikit-learn, ``'fista'`` /
-      ``'ista'`` (Lasso by proximal gradient to relative tolerance ``tol``), ``'iht'`` (iterative
+      (soft threshold of ``X D^T`` at ``alpha``); and, beyond scikit-learn, ``'ormp'``
+      (order-recursive matching pursuit, SPAMS' ``omp``; parameters as ``'omp'``), ``'fista'``
+      / ``'ista'`` (Lasso by proximal gradient to relative tolerance ``tol``), ``'iht'`` (iterative
       hard thresholding onto ``n_nonzero_coefs``-sparse codes), ``'topk'`` (keep the
       ``n_nonzero_coefs`` largest correlations, the TopK-SAE encoder for a fixed dictionary) and
       the nonconvex penalties ``'l0'``, ``'lq'``, ``'mcp'``, ``'scad'``, ``'cel0'`` (weight
       ``alpha``, extra parameters such as ``q`` or ``gamma`` in ``penalty_params``), solved by
       monotone FISTA (``'lq'`` defaults to ``q = 1/2``).
-    * ``n_nonzero_coefs``: for omp/lars/iht/topk; default ``min(max(n_features / 10, 1),
+    * ``n_nonzero_coefs``: for omp/ormp/lars/iht/topk; default ``min(max(n_features / 10, 1),
       n_components)`` as in scikit-learn.
-    * ``alpha``: the l1 (or penalty) weight; the threshold for ``'threshold'``; for ``'omp'`` the
-      squared residual norm to reach, which overrides ``n_nonzero_coefs`` (as scikit-learn
-      documents, but unlike scikit-learn's code, which ignores it). Default 1.
-    * ``positive``: nonnegative codes (not for ``'omp'`` / ``'lars'``, as in scikit-learn).
+    * ``alpha``: the l1 (or penalty) weight; the threshold for ``'threshold'``; for ``'omp'``
+      (and ``'ormp'``) the squared residual norm to reach, which overrides ``n_nonzero_coefs``
+      (as scikit-learn documents, but unlike scikit-learn's code, which ignores it). Default 1.
+    * ``positive``: nonnegative codes (not for ``'omp'``, ``'ormp'``, ``'lars'``).
     * ``gram`` (``D D^T``) and ``cov`` (``D X^T``, shape ``(n_components, n_samples)``) may be
       precomputed; ``init`` warm-starts the iterative algorithms.
     * ``verbose``: a progress bar over row chunks (tqdm).
@@ -105,7 +106,7 @@ def sparse_encode(
     n_samples, n_features = Xt.shape
     n_components = Dt.shape[0]
     check_dictionary(Dt, Xt)
-    if positive and algorithm in ("omp", "lars"):
+    if positive and algorithm in ("omp", "ormp", "lars"):
         raise ValueError(f"Positive constraint not supported for '{algorithm}' coding method.")
     if algorithm in _USES_K:
         k = n_nonzero_coefs
@@ -160,9 +161,9 @@ def encode(
         return lasso(problem, a, positive=positive, max_iter=max_iter, tol=tol, **bar).codes
     if algorithm == "lars":
         return lars(problem, n_nonzero_coefs=k, lasso=False, max_iter=max_iter, **bar).codes
-    if algorithm == "omp":
+    if algorithm in ("omp", "ormp"):
         res = omp(problem, n_nonzero_coefs=None if alpha is not None else k,
-                  tol=None if alpha is None else a, **bar)
+                  tol=None if alpha is None else a, selection=algorithm, **bar)
         return res.codes.to_dense()
     if algorithm == "threshold":
         return ops.L1(a, positive=positive).prox(problem.cov, 1.0)

@@ -76,9 +76,9 @@ class _DictionaryLearner(DictionaryTransformerMixin, BaseEstimator):
     def _code(self, X: torch.Tensor, D: torch.Tensor, init: torch.Tensor | None = None):
         """Sparse codes of X on D with the fit algorithm (``alpha`` as the penalty weight)."""
         k = self.fit_n_nonzero_coefs
-        if self._fit_algorithm in ("omp", "lars", "iht", "topk") and k is None:
+        if self._fit_algorithm in ("omp", "ormp", "lars", "iht", "topk") and k is None:
             k = int(min(max(X.shape[1] / 10, 1), D.shape[0]))
-        alpha = self.alpha if self._fit_algorithm != "omp" else None
+        alpha = self.alpha if self._fit_algorithm not in ("omp", "ormp") else None
         return encode(
             LeastSquares.from_data(X, D), self._fit_algorithm, n_nonzero_coefs=k, alpha=alpha,
             positive=self.positive_code, max_iter=self.transform_max_iter, init=init,
@@ -107,9 +107,14 @@ class _DictionaryLearner(DictionaryTransformerMixin, BaseEstimator):
 
 
 def _svd_init(X: torch.Tensor, n_components: int, randomized: bool, rng) -> torch.Tensor:
-    """scikit-learn's initial dictionary: the top right singular vectors scaled by S."""
+    """scikit-learn's initial dictionary: the top right singular vectors scaled by S.
+
+    The randomized SVD (online learner, as scikit-learn) is only used when it computes fewer
+    components than the data have: asking it for ``n_components >= n_features`` (the usual
+    overcomplete case) costs ~1 s on 30,000 x 64 patches where the exact SVD takes milliseconds.
+    """
     Xn = X.detach().cpu().double().numpy()
-    if randomized:
+    if randomized and n_components < min(Xn.shape):
         _, S, V = randomized_svd(Xn, n_components, random_state=rng)
     else:
         U, S, V = np.linalg.svd(Xn, full_matrices=False)

@@ -223,3 +223,34 @@ def test_progress_bar_reports_rows(capsys):
     torch.testing.assert_close(plain, shown)
     err = capsys.readouterr().err
     assert "0/30" in err and "rows" in err
+
+
+def brute_force_ormp(x, D, k):
+    """Greedy: add the atom whose least-squares refit leaves the smallest residual."""
+    S = []
+    for _ in range(k):
+        best = None
+        for j in range(len(D)):
+            if j in S:
+                continue
+            A = D[S + [j]].T
+            coef = np.linalg.lstsq(A, x, rcond=None)[0]
+            r = np.sum((x - A @ coef) ** 2)
+            if best is None or r < best[0]:
+                best = (r, j)
+        S.append(best[1])
+    return set(S)
+
+
+def test_ormp_matches_brute_force_and_beats_omp():
+    X, D, prob = make_problem(n=15, feat=10, K=25)
+    res = omp(prob, n_nonzero_coefs=4, selection="ormp")
+    Z = res.codes.to_dense().numpy()
+    for i in range(15):
+        assert set(np.flatnonzero(Z[i])) == brute_force_ormp(X[i], D, 4)
+    Z_omp = omp(prob, n_nonzero_coefs=4).codes.to_dense().numpy()
+    r_ormp = ((X - Z @ D) ** 2).sum(1)
+    r_omp = ((X - Z_omp @ D) ** 2).sum(1)
+    assert (r_ormp <= r_omp + 1e-12).mean() >= 0.9 and r_ormp.sum() < r_omp.sum()
+    with pytest.raises(ValueError, match="selection"):
+        omp(prob, n_nonzero_coefs=2, selection="mp")

@@ -646,6 +646,7 @@ def omp(
     *,
     n_nonzero_coefs: int | None = None,
     tol: float | None = None,
+    selection: str = "omp",
     chunk_size: int | None = None,
     progress: bool = False,
 ) -> SolverResult:
@@ -658,11 +659,18 @@ def omp(
     is linearly dependent on the selected ones (whichever comes first). Returns
     :class:`SparseCodes`; ``n_iter`` is the number of atoms selected per row.
 
-    Same selection rule and result as scikit-learn's ``orthogonal_mp_gram`` (which, unlike this
-    function, selects one atom even when ``||x||^2 <= tol`` already).
+    ``selection="omp"``: the atom most correlated with the residual; the same rule and result as
+    scikit-learn's ``orthogonal_mp_gram`` (which, unlike this function, selects one atom even when
+    ``||x||^2 <= tol`` already). ``selection="ormp"``: order-recursive matching pursuit (also called
+    orthogonal least squares; what SPAMS' ``omp`` does): the atom whose addition most reduces the
+    residual after re-projection, i.e. the largest ``alpha_j^2 / ||d_j^perp||^2`` with ``d_j^perp``
+    the part of atom ``j`` orthogonal to the selected ones. Slightly more work per step, lower
+    residuals at equal sparsity.
     """
     if n_nonzero_coefs is None and tol is None:
         raise ValueError("omp needs n_nonzero_coefs or tol")
+    if selection not in ("omp", "ormp"):
+        raise ValueError(f"selection must be 'omp' or 'ormp', got {selection!r}")
     K = problem.n_atoms
     kmax = problem.max_support if n_nonzero_coefs is None else int(n_nonzero_coefs)
     if kmax < 1 or kmax > K:
@@ -676,11 +684,11 @@ def omp(
     per_row = values.element_size() * (min(kmax, 8) + 2) * K
     chunk = chunk_size or max(64, OMP_CHUNK_BYTES // per_row)
     for sl, sub in problem.chunks(chunk, progress):
-        values[sl], indices[sl], n_iter[sl] = _omp_chunk(sub, kmax, tol)
+        values[sl], indices[sl], n_iter[sl] = _omp_chunk(sub, kmax, tol, selection == "ormp")
     return SolverResult(SparseCodes(values, indices, K), n_iter)
 
 
-def _omp_chunk(prob: LeastSquares, kmax: int, tol: float | None):
+def _omp_chunk(prob: LeastSquares, kmax: int, tol: float | None, ormp: bool = False):
     """OMP for one chunk; see :func:`omp`.
 
     With ``q_1..q_n`` the Gram-Schmidt basis of the selected atoms, only ``u_i = D q_i`` (the
@@ -690,6 +698,8 @@ def _omp_chunk(prob: LeastSquares, kmax: int, tol: float | None):
     residual correlations update as ``alpha -= <q_n, x> u_n``. Codes solve ``L^T z = c``.
     An atom already selected has (numerically) zero residual correlation and ``L[n, n] = 0``,
     so the linear-dependence test also stops rows that would pick one twice.
+
+    For ORMP, ``perp[j] = G[j, j] - sum_i u_i[j]^2 = ||d_j^perp||^2`` is kept up to date too.
 
     Storage for ``u`` and ``L`` starts narrow and doubles on demand (with a tolerance most rows
     stop long before ``kmax``); finished rows are dropped from the working set in batches.
@@ -714,6 +724,7 @@ def _omp_chunk(prob: LeastSquares, kmax: int, tol: float | None):
         alpha, resid = cov[rows], prob.sq_norms[rows]
     U = torch.empty(rows.numel(), width, K, dtype=dt, device=dev)
     score = torch.empty(rows.numel(), K, dtype=dt, device=dev)
+    perp = diag.expand(rows.numel(), K).clone() if ormp else None
     live = torch.ones(rows.numel(), dtype=torch.bool, device=dev)
     n_live = int(live.sum())
     for step in range(kmax):
@@ -722,6 +733,7 @@ def _omp_chunk(prob: LeastSquares, kmax: int, tol: float | None):
         if n_live <= 0.5 * rows.numel():
             keep = live
             rows, alpha, U, live = rows[keep], alpha[keep], U[keep], live[keep]
+            perp = perp[keep] if ormp else None
             resid = resid[keep] if resid is not None else None
         if step == width:
             new = min(kmax, 2 * width)
@@ -732,7 +744,12 @@ def _omp_chunk(prob: LeastSquares, kmax: int, tol: float | None):
             idx = F.pad(idx, (0, new - width))
             width = new
         m = rows.numel()
-        j = torch.abs(alpha, out=score[:m]).max(dim=1).indices  # (max is ~2x faster than argmax)
+        if ormp:  # alpha^2 / ||d^perp||^2; selected or dependent atoms have perp ~ 0
+            torch.mul(alpha, alpha, out=score[:m]).div_(perp.clamp(min=tiny))
+            score[:m].masked_fill_(perp <= 1e2 * eps * diag, -1.0)
+            j = score[:m].max(dim=1).indices
+        else:
+            j = torch.abs(alpha, out=score[:m]).max(dim=1).indices  # (max: ~2x faster than argmax)
         a_j = alpha.gather(1, j[:, None]).squeeze(1)
         w = G.index_select(0, j)
         if step:
@@ -752,6 +769,8 @@ def _omp_chunk(prob: LeastSquares, kmax: int, tol: float | None):
         u = w.div_(lnn[:, None])
         alpha.addcmul_(cn[:, None], u, value=-1)
         U[:, step] = u
+        if ormp:
+            perp.addcmul_(u, u, value=-1)
         live = ok
         if resid is not None:
             resid = resid - cn * cn
