@@ -41,6 +41,10 @@ from .core.solvers import LeastSquares
 from .decomposition import ALGORITHMS, encode
 
 _FIT_ALIASES = {"lars": "lasso_lars", "cd": "lasso_cd"}
+#: Passes / steps of the dictionary update per coding step. Twenty accelerated projected-gradient
+#: steps reach a lower held-out objective than one block-coordinate pass on the camera-patch
+#: benchmark (0.03640 vs 0.03648) in the same time, with no loop over atoms.
+_DICT_STEPS = {"bcd": 1, "pgd": 20}
 
 
 class _DictionaryLearner(DictionaryTransformerMixin, BaseEstimator):
@@ -87,7 +91,8 @@ class _DictionaryLearner(DictionaryTransformerMixin, BaseEstimator):
     def _update(self, D, A, B, X, Z, rng) -> torch.Tensor:
         """Dictionary step; unused atoms are resampled from rows of X (+1% noise)."""
         D, unused = update_dictionary(D, A, B, method=self.dict_update,
-                                      positive=self.positive_dict)
+                                      positive=self.positive_dict,
+                                      n_iter=_DICT_STEPS[self.dict_update])
         n_unused = int(unused.sum())
         if n_unused:
             picks = torch.as_tensor(rng.choice(X.shape[0], n_unused), device=X.device)
@@ -239,7 +244,8 @@ class MiniBatchDictionaryLearning(_DictionaryLearner):
     ``A = sum z z^T``, ``B = sum z x^T`` are updated with scikit-learn's forgetting factor
     (``beta = (theta + 1 - batch_size) / (theta + 1)``, statistics averaged per batch), and the
     dictionary takes one ``dict_update`` step from them (``'bcd'``: one block-coordinate pass, as
-    scikit-learn and SPAMS; ``'pgd'``: a few projected-gradient steps over all atoms at once).
+    scikit-learn and SPAMS, a loop over atoms; ``'pgd'``: 20 accelerated projected-gradient steps
+    over all atoms at once, no loop over atoms, as good per batch on image patches).
     Unused atoms are resampled from the batch. ``max_iter`` counts epochs; early stopping follows
     scikit-learn (``tol`` on the dictionary change, ``max_no_improvement`` on the exponentially
     averaged batch cost). ``partial_fit`` learns from a stream of batches.
