@@ -1,5 +1,5 @@
 """sae: sparse autoencoders for interpretability, built on :mod:`sparsecode.core`.
 
-The architectures, trainer and CLI arrive with their own issue; this package is a placeholder
-namespace so the distribution ships both import packages from the start.
+The architectures, trainer and ``sae`` command line arrive with their own issue; until then this
+import package is empty.
 """
