@@ -7,6 +7,7 @@ input). float32 and float64 are kept; other dtypes are converted to float64 (as 
 
 from __future__ import annotations
 
+import numbers
 from typing import Any
 
 import numpy as np
@@ -75,3 +76,9 @@ def check_dictionary(D: Tensor, X: Tensor) -> None:
     if bool((norms == 0).any()):
         zero = (norms == 0).nonzero().squeeze(1)[:5].tolist()
         raise ValueError(f"dictionary has zero-norm atoms (rows {zero}...); remove or replace them")
+
+
+def check_int(name: str, value: Any, low: int) -> None:
+    """Hyperparameter check: ``value`` is an integer (not a bool) and ``>= low``."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < low:
+        raise ValueError(f"{name} must be an integer >= {low}, got {value!r}")

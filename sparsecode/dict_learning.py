@@ -34,7 +34,7 @@ from sklearn.base import BaseEstimator
 from sklearn.utils import check_random_state
 from sklearn.utils.extmath import randomized_svd, svd_flip
 
-from ._arrays import to_output, to_tensor
+from ._arrays import check_int, to_output, to_tensor
 from ._base import DictionaryTransformerMixin
 from .core.dictionary import project_atoms, update_dictionary
 from .core.solvers import LeastSquares
@@ -65,9 +65,7 @@ class _DictionaryLearner(DictionaryTransformerMixin, BaseEstimator):
             )
         if self.dict_update not in ("bcd", "pgd"):
             raise ValueError(f"dict_update must be 'bcd' or 'pgd', got {self.dict_update!r}")
-        if isinstance(self.max_iter, bool) or not isinstance(self.max_iter, int | np.integer) \
-                or self.max_iter < 1:
-            raise ValueError(f"max_iter must be an integer >= 1, got {self.max_iter!r}")
+        check_int("max_iter", self.max_iter, 1)
 
     @property
     def _fit_algorithm(self) -> str:
@@ -103,6 +101,16 @@ class _DictionaryLearner(DictionaryTransformerMixin, BaseEstimator):
             D[unused] = project_atoms(new + noise_level * noise, self.positive_dict)
             Z[:, unused] = 0
         return D
+
+    def _initial_dictionary(self, X: torch.Tensor, randomized: bool, rng) -> torch.Tensor:
+        """``dict_init`` (shape-checked, copied) or scikit-learn's SVD initialisation."""
+        K = self._n_components
+        if self.dict_init is None:
+            return _svd_init(X, K, randomized=randomized, rng=rng)
+        D = to_tensor(self.dict_init, "dict_init", device=X.device, dtype=X.dtype)
+        if D.shape != (K, X.shape[1]):
+            raise ValueError(f"dict_init must have shape {(K, X.shape[1])}, got {tuple(D.shape)}")
+        return D.clone()
 
     def _cost(self, X, Z, D) -> float:
         return float(0.5 * ((X - Z @ D) ** 2).sum() + self.alpha * Z.abs().sum())
@@ -206,15 +214,7 @@ class DictionaryLearning(_DictionaryLearner):
         Xt, X = self._validate_input(X, reset=True)
         self._check_params(*Xt.shape)
         rng = check_random_state(self.random_state)
-        K = self._n_components
-        if self.dict_init is not None:
-            D = to_tensor(self.dict_init, "dict_init", device=Xt.device, dtype=Xt.dtype)
-            if D.shape != (K, Xt.shape[1]):
-                raise ValueError(
-                    f"dict_init must have shape {(K, Xt.shape[1])}, got {tuple(D.shape)}"
-                )
-        else:
-            D = _svd_init(Xt, K, randomized=False, rng=rng)
+        D = self._initial_dictionary(Xt, randomized=False, rng=rng)
         Z = None
         if self.code_init is not None:
             Z = to_tensor(self.code_init, "code_init", device=Xt.device, dtype=Xt.dtype)
@@ -311,15 +311,7 @@ class MiniBatchDictionaryLearning(_DictionaryLearner):
 
     def _init_state(self, X: torch.Tensor, rng) -> torch.Tensor:
         K = self._n_components
-        if self.dict_init is not None:
-            D = to_tensor(self.dict_init, "dict_init", device=X.device, dtype=X.dtype)
-            if D.shape != (K, X.shape[1]):
-                raise ValueError(
-                    f"dict_init must have shape {(K, X.shape[1])}, got {tuple(D.shape)}"
-                )
-            D = D.clone()
-        else:
-            D = _svd_init(X, K, randomized=True, rng=rng)
+        D = self._initial_dictionary(X, randomized=True, rng=rng)
         self._A = torch.zeros(K, K, dtype=X.dtype, device=X.device)
         self._B = torch.zeros(K, X.shape[1], dtype=X.dtype, device=X.device)
         self._rng = rng

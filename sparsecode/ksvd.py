@@ -41,17 +41,13 @@ from sklearn.base import BaseEstimator
 from sklearn.utils import check_random_state
 from torch import Tensor
 
-from ._arrays import to_output, to_tensor
+from ._arrays import check_int, to_output, to_tensor
 from ._base import DictionaryTransformerMixin
 from .core.solvers import LeastSquares, omp
 from .core.sparse import SparseCodes
 
 #: relative change of the objective below which fitting stops
 _REL_TOL = 1e-6
-
-
-def _is_int(v: Any) -> bool:
-    return isinstance(v, numbers.Integral) and not isinstance(v, bool)
 
 
 class KSVD(DictionaryTransformerMixin, BaseEstimator):
@@ -175,15 +171,13 @@ positive_code, split_sign
                 "Positive constraint not supported for 'omp' coding method. "
                 "(KSVD codes with OMP; positive_code=True is not available.)"
             )
-        if not _is_int(self.max_iter) or self.max_iter < 1:
-            raise ValueError(f"max_iter must be an integer >= 1, got {self.max_iter!r}")
+        check_int("max_iter", self.max_iter, 1)
         if self.tol is not None and not (np.isfinite(self.tol) and self.tol >= 0):
             raise ValueError(f"tol must be None or a finite number >= 0, got {self.tol!r}")
         K = self.n_components
         if K is None:
             K = np.shape(self.dict_init)[0] if self.dict_init is not None else n_features
-        if not _is_int(K) or K < 1:
-            raise ValueError(f"n_components must be an integer >= 1, got {self.n_components!r}")
+        check_int("n_components", K, 1)
         K = int(K)
         if self.dict_init is None and K > n_samples:
             raise ValueError(
@@ -193,7 +187,7 @@ positive_code, split_sign
         k = self.n_nonzero_coefs
         if k is None:
             k = None if self.tol is not None else int(min(max(n_features // 10, 1), K))
-        elif not _is_int(k) or not 1 <= k <= K:
+        elif isinstance(k, bool) or not isinstance(k, numbers.Integral) or not 1 <= k <= K:
             raise ValueError(
                 f"n_nonzero_coefs must be an integer in [1, n_components={K}], got {k!r}"
             )

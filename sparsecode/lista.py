@@ -45,7 +45,7 @@ from sklearn.utils import check_random_state
 from sklearn.utils.validation import check_is_fitted
 from torch import Tensor
 
-from ._arrays import check_dictionary, to_output, to_tensor
+from ._arrays import check_dictionary, check_int, to_output, to_tensor
 from ._base import DictionaryTransformerMixin
 from .core.operators import L1
 from .core.solvers import LeastSquares, lasso
@@ -179,9 +179,9 @@ class LISTA(DictionaryTransformerMixin, BaseEstimator):
     # ----------------------------------------------------------------------------------------
 
     def _check_params(self) -> None:
-        _check_int("n_layers", self.n_layers, 1)
-        _check_int("max_epochs", self.max_epochs, 0)
-        _check_int("batch_size", self.batch_size, 1)
+        check_int("n_layers", self.n_layers, 1)
+        check_int("max_epochs", self.max_epochs, 0)
+        check_int("batch_size", self.batch_size, 1)
         a = self.alpha
         if (
             isinstance(a, bool)
@@ -352,8 +352,3 @@ class LISTA(DictionaryTransformerMixin, BaseEstimator):
         ``transform(X)`` (higher is better, for model selection)."""
         Z, Xt, D, _ = self._encode(X)
         return -float(self._lasso_objective(Z, Xt, D).mean())
-
-
-def _check_int(name: str, value: Any, low: int) -> None:
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < low:
-        raise ValueError(f"{name} must be an integer >= {low}, got {value!r}")
