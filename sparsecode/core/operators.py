@@ -73,6 +73,13 @@ class Projection(Operator):
     def project(self, z: Tensor) -> Tensor:
         raise NotImplementedError
 
+    def support(self, z: Tensor) -> tuple[Tensor, Tensor]:
+        """``(rows, cols)`` of the nonzeros of ``project(z)``, with ``z`` viewed as 2-D (leading
+        dimensions flattened), sorted by row. Sparse autoencoders keep a code as these pairs
+        plus ``z[rows, cols]`` and never build the dense projection."""
+        z2 = z.reshape(-1, z.shape[-1])
+        return self.project(z2).nonzero(as_tuple=True)
+
     def prox(self, z: Tensor, step: Step) -> Tensor:
         return self.project(z)
 
@@ -84,6 +91,20 @@ class Projection(Operator):
         inside = self.contains(z)
         zero = torch.zeros(inside.shape, dtype=z.dtype, device=z.device)
         return torch.where(inside, zero, torch.full_like(zero, math.inf))
+
+
+def _from_support(op: Projection, z: Tensor) -> Tensor:
+    """``project(z)`` built from ``op.support(z)``: kept entries copied, the rest zero."""
+    z2 = z.reshape(-1, z.shape[-1])
+    rows, cols = op.support(z2)
+    out = torch.zeros_like(z2)
+    out[rows, cols] = z2[rows, cols]
+    return out.reshape(z.shape)
+
+
+def _kept(vals: Tensor, positive: bool) -> Tensor:
+    """Which selected values survive: positive ones for nonnegative sets, nonzero ones otherwise."""
+    return vals > 0 if positive else vals != 0
 
 
 def _check_nonnegative(name: str, value: float) -> None:
@@ -154,13 +175,17 @@ class TopK(Projection):
         self.positive = bool(positive)
 
     def project(self, z: Tensor) -> Tensor:
-        k = min(self.k, z.shape[-1])
-        key = z if self.positive else z.abs()
-        idx = key.topk(k, dim=-1, sorted=False).indices
-        vals = z.gather(-1, idx)
-        if self.positive:
-            vals = vals.clamp(min=0)
-        return torch.zeros_like(z).scatter(-1, idx, vals)
+        return _from_support(self, z)
+
+    def support(self, z: Tensor) -> tuple[Tensor, Tensor]:
+        z2 = z.reshape(-1, z.shape[-1])
+        k = min(self.k, z2.shape[-1])
+        key = z2 if self.positive else z2.abs()
+        cols = key.topk(k, dim=-1, sorted=False).indices
+        rows = torch.arange(z2.shape[0], device=z.device).repeat_interleave(k)
+        cols = cols.reshape(-1)
+        keep = _kept(z2[rows, cols], self.positive)
+        return rows[keep], cols[keep]
 
     def contains(self, z: Tensor) -> Tensor:
         ok = (z != 0).sum(dim=-1) <= self.k
@@ -591,15 +616,17 @@ class BatchTopK(Projection):
     def project(self, z: Tensor) -> Tensor:
         if z.dim() == 0:
             raise ValueError("BatchTopK needs a tensor with at least one dimension")
+        return _from_support(self, z)
+
+    def support(self, z: Tensor) -> tuple[Tensor, Tensor]:
+        width = z.shape[-1]
         flat = z.reshape(-1)
-        rows = flat.numel() // z.shape[-1] if z.shape[-1] else 0
+        rows = flat.numel() // width if width else 0
         budget = min(self.k * rows, flat.numel())
         key = flat if self.positive else flat.abs()
-        idx = key.topk(budget, sorted=False).indices
-        vals = flat.gather(0, idx)
-        if self.positive:
-            vals = vals.clamp(min=0)
-        return torch.zeros_like(flat).scatter(0, idx, vals).reshape(z.shape)
+        idx = key.topk(budget, sorted=False).indices.sort().values
+        idx = idx[_kept(flat[idx], self.positive)]
+        return idx // width, idx % width
 
     def contains(self, z: Tensor) -> Tensor:
         rows = z.numel() // z.shape[-1] if z.shape[-1] else 0
@@ -626,14 +653,18 @@ class FeatureChoice(Projection):
     def project(self, z: Tensor) -> Tensor:
         if z.dim() == 0:
             raise ValueError("FeatureChoice needs a tensor with at least one dimension")
+        return _from_support(self, z)
+
+    def support(self, z: Tensor) -> tuple[Tensor, Tensor]:
         z2 = z.reshape(-1, z.shape[-1])
         m = min(self.m, z2.shape[0])
         key = z2 if self.positive else z2.abs()
-        idx = key.topk(m, dim=0, sorted=False).indices
-        vals = z2.gather(0, idx)
-        if self.positive:
-            vals = vals.clamp(min=0)
-        return torch.zeros_like(z2).scatter(0, idx, vals).reshape(z.shape)
+        rows = key.topk(m, dim=0, sorted=False).indices  # (m, n_features)
+        flat = (rows * z2.shape[1] + torch.arange(z2.shape[1], device=z.device)).reshape(-1)
+        flat = flat.sort().values
+        rows, cols = flat // z2.shape[1], flat % z2.shape[1]
+        keep = _kept(z2[rows, cols], self.positive)
+        return rows[keep], cols[keep]
 
     def contains(self, z: Tensor) -> Tensor:
         z2 = z.reshape(-1, z.shape[-1])

@@ -1,0 +1,106 @@
+"""Loss terms of the SAE architectures.
+
+Conventions (see docs/metrics.md): ``mse`` is the squared error summed over the ``d_in``
+features and averaged over tokens (SAELens' training MSE); auxiliary reconstruction losses are
+normalised by the residual's total variance (OpenAI's AuxK), so their coefficient does not depend
+on the activation scale.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor
+
+
+def mse(x: Tensor, x_hat: Tensor) -> Tensor:
+    """``mean_tokens sum_features (x - x_hat)^2``."""
+    return (x - x_hat).pow(2).sum(dim=-1).mean()
+
+
+def normalized_mse(target: Tensor, estimate: Tensor) -> Tensor:
+    """``sum ||target - estimate||^2 / sum ||target - mean(target)||^2`` over the batch.
+
+    The AuxK / aux_zipf loss: how much of the residual the auxiliary latents explain."""
+    denom = (target - target.mean(dim=0)).pow(2).sum().clamp_min(1e-12)
+    return (target - estimate).pow(2).sum() / denom
+
+
+def _rectangle(u: Tensor) -> Tensor:
+    return (u.abs() < 0.5).to(u.dtype)
+
+
+class JumpReLUFn(torch.autograd.Function):
+    """``z * H(z - theta)`` with the straight-through threshold gradient of Rajamanoharan et
+    al. (2024): ``d/dtheta = -(theta / eps) K((z - theta) / eps)`` with a rectangle kernel K of
+    bandwidth ``eps``; ``d/dz = H(z - theta)``."""
+
+    @staticmethod
+    def forward(ctx, z, theta, bandwidth):
+        ctx.save_for_backward(z, theta)
+        ctx.bandwidth = bandwidth
+        return z * (z > theta).to(z.dtype)
+
+    @staticmethod
+    def backward(ctx, g):
+        z, theta = ctx.saved_tensors
+        eps = ctx.bandwidth
+        grad_z = g * (z > theta).to(g.dtype)
+        grad_theta = (-(theta / eps) * _rectangle((z - theta) / eps) * g).sum(dim=0)
+        return grad_z, grad_theta, None
+
+
+class StepFn(torch.autograd.Function):
+    """Heaviside ``H(z - theta)``: no gradient to ``z``, ``d/dtheta = -(1/eps) K((z-theta)/eps)``
+    (the L0 straight-through estimator)."""
+
+    @staticmethod
+    def forward(ctx, z, theta, bandwidth):
+        ctx.save_for_backward(z, theta)
+        ctx.bandwidth = bandwidth
+        return (z > theta).to(z.dtype)
+
+    @staticmethod
+    def backward(ctx, g):
+        z, theta = ctx.saved_tensors
+        eps = ctx.bandwidth
+        grad_theta = (-(1.0 / eps) * _rectangle((z - theta) / eps) * g).sum(dim=0)
+        return None, grad_theta, None
+
+
+def zipf_targets(n: int, mean_l0: float, exponent: float = 1.0) -> Tensor:
+    """Target firing rate of the latent of frequency rank ``r = 1..n``: ``c / r^exponent``
+    with ``c`` chosen so that the rates sum to ``mean_l0`` (the expected active latents per
+    token), each capped at 1.
+
+    >>> zipf_targets(4, 2.0).sum().item()
+    2.0
+    """
+    r = torch.arange(1, n + 1, dtype=torch.float64)
+    w = r.pow(-exponent)
+    return (mean_l0 * w / w.sum()).clamp(max=1.0).float()
+
+
+def underuse(freq: Tensor, mean_l0: float, exponent: float = 1.0) -> Tensor:
+    """Shortfall of each latent against its Zipf target, in ``[0, 1]``:
+    ``u_j = max(0, 1 - freq_j / target(rank_j))`` where ``rank_j`` is latent ``j``'s rank by
+    firing rate. Dead latents get 1, latents at or above their target get 0.
+
+    >>> underuse(torch.tensor([0.5, 0.0, 0.25]), mean_l0=0.75).tolist()
+    [0.0, 1.0, 0.0]
+    """
+    order = torch.argsort(freq, descending=True, stable=True)
+    target = torch.empty_like(freq)
+    target[order] = zipf_targets(freq.numel(), mean_l0, exponent).to(freq)
+    return (1 - freq / target.clamp_min(1e-12)).clamp(0.0, 1.0)
+
+
+def log_uniform_cuts(n_cuts: int, width: int, generator: torch.Generator | None) -> list[int]:
+    """``n_cuts`` distinct prefix lengths in ``[1, width)``, log-uniform, sorted (random
+    Matryoshka prefixes: short prefixes are sampled as often as long ones on a log scale)."""
+    if width < 2 or n_cuts < 1:
+        return []
+    u = torch.rand(n_cuts, generator=generator, dtype=torch.float64)
+    cuts = torch.exp(u * math.log(width - 1)).floor().long().clamp(1, width - 1)
+    return sorted(set(cuts.tolist()))

@@ -1,0 +1,471 @@
+"""One sparse autoencoder module; the architectures differ only in the activation and the loss.
+
+An SAE encoder is one step of the core's proximal-gradient iteration from zero (see
+docs/architecture.md): ``z = act((x - b_dec) W_enc + b_enc)``, ``x_hat = z W_dec + b_dec``, and
+``act`` is an operator of :mod:`sparsecode.core.operators`:
+
+=================  ====================================================  =====================
+architecture       activation while training                              saved as (inference)
+=================  ====================================================  =====================
+``relu``           ReLU (nonnegative soft threshold; L1 penalty in loss)  ``standard``
+``topk``           ``TopK(k)``: k largest per token                       ``topk``
+``batchtopk``      ``BatchTopK(k)``: k*B largest over the batch           ``jumprelu``
+``jumprelu``       ``Jump(theta)`` with a learned per-latent threshold    ``jumprelu``
+``matryoshka``     ``BatchTopK(k)``, loss summed over nested prefixes     ``jumprelu``
+``mutual_choice``  ``BatchTopK(k)`` (free allocation of the k*B budget)   ``jumprelu``
+``feature_choice`` ``FeatureChoice(m)``: each latent picks m = kB/d_sae   ``jumprelu``
+=================  ====================================================  =====================
+
+The batch-dependent activations keep a running threshold while training (an exponential moving
+average of the smallest selected value: one global threshold, or one per latent for feature
+choice) so that inference is a per-token JumpReLU, as SAELens does for BatchTopK.
+
+Codes are kept as ``(rows, cols, values)`` pairs while training and decoded by the core's
+sparse decode; the encoder backward is sparse too (:func:`sparsecode.core.kernels.gather_preact`).
+``relu`` and ``jumprelu`` codes are not sparse by construction, so they train densely.
+
+Example
+-------
+>>> import torch
+>>> from sae.models import SAE, SAEConfig
+>>> sae = SAE(SAEConfig(d_in=8, d_sae=32, architecture="topk", k=4))
+>>> x = torch.randn(16, 8)
+>>> out = sae.training_forward(x)
+>>> out.l0 <= 4
+True
+>>> sae.decode(sae.encode(x)).shape
+torch.Size([16, 8])
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from sparsecode.core import operators as ops
+from sparsecode.core.kernels import gather_preact, preact, sparse_decode
+
+from . import losses
+
+ARCHITECTURES: dict[str, str] = {
+    "relu": "ReLU + L1 penalty weighted by decoder norms (Anthropic's April 2024 recipe)",
+    "topk": "top-k per token (Gao et al. 2024), AuxK on dead latents",
+    "batchtopk": "k*B largest over the batch (Bussmann et al. 2024), AuxK",
+    "jumprelu": "learned per-latent threshold, L0 via straight-through estimator",
+    "matryoshka": "batch top-k with nested latent prefixes, loss summed over prefixes",
+    "mutual_choice": "budget k*B over all token-latent pairs (Ayonrinde 2024), aux_zipf",
+    "feature_choice": "each latent picks its top m tokens (Ayonrinde 2024), aux_zipf",
+}
+BATCH_ARCHITECTURES = ("batchtopk", "matryoshka", "mutual_choice", "feature_choice")
+SPARSE_ARCHITECTURES = ("topk", *BATCH_ARCHITECTURES)
+JUMPRELU_MODES = ("step", "tanh", "quadratic")
+
+
+def check_architecture(name: str) -> str:
+    if name not in ARCHITECTURES:
+        raise ValueError(
+            f"unknown architecture {name!r}; known architectures: {', '.join(ARCHITECTURES)}"
+        )
+    return name
+
+
+@dataclass
+class SAEConfig:
+    """Shape, architecture and loss settings of one SAE (everything the loss needs).
+
+    ``k`` is the number of active latents per token (topk), or the average per token for the
+    batch architectures; ``dead_tokens`` is the window (in tokens) after which a latent that has
+    not fired counts as dead and joins the AuxK / aux_zipf loss.
+    """
+
+    d_in: int
+    d_sae: int
+    architecture: str = "topk"
+    k: int = 32
+    # relu: L1 weighted by decoder norms; jumprelu: L0 coefficient
+    l1_coefficient: float = 5.0
+    l0_coefficient: float = 10.0
+    sparsity_warmup_tokens: int = 0
+    # jumprelu
+    jumprelu_mode: str = "quadratic"  # quadratic: (L0 / target_l0 - 1)^2, target_l0 = k
+    target_l0: float | None = None
+    bandwidth: float = 0.05
+    threshold_init: float = 0.01
+    tanh_scale: float = 4.0
+    # matryoshka: fixed group sizes (sum = d_sae) or random log-uniform prefixes
+    group_sizes: list[int] | None = None
+    random_prefixes: bool = False
+    # dead and under-used latents
+    aux_k: int | None = None
+    aux_coefficient: float = 1 / 32
+    dead_tokens: int | None = None  # None: the trainer picks min(10M, run tokens / 20)
+    zipf_exponent: float = 1.0
+    # running inference threshold of the batch architectures (EMA rate)
+    threshold_rate: float = 0.01
+    metadata: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        check_architecture(self.architecture)
+        for name in ("d_in", "d_sae", "k"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+                raise ValueError(f"{name} must be a positive integer, got {v!r}")
+        if self.architecture in SPARSE_ARCHITECTURES and self.k > self.d_sae:
+            raise ValueError(f"k={self.k} is larger than d_sae={self.d_sae}")
+        if self.jumprelu_mode not in JUMPRELU_MODES:
+            raise ValueError(
+                f"unknown jumprelu_mode {self.jumprelu_mode!r}; use one of {JUMPRELU_MODES}"
+            )
+        if self.target_l0 is None:
+            self.target_l0 = float(self.k)
+        if self.target_l0 <= 0:
+            raise ValueError(f"target_l0 must be > 0, got {self.target_l0}")
+        if self.aux_k is None:
+            self.aux_k = max(1, min(self.d_in // 2, self.d_sae))
+        if self.architecture == "matryoshka" and self.group_sizes is None:
+            self.group_sizes = default_group_sizes(self.d_sae)
+        if self.group_sizes is not None:
+            if sum(self.group_sizes) != self.d_sae or min(self.group_sizes) < 1:
+                raise ValueError(
+                    f"group_sizes {self.group_sizes} must be positive and sum to d_sae={self.d_sae}"
+                )
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def default_group_sizes(d_sae: int) -> list[int]:
+    """Matryoshka groups of 1/16, 1/16, 1/8, 1/4, 1/2 of the latents (Bussmann et al. 2025)."""
+    fractions = [1 / 16, 1 / 16, 1 / 8, 1 / 4]
+    sizes = [max(1, int(d_sae * f)) for f in fractions]
+    if sum(sizes) >= d_sae:
+        return [d_sae]
+    return [*sizes, d_sae - sum(sizes)]
+
+
+@dataclass
+class TrainOutput:
+    """What one training forward returns."""
+
+    loss: Tensor
+    x_hat: Tensor
+    terms: dict[str, float]
+    l0: float
+    fired: Tensor  # (d_sae,) bool: latents active on this batch
+
+
+class SAE(nn.Module):
+    """Sparse autoencoder with SAELens parameter names and shapes:
+    ``W_enc (d_in, d_sae)``, ``b_enc (d_sae)``, ``W_dec (d_sae, d_in)``, ``b_dec (d_in)``,
+    ``threshold (d_sae)`` (JumpReLU and the batch architectures).
+
+    ``encode``/``decode``/``forward`` give inference behaviour (dense codes, like SAELens);
+    ``encode_pairs`` gives the sparse ``(rows, cols, values)`` form and ``training_forward``
+    the loss.
+    """
+
+    def __init__(self, cfg: SAEConfig, *, generator: torch.Generator | None = None):
+        super().__init__()
+        self.cfg = cfg
+        d, n = cfg.d_in, cfg.d_sae
+        W = torch.randn(n, d, generator=generator)
+        W = W / W.norm(dim=1, keepdim=True)
+        if cfg.architecture == "relu":
+            W = W * 0.1  # decoder-norm-weighted L1: start small (April 2024 update)
+        self.W_dec = nn.Parameter(W.clone())
+        self.W_enc = nn.Parameter(W.T.clone().contiguous())
+        self.b_enc = nn.Parameter(torch.zeros(n))
+        self.b_dec = nn.Parameter(torch.zeros(d))
+        if cfg.architecture == "jumprelu":
+            self.threshold = nn.Parameter(torch.full((n,), float(cfg.threshold_init)))
+        else:
+            self.register_buffer("threshold", torch.zeros(n))
+        self.register_buffer("threshold_ready", torch.zeros((), dtype=torch.bool))
+        self.register_buffer("tokens_since_fired", torch.zeros(n, dtype=torch.int64))
+        self.register_buffer("fire_rate", torch.zeros(n))  # EMA of per-token firing frequency
+        self.register_buffer("tokens_seen", torch.zeros((), dtype=torch.int64))
+
+    # ------------------------------------------------------------------ properties
+    @property
+    def architecture(self) -> str:
+        return self.cfg.architecture
+
+    @property
+    def unit_decoder(self) -> bool:
+        """Decoder rows are kept at unit norm (all but relu, which weighs L1 by the norms)."""
+        return self.architecture != "relu"
+
+    @property
+    def inference_architecture(self) -> str:
+        """SAELens ``architecture`` for the saved model."""
+        a = self.architecture
+        return {"relu": "standard", "topk": "topk"}.get(a, "jumprelu")
+
+    def dead_mask(self) -> Tensor:
+        window = self.cfg.dead_tokens if self.cfg.dead_tokens is not None else 10_000_000
+        return self.tokens_since_fired >= window
+
+    # ------------------------------------------------------------------ inference
+    def _pre(self, x: Tensor, dtype: torch.dtype | None = None) -> Tensor:
+        W = self.W_enc.T
+        if dtype is not None and dtype != W.dtype:
+            W = W.to(dtype)
+        return preact(x, W, self.b_enc, self.b_dec).to(x.dtype)
+
+    def _inference_operator(self) -> ops.Projection | None:
+        a = self.architecture
+        if a == "topk":
+            return ops.TopK(self.cfg.k, positive=True)
+        if a == "relu":
+            return None
+        return ops.Jump(self.threshold.detach().clamp_min(0))
+
+    def encode(self, x: Tensor) -> Tensor:
+        """Dense latents ``(..., d_sae)`` as the saved (inference) model computes them."""
+        shape = x.shape
+        pre = self._pre(x.reshape(-1, shape[-1]))
+        op = self._inference_operator()
+        z = pre.relu() if op is None else op.project(pre)
+        return z.reshape(*shape[:-1], self.cfg.d_sae)
+
+    def decode(self, z: Tensor) -> Tensor:
+        """``z W_dec + b_dec`` for dense latents ``(..., d_sae)``."""
+        return z @ self.W_dec + self.b_dec
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.decode(self.encode(x))
+
+    def encode_pairs(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """Inference code of a 2-D ``x`` as ``(rows, cols, values)`` sorted by row."""
+        pre = self._pre(x)
+        op = self._inference_operator()
+        if op is None:
+            rows, cols = (pre > 0).nonzero(as_tuple=True)
+        else:
+            rows, cols = op.support(pre)
+        return rows, cols, pre[rows, cols]
+
+    # ------------------------------------------------------------------ training
+    def _training_operator(self, n_tokens: int) -> ops.Projection:
+        a, k = self.architecture, self.cfg.k
+        if a == "topk":
+            return ops.TopK(k, positive=True)
+        if a == "feature_choice":
+            m = max(1, math.ceil(k * n_tokens / self.cfg.d_sae))
+            return ops.FeatureChoice(m, positive=True)
+        return ops.BatchTopK(k, positive=True)
+
+    def training_forward(
+        self,
+        x: Tensor,
+        *,
+        sparsity_scale: float = 1.0,
+        matmul_dtype: torch.dtype | None = None,
+        generator: torch.Generator | None = None,
+    ) -> TrainOutput:
+        """Loss on a batch ``x (N, d_in)`` and statistics; updates the running threshold and
+        the dead-latent counters (buffers) when the module is in training mode.
+
+        ``sparsity_scale`` multiplies the L1 / L0 coefficient (warm-up); ``matmul_dtype``
+        (e.g. ``torch.bfloat16``) runs the encoder matmul in that precision."""
+        if x.dim() != 2 or x.shape[1] != self.cfg.d_in:
+            raise ValueError(
+                f"expected activations of shape (N, {self.cfg.d_in}), got {tuple(x.shape)}"
+            )
+        if self.architecture in SPARSE_ARCHITECTURES:
+            out = self._sparse_forward(x, matmul_dtype, generator)
+        else:
+            out = self._dense_forward(x, sparsity_scale, matmul_dtype)
+        if self.training:
+            self._track(out.fired, x.shape[0])
+        return out
+
+    def _track(self, fired: Tensor, n_tokens: int) -> None:
+        with torch.no_grad():
+            self.tokens_since_fired += n_tokens
+            self.tokens_since_fired[fired] = 0
+            self.tokens_seen += n_tokens
+
+    def _dense_forward(self, x: Tensor, scale: float, matmul_dtype) -> TrainOutput:
+        cfg = self.cfg
+        W = self.W_enc if matmul_dtype is None else self.W_enc.to(matmul_dtype)
+        pre = ((x - self.b_dec).to(W.dtype) @ W).to(x.dtype) + self.b_enc
+        terms: dict[str, Tensor] = {}
+        if self.architecture == "relu":
+            z = pre.relu()
+            x_hat = z @ self.W_dec + self.b_dec
+            terms["mse"] = losses.mse(x, x_hat)
+            sparsity = (z * self.W_dec.norm(dim=1)).sum(dim=-1).mean()
+            terms["l1"] = cfg.l1_coefficient * scale * sparsity
+            active = z > 0
+        else:  # jumprelu
+            theta = self.threshold
+            z = losses.JumpReLUFn.apply(pre, theta, cfg.bandwidth)
+            x_hat = z @ self.W_dec + self.b_dec
+            terms["mse"] = losses.mse(x, x_hat)
+            if cfg.jumprelu_mode == "tanh":
+                dn = self.W_dec.norm(dim=1)
+                l0 = torch.tanh(cfg.tanh_scale * z * dn).sum(dim=-1).mean()
+            else:
+                l0 = losses.StepFn.apply(pre, theta, cfg.bandwidth).sum(dim=-1).mean()
+            if cfg.jumprelu_mode == "quadratic":
+                sparsity = (l0 / cfg.target_l0 - 1).pow(2)
+            else:
+                sparsity = l0
+            terms["l0_loss"] = cfg.l0_coefficient * scale * sparsity
+            active = z > 0
+        fired = active.any(dim=0)
+        self._update_fire_rate(active.sum(dim=0), x.shape[0])
+        loss = sum(terms.values())
+        return TrainOutput(
+            loss=loss,
+            x_hat=x_hat,
+            terms={k: float(v.detach()) for k, v in terms.items()},
+            l0=float(active.sum(dim=-1).float().mean()),
+            fired=fired,
+        )
+
+    def _update_fire_rate(self, counts: Tensor, n_tokens: int) -> None:
+        if not self.training:
+            return
+        with torch.no_grad():
+            rate = counts.float() / max(n_tokens, 1)
+            if int(self.tokens_seen) == 0:
+                self.fire_rate.copy_(rate)
+            else:
+                self.fire_rate.mul_(1 - self.cfg.threshold_rate).add_(
+                    rate, alpha=self.cfg.threshold_rate
+                )
+
+    def _sparse_forward(self, x: Tensor, matmul_dtype, generator) -> TrainOutput:
+        cfg = self.cfg
+        N = x.shape[0]
+        W_rows = self.W_enc.T  # (d_sae, d_in) view
+        with torch.no_grad():
+            pre = self._pre(x, matmul_dtype)
+        rows, cols = self._training_operator(N).support(pre)
+        aux_rows, aux_cols, aux_weight = self._aux_support(pre)
+        all_rows = torch.cat([rows, aux_rows])
+        all_cols = torch.cat([cols, aux_cols])
+        values = gather_preact(x, W_rows, self.b_enc, self.b_dec, all_rows, all_cols, pre)
+        vals, aux_vals = values[: rows.numel()], values[rows.numel() :]
+
+        terms: dict[str, Tensor] = {}
+        if self.architecture == "matryoshka":
+            groups = self._groups(generator, x.device)
+            parts = sparse_decode(vals, rows, cols, self.W_dec, N, groups=groups)
+            prefixes = parts.cumsum(dim=1) + self.b_dec  # (N, G, d): every prefix, one pass
+            errs = (x.unsqueeze(1) - prefixes).pow(2).sum(dim=-1).mean(dim=0)  # (G,)
+            x_hat = prefixes[:, -1]
+            terms["mse"] = errs[-1]
+            terms["matryoshka"] = errs[:-1].sum()
+        else:
+            x_hat = sparse_decode(vals, rows, cols, self.W_dec, N, bias=self.b_dec)
+            terms["mse"] = losses.mse(x, x_hat)
+
+        if aux_rows.numel():
+            residual = (x - x_hat).detach()
+            w = aux_vals if aux_weight is None else aux_vals * aux_weight
+            e_hat = sparse_decode(w, aux_rows, aux_cols, self.W_dec, N)
+            name = "aux_zipf" if self._uses_zipf else "auxk"
+            terms[name] = cfg.aux_coefficient * losses.normalized_mse(residual, e_hat)
+
+        counts = torch.bincount(cols, minlength=cfg.d_sae)
+        self._update_fire_rate(counts, N)
+        if self.training and self.architecture in BATCH_ARCHITECTURES:
+            self._update_threshold(vals.detach(), cols)
+        loss = sum(terms.values())
+        return TrainOutput(
+            loss=loss,
+            x_hat=x_hat,
+            terms={k: float(v.detach()) for k, v in terms.items()},
+            l0=rows.numel() / max(N, 1),
+            fired=counts > 0,
+        )
+
+    @property
+    def _uses_zipf(self) -> bool:
+        return self.architecture in ("mutual_choice", "feature_choice")
+
+    def _aux_support(self, pre: Tensor) -> tuple[Tensor, Tensor, Tensor | None]:
+        """Pairs of the auxiliary loss: the top ``aux_k`` pre-activations per token among dead
+        latents (AuxK), or among under-used latents weighted by their Zipf shortfall
+        (aux_zipf; a dead latent has weight 1, so aux_zipf generalises AuxK)."""
+        empty = torch.empty(0, dtype=torch.long, device=pre.device)
+        if self.cfg.aux_coefficient == 0 or not self.training:
+            return empty, empty, None
+        if self._uses_zipf:
+            u = losses.underuse(self.fire_rate, self.cfg.k, self.cfg.zipf_exponent)
+            u = torch.where(self.dead_mask(), torch.ones_like(u), u)
+            cand = (u > 0).nonzero(as_tuple=True)[0]
+        else:
+            u = None
+            cand = self.dead_mask().nonzero(as_tuple=True)[0]
+        if cand.numel() == 0:
+            return empty, empty, None
+        sub = pre[:, cand]
+        if u is not None:
+            sub = sub * u[cand]
+        k_aux = min(self.cfg.aux_k, cand.numel())
+        rows, local = ops.TopK(k_aux, positive=True).support(sub)
+        cols = cand[local]
+        weight = None if u is None else u[cols]
+        return rows, cols, weight
+
+    def _groups(self, generator, device) -> Tensor:
+        cfg = self.cfg
+        if cfg.random_prefixes:
+            n_cuts = max(1, len(cfg.group_sizes or default_group_sizes(cfg.d_sae)) - 1)
+            cuts = losses.log_uniform_cuts(n_cuts, cfg.d_sae, generator)
+        else:
+            sizes = cfg.group_sizes or [cfg.d_sae]
+            cuts = torch.tensor(sizes).cumsum(0)[:-1].tolist()
+        group_of = torch.zeros(cfg.d_sae, dtype=torch.long, device=device)
+        for c in cuts:
+            group_of[c:] += 1
+        return group_of
+
+    def _update_threshold(self, vals: Tensor, cols: Tensor) -> None:
+        """EMA of the smallest selected value (global, or per latent for feature choice)."""
+        if vals.numel() == 0:
+            return
+        rate = self.cfg.threshold_rate
+        with torch.no_grad():
+            if self.architecture == "feature_choice":
+                inf = torch.full_like(self.threshold, math.inf)
+                low = inf.scatter_reduce(0, cols, vals.to(inf.dtype), reduce="amin")
+                seen = torch.isfinite(low)
+                if not bool(self.threshold_ready):
+                    self.threshold[seen] = low[seen]
+                else:
+                    self.threshold[seen] = (1 - rate) * self.threshold[seen] + rate * low[seen]
+            else:
+                low = vals.min().to(self.threshold.dtype)
+                if not bool(self.threshold_ready):
+                    self.threshold.fill_(low)
+                else:
+                    self.threshold.mul_(1 - rate).add_(rate * low)
+            self.threshold_ready.fill_(True)
+
+    # ------------------------------------------------------------------ decoder constraint
+    @torch.no_grad()
+    def remove_parallel_gradient(self) -> None:
+        """Project each decoder row's gradient onto the row's tangent space (unit-norm decoder)."""
+        g = self.W_dec.grad
+        if g is None or not self.unit_decoder:
+            return
+        W = self.W_dec
+        g -= (g * W).sum(dim=1, keepdim=True) * W
+
+    @torch.no_grad()
+    def constrain(self) -> None:
+        """After an optimizer step: decoder rows back to unit norm (all but relu), JumpReLU
+        thresholds kept positive."""
+        if self.unit_decoder:
+            self.W_dec /= self.W_dec.norm(dim=1, keepdim=True).clamp_min(1e-12)
+        if self.architecture == "jumprelu":
+            self.threshold.clamp_(min=1e-6)

@@ -1,0 +1,461 @@
+"""Training one or several SAEs side by side from one stream of activation batches.
+
+The recipe is what the field converged on (see docs/sae.md): Adam with a linear LR warm-up and
+a linear decay to zero over the last part of the run, gradient-norm clipping, decoder rows kept
+at unit norm with the parallel gradient component removed (decoder-norm-weighted L1 for ``relu``),
+``b_dec`` initialised at the geometric median of the first batch, inputs scaled so that
+``E||x|| = sqrt(d_in)`` (the scale is folded into the weights at save), dead-latent tracking in
+tokens, periodic held-out evaluation and checkpoints with exact resume: a run interrupted and
+resumed gives bit-for-bit the same weights as an uninterrupted one.
+
+Example
+-------
+>>> import torch
+>>> from sae.data import ArrayActivations
+>>> from sae.models import SAE, SAEConfig
+>>> from sae.train import TrainConfig, Trainer
+>>> X = torch.randn(4096, 16)
+>>> sae = SAE(SAEConfig(d_in=16, d_sae=64, k=4))
+>>> trainer = Trainer({"topk": sae}, ArrayActivations(X, batch_size=512),
+...                   TrainConfig(total_tokens=4096, progress=False))
+>>> history = trainer.fit()
+>>> trainer.step
+8
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import time
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import Tensor
+
+from . import metrics
+from .data import ActivationSource
+from .models import SAE
+
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+@dataclass
+class TrainConfig:
+    """Optimisation and bookkeeping settings shared by the SAEs of one run."""
+
+    total_tokens: int = 2_000_000
+    lr: float | None = None  # None: 2e-4 / sqrt(d_sae / 2^14) (scaled by width, per SAE)
+    betas: tuple[float, float] = (0.9, 0.999)
+    warmup_steps: int | None = None  # None: 5% of the steps, at most 1000
+    decay_fraction: float = 0.2  # linear decay to 0 over this final fraction of the steps
+    grad_clip: float = 1.0
+    matmul_dtype: str = "float32"  # or "bfloat16": encoder matmul precision
+    b_dec_init: str = "geometric_median"  # or "mean", "zeros"
+    normalize_input: bool = True
+    eval_every: int = 0  # steps; 0: only at the end
+    log_every: int = 10
+    checkpoint_every: int = 0  # steps; 0: only on interruption
+    seed: int = 0
+    progress: bool = True
+    wandb: bool = False
+    wandb_project: str = "sae"
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if self.total_tokens < 1:
+            raise ValueError(f"total_tokens must be >= 1, got {self.total_tokens}")
+        if self.matmul_dtype not in _DTYPES:
+            raise ValueError(
+                f"matmul_dtype must be one of {list(_DTYPES)}, got {self.matmul_dtype!r}"
+            )
+        if self.b_dec_init not in ("geometric_median", "mean", "zeros"):
+            raise ValueError(f"unknown b_dec_init {self.b_dec_init!r}")
+        if not 0 <= self.decay_fraction <= 1:
+            raise ValueError(f"decay_fraction must be in [0, 1], got {self.decay_fraction}")
+
+
+def geometric_median(x: Tensor, n_iter: int = 100, tol: float = 1e-6) -> Tensor:
+    """Weiszfeld's algorithm: the point minimising the sum of Euclidean distances to the rows.
+
+    >>> x = torch.tensor([[0.0, 0.0], [1.0, 0.0], [0.0, 1.0], [100.0, 100.0]])
+    >>> geometric_median(x).norm() < 1.0  # robust to the outlier, unlike the mean
+    tensor(True)
+    """
+    y = x.double().mean(dim=0)
+    xd = x.double()
+    for _ in range(n_iter):
+        w = 1.0 / (xd - y).norm(dim=1).clamp_min(1e-12)
+        y_new = (w[:, None] * xd).sum(dim=0) / w.sum()
+        if (y_new - y).norm() <= tol * y.norm().clamp_min(1e-12):
+            y = y_new
+            break
+        y = y_new
+    return y.to(x.dtype)
+
+
+def _schedule(step: int, n_steps: int, warmup: int, decay_fraction: float) -> float:
+    """LR multiplier: linear warm-up over ``warmup`` steps, linear decay to 0 at the end."""
+    m = min(1.0, (step + 1) / max(warmup, 1))
+    decay_start = int(n_steps * (1 - decay_fraction))
+    if decay_fraction > 0 and step >= decay_start:
+        m *= max(0.0, (n_steps - step) / max(n_steps - decay_start, 1))
+    return m
+
+
+class Trainer:
+    """Train ``saes`` (a dict name -> SAE) from ``source`` batches.
+
+    Each SAE reads the batch entry named by its ``cfg.metadata["hook_name"]`` (default: the
+    source's first hook point), has its own Adam optimizer, input scale and statistics, and
+    sees exactly the same batches as the others. ``out_dir`` receives checkpoints
+    (``out_dir/checkpoint``) and, from :meth:`save`, one SAELens folder per SAE.
+    """
+
+    def __init__(
+        self,
+        saes: dict[str, SAE],
+        source: ActivationSource,
+        cfg: TrainConfig | None = None,
+        *,
+        out_dir: str | Path | None = None,
+        heldout: dict[str, Tensor] | Tensor | None = None,
+    ):
+        if not saes:
+            raise ValueError("no SAEs to train")
+        self.saes = dict(saes)
+        self.source = source
+        self.cfg = cfg or TrainConfig()
+        self.out_dir = Path(out_dir) if out_dir is not None else None
+        self.hookpoints = {
+            name: sae.cfg.metadata.get("hook_name") or source.hookpoints[0]
+            for name, sae in self.saes.items()
+        }
+        for name, hp in self.hookpoints.items():
+            if hp not in source.hookpoints:
+                raise ValueError(
+                    f"SAE {name!r} wants hook point {hp!r}, the source has {source.hookpoints}"
+                )
+        if isinstance(heldout, Tensor):
+            heldout = {source.hookpoints[0]: heldout}
+        self.heldout = heldout or {}
+        first = next(iter(self.saes.values()))
+        self.batch_size = getattr(source, "batch_size", None)
+        self.n_steps: int | None = None
+        self.step = 0
+        self.tokens = 0
+        self.scales: dict[str, float] = {}
+        self.generator = torch.Generator().manual_seed(self.cfg.seed)
+        self.history: list[dict[str, Any]] = []
+        self.matmul_dtype = _DTYPES[self.cfg.matmul_dtype]
+        self.optimizers = {
+            name: torch.optim.Adam(sae.parameters(), lr=self._base_lr(sae), betas=self.cfg.betas)
+            for name, sae in self.saes.items()
+        }
+        self._device = first.W_dec.device
+        self._wandb = None
+
+    # ------------------------------------------------------------------ setup
+    def _base_lr(self, sae: SAE) -> float:
+        if self.cfg.lr is not None:
+            return self.cfg.lr
+        return 2e-4 / math.sqrt(sae.cfg.d_sae / 2**14)
+
+    def _initialise(self, batch: dict[str, Tensor]) -> None:
+        """Input scale, b_dec and the dead window from the first batch (not on resume)."""
+        for name, sae in self.saes.items():
+            x = batch[self.hookpoints[name]].to(self._device, torch.float32)
+            scale = 1.0
+            if self.cfg.normalize_input:
+                scale = math.sqrt(sae.cfg.d_in) / float(x.norm(dim=1).mean().clamp_min(1e-12))
+            self.scales[name] = scale
+            xs = x * scale
+            with torch.no_grad():
+                if self.cfg.b_dec_init == "geometric_median":
+                    sae.b_dec.copy_(geometric_median(xs))
+                elif self.cfg.b_dec_init == "mean":
+                    sae.b_dec.copy_(xs.mean(dim=0))
+            if sae.cfg.dead_tokens is None:
+                sae.cfg.dead_tokens = int(min(10_000_000, max(self.cfg.total_tokens // 20, 1)))
+
+    # ------------------------------------------------------------------ loop
+    def _batches(self) -> Iterator[dict[str, Tensor]]:
+        while True:
+            got = False
+            for batch in self.source:
+                got = True
+                yield batch
+            if not got:
+                raise ValueError("the activation source yielded no batches")
+            # sources with a fixed number of epochs end; keep going only if tokens remain
+            if self.tokens >= self.cfg.total_tokens:
+                return
+            raise ValueError(
+                f"the activation source ran out after {self.tokens} tokens; "
+                f"total_tokens={self.cfg.total_tokens} (use more epochs or fewer tokens)"
+            )
+
+    def fit(self) -> list[dict[str, Any]]:
+        """Train until ``total_tokens``; on ``KeyboardInterrupt`` write a checkpoint (if
+        ``out_dir`` is set) and re-raise. Returns the logged history."""
+        from tqdm.auto import tqdm
+
+        cfg = self.cfg
+        for sae in self.saes.values():
+            sae.train()
+        self._start_wandb()
+        bar = tqdm(
+            total=cfg.total_tokens,
+            initial=self.tokens,
+            unit="tok",
+            unit_scale=True,
+            disable=not cfg.progress,
+            desc="sae train",
+        )
+        t0, tok0 = time.perf_counter(), self.tokens
+        try:
+            for batch in self._batches():
+                if self.tokens >= cfg.total_tokens:
+                    break
+                if not self.scales:
+                    self._initialise(batch)
+                n = next(iter(batch.values())).shape[0]
+                if self.n_steps is None:
+                    self.n_steps = max(1, math.ceil(cfg.total_tokens / n))
+                row = self._train_step(batch)
+                self.step += 1
+                self.tokens += n
+                bar.update(n)
+                elapsed = time.perf_counter() - t0
+                row["tokens_per_s"] = (self.tokens - tok0) / max(elapsed, 1e-9)
+                if self.step % cfg.log_every == 0 or self.tokens >= cfg.total_tokens:
+                    self.history.append(row)
+                    self._log(row)
+                    bar.set_postfix(self._postfix(row))
+                if cfg.eval_every and self.step % cfg.eval_every == 0:
+                    self._log(self.evaluate())
+                if cfg.checkpoint_every and self.step % cfg.checkpoint_every == 0:
+                    self.checkpoint()
+        except KeyboardInterrupt:
+            if self.out_dir is not None:
+                self.checkpoint()
+            raise
+        finally:
+            bar.close()
+        return self.history
+
+    def _train_step(self, batch: dict[str, Tensor]) -> dict[str, Any]:
+        cfg = self.cfg
+        warmup = cfg.warmup_steps
+        if warmup is None:
+            warmup = min(1000, max(1, self.n_steps // 20))
+        mult = _schedule(self.step, self.n_steps, warmup, cfg.decay_fraction)
+        row: dict[str, Any] = {
+            "step": self.step + 1,
+            "tokens": self.tokens + len(next(iter(batch.values()))),
+        }
+        for name, sae in self.saes.items():
+            x = batch[self.hookpoints[name]].to(self._device, torch.float32) * self.scales[name]
+            opt = self.optimizers[name]
+            for group in opt.param_groups:
+                group["lr"] = self._base_lr(sae) * mult
+            warm = sae.cfg.sparsity_warmup_tokens
+            sparsity_scale = min(1.0, (self.tokens + 1) / warm) if warm else 1.0
+            out = sae.training_forward(
+                x,
+                sparsity_scale=sparsity_scale,
+                matmul_dtype=None if self.matmul_dtype == torch.float32 else self.matmul_dtype,
+                generator=self.generator,
+            )
+            opt.zero_grad(set_to_none=True)
+            out.loss.backward()
+            sae.remove_parallel_gradient()
+            if cfg.grad_clip:
+                torch.nn.utils.clip_grad_norm_(sae.parameters(), cfg.grad_clip)
+            opt.step()
+            sae.constrain()
+            with torch.no_grad():
+                row[f"{name}/loss"] = float(out.loss.detach())
+                row[f"{name}/fvu"] = metrics.fvu(x, out.x_hat.detach())
+                row[f"{name}/l0"] = out.l0
+                row[f"{name}/dead_fraction"] = float(sae.dead_mask().float().mean())
+                for term, v in out.terms.items():
+                    row[f"{name}/{term}"] = v
+        row["lr_multiplier"] = mult
+        return row
+
+    def _postfix(self, row: dict[str, Any]) -> dict[str, str]:
+        name = next(iter(self.saes))
+        return {
+            "tok/s": f"{row['tokens_per_s']:.0f}",
+            "fvu": f"{row[f'{name}/fvu']:.3f}",
+            "l0": f"{row[f'{name}/l0']:.1f}",
+            "dead": f"{100 * row[f'{name}/dead_fraction']:.1f}%",
+        }
+
+    # ------------------------------------------------------------------ evaluation
+    def evaluate(self) -> dict[str, Any]:
+        """Held-out metrics for every SAE (inference behaviour), on scaled activations."""
+        out: dict[str, Any] = {"step": self.step, "tokens": self.tokens}
+        for name, sae in self.saes.items():
+            x = self.heldout.get(self.hookpoints[name])
+            if x is None:
+                continue
+            scale = self.scales.get(name, 1.0)
+            for key, v in metrics.evaluate(sae, x.to(self._device, torch.float32) * scale).items():
+                out[f"{name}/heldout/{key}"] = v
+        return out
+
+    # ------------------------------------------------------------------ logging
+    def _start_wandb(self) -> None:
+        if not self.cfg.wandb or self._wandb is not None:
+            return
+        try:
+            import wandb
+        except ImportError as e:
+            raise ImportError("--wandb needs the wandb package: pip install wandb") from e
+        config = {"train": asdict(self.cfg)}
+        config.update({name: sae.cfg.to_dict() for name, sae in self.saes.items()})
+        self._wandb = wandb.init(
+            project=self.cfg.wandb_project,
+            config=config,
+            dir=str(self.out_dir) if self.out_dir else None,
+            reinit=True,
+        )
+
+    def _log(self, row: dict[str, Any]) -> None:
+        if self._wandb is not None:
+            self._wandb.log(row, step=row.get("step", self.step))
+
+    def close(self) -> None:
+        if self._wandb is not None:
+            self._wandb.finish()
+            self._wandb = None
+
+    # ------------------------------------------------------------------ checkpoints
+    def state(self) -> tuple[dict[str, Tensor], dict[str, Any]]:
+        """Everything needed to resume: tensors (weights, buffers, Adam moments, RNG) and a
+        JSON-able part (counters, scales, source position, configs)."""
+        tensors: dict[str, Tensor] = {}
+        meta: dict[str, Any] = {
+            "step": self.step,
+            "tokens": self.tokens,
+            "n_steps": self.n_steps,
+            "scales": self.scales,
+            "source": self.source.state_dict(),
+            "train_config": asdict(self.cfg),
+            "saes": {},
+            "history": self.history,
+        }
+        for name, sae in self.saes.items():
+            for key, t in sae.state_dict().items():
+                tensors[f"sae/{name}/{key}"] = t.detach().contiguous()
+            opt_state = self.optimizers[name].state_dict()
+            scalars: dict[str, Any] = {}
+            for idx, st in opt_state["state"].items():
+                for key, v in st.items():
+                    if isinstance(v, Tensor):
+                        tensors[f"opt/{name}/{idx}/{key}"] = v.detach().contiguous()
+                    else:
+                        scalars[f"{idx}/{key}"] = v
+            meta["saes"][name] = {
+                "config": sae.cfg.to_dict(),
+                "param_groups": opt_state["param_groups"],
+                "opt_scalars": scalars,
+            }
+        tensors["rng/generator"] = self.generator.get_state()
+        return tensors, meta
+
+    def checkpoint(self, path: str | Path | None = None) -> Path:
+        """Write the resumable state atomically to ``path`` (default ``out_dir/checkpoint``)."""
+        if path is None:
+            if self.out_dir is None:
+                raise ValueError("no out_dir to write the checkpoint into")
+            path = self.out_dir / "checkpoint"
+        path = Path(path)
+        tensors, meta = self.state()
+        tmp = path.with_name(path.name + ".tmp")
+        if tmp.exists():
+            shutil.rmtree(tmp)
+        tmp.mkdir(parents=True)
+        save_file(tensors, str(tmp / "state.safetensors"))
+        (tmp / "trainer.json").write_text(json.dumps(meta, indent=1))
+        old = path.with_name(path.name + ".old")
+        if path.exists():
+            if old.exists():
+                shutil.rmtree(old)
+            os.replace(path, old)
+        os.replace(tmp, path)
+        if old.exists():
+            shutil.rmtree(old)
+        return path
+
+    def resume(self, path: str | Path | None = None) -> None:
+        """Load a checkpoint written by :meth:`checkpoint` (same SAEs, same source)."""
+        if path is None:
+            if self.out_dir is None:
+                raise ValueError("no out_dir to resume from")
+            path = self.out_dir / "checkpoint"
+        path = Path(path)
+        if not (path / "trainer.json").exists():
+            raise FileNotFoundError(f"no checkpoint at {path} (expected trainer.json)")
+        meta = json.loads((path / "trainer.json").read_text())
+        tensors = load_file(str(path / "state.safetensors"))
+        if set(meta["saes"]) != set(self.saes):
+            raise ValueError(
+                f"checkpoint has SAEs {sorted(meta['saes'])}, this run has {sorted(self.saes)}"
+            )
+        for name, sae in self.saes.items():
+            saved_cfg = meta["saes"][name]["config"]
+            for key in ("d_in", "d_sae", "architecture", "k"):
+                if saved_cfg[key] != getattr(sae.cfg, key):
+                    raise ValueError(
+                        f"checkpoint SAE {name!r} has {key}={saved_cfg[key]!r}, "
+                        f"this run has {getattr(sae.cfg, key)!r}"
+                    )
+            sae.cfg.dead_tokens = saved_cfg["dead_tokens"]
+            prefix = f"sae/{name}/"
+            sae.load_state_dict(
+                {k[len(prefix) :]: v for k, v in tensors.items() if k.startswith(prefix)}
+            )
+            state: dict[int, dict[str, Any]] = {}
+            oprefix = f"opt/{name}/"
+            for k, v in tensors.items():
+                if k.startswith(oprefix):
+                    idx, key = k[len(oprefix) :].split("/")
+                    state.setdefault(int(idx), {})[key] = v
+            for k, v in meta["saes"][name]["opt_scalars"].items():
+                idx, key = k.split("/")
+                state.setdefault(int(idx), {})[key] = v
+            self.optimizers[name].load_state_dict(
+                {"state": state, "param_groups": meta["saes"][name]["param_groups"]}
+            )
+        self.step = meta["step"]
+        self.tokens = meta["tokens"]
+        self.n_steps = meta["n_steps"]
+        self.scales = {k: float(v) for k, v in meta["scales"].items()}
+        self.history = meta.get("history", [])
+        self.source.load_state_dict(meta["source"])
+        self.generator.set_state(tensors["rng/generator"])
+
+    # ------------------------------------------------------------------ saving
+    def save(self, out_dir: str | Path | None = None) -> dict[str, Path]:
+        """Write each SAE as a SAELens folder (input scale folded in): ``out_dir/<name>``."""
+        from .io import save_sae
+
+        root = Path(out_dir) if out_dir is not None else self.out_dir
+        if root is None:
+            raise ValueError("no output directory given")
+        paths = {}
+        for name, sae in self.saes.items():
+            meta = {"hook_name": self.hookpoints[name], "training_tokens": self.tokens}
+            paths[name] = save_sae(
+                sae, root / name, input_scale=self.scales.get(name, 1.0), metadata=meta
+            )
+        return paths
