@@ -160,6 +160,8 @@ class Trainer:
         }
         self._device = first.W_dec.device
         self._wandb = None
+        self._source_state: dict | None = None  # source position after the last finished step
+        self._stop_requested = False
 
     # ------------------------------------------------------------------ setup
     def _base_lr(self, sae: SAE) -> float:
@@ -201,10 +203,25 @@ class Trainer:
                 f"total_tokens={self.cfg.total_tokens} (use more epochs or fewer tokens)"
             )
 
+    def request_stop(self, *_: Any) -> None:
+        """Stop after the current step, write a checkpoint and raise ``KeyboardInterrupt``
+        (usable as a signal handler; a second request interrupts at once)."""
+        if self._stop_requested:
+            raise KeyboardInterrupt
+        self._stop_requested = True
+
     def fit(self) -> list[dict[str, Any]]:
-        """Train until ``total_tokens``; on ``KeyboardInterrupt`` write a checkpoint (if
-        ``out_dir`` is set) and re-raise. Returns the logged history."""
+        """Train until ``total_tokens``. Ctrl-C (SIGINT) finishes the current step, writes a
+        checkpoint (if ``out_dir`` is set) and raises ``KeyboardInterrupt``; an exception
+        raised inside a step checkpoints the state before that step. Returns the history."""
+        import signal
+        import threading
+
         from tqdm.auto import tqdm
+
+        old_handler = None
+        if threading.current_thread() is threading.main_thread():
+            old_handler = signal.signal(signal.SIGINT, self.request_stop)
 
         cfg = self.cfg
         for sae in self.saes.values():
@@ -219,6 +236,8 @@ class Trainer:
             desc="sae train",
         )
         t0, tok0 = time.perf_counter(), self.tokens
+        if self._source_state is None:
+            self._source_state = self.source.state_dict()
         try:
             for batch in self._batches():
                 if self.tokens >= cfg.total_tokens:
@@ -240,14 +259,20 @@ class Trainer:
                     bar.set_postfix(self._postfix(row))
                 if cfg.eval_every and self.step % cfg.eval_every == 0:
                     self._log(self.evaluate())
+                self._source_state = self.source.state_dict()
                 if cfg.checkpoint_every and self.step % cfg.checkpoint_every == 0:
                     self.checkpoint()
+                if self._stop_requested:
+                    raise KeyboardInterrupt
         except KeyboardInterrupt:
             if self.out_dir is not None:
                 self.checkpoint()
             raise
         finally:
             bar.close()
+            self._stop_requested = False
+            if old_handler is not None:
+                signal.signal(signal.SIGINT, old_handler)
         return self.history
 
     def _train_step(self, batch: dict[str, Tensor]) -> dict[str, Any]:
@@ -348,7 +373,9 @@ class Trainer:
             "tokens": self.tokens,
             "n_steps": self.n_steps,
             "scales": self.scales,
-            "source": self.source.state_dict(),
+            "source": self._source_state
+            if self._source_state is not None
+            else self.source.state_dict(),
             "train_config": asdict(self.cfg),
             "saes": {},
             "history": self.history,
@@ -442,6 +469,7 @@ class Trainer:
         self.scales = {k: float(v) for k, v in meta["scales"].items()}
         self.history = meta.get("history", [])
         self.source.load_state_dict(meta["source"])
+        self._source_state = meta["source"]
         self.generator.set_state(tensors["rng/generator"])
 
     # ------------------------------------------------------------------ saving

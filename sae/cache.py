@@ -1,0 +1,720 @@
+"""On-disk activation cache: what ``sae cache`` writes and ``sae train --cache DIR`` reads.
+
+Layout of a cache directory::
+
+    manifest.json                        what is there (below); the only source of truth
+    <hookpoint>/shard_00000.safetensors  one tensor "activations", shape (rows, d_in)
+    <hookpoint>/shard_00001.safetensors
+    ...
+
+Every hook point has the same shards: row ``i`` of shard ``k`` comes from the same token position
+at every hook point. ``manifest.json`` holds the format name and version, the hook points, ``d_in``
+per hook point, the storage dtype, ``shard_tokens``, the shard list (rows, and per hook point the
+file's path, size and sha256), the total row count, free-form ``metadata`` (model, context size,
+hook info, ...) and ``complete``.
+
+Writes are atomic: each file is written under a temporary name, fsynced and renamed, and the
+manifest is rewritten (the same way) after every shard. A writer that dies leaves a cache whose
+manifest lists only complete shards; :func:`write_cache` with ``resume=True`` continues it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import warnings
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
+
+import safetensors.torch
+import torch
+from safetensors import safe_open
+from torch import Tensor
+from tqdm.auto import tqdm
+
+from sae.data import _BlockShuffledSource, check_finite, massive_mask
+from sparsecode._arrays import check_int
+
+FORMAT = "sparsecode-activation-cache"
+FORMAT_VERSION = 1
+MANIFEST = "manifest.json"
+#: Storage dtypes a cache may use, by the name the manifest records.
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+_TENSOR = "activations"
+_SHARD_RE = re.compile(r"^shard_(\d+)\.safetensors$")
+
+
+# --------------------------------------------------------------------------- small helpers
+def _dtype_name(dtype: torch.dtype) -> str:
+    for name, d in DTYPES.items():
+        if d == dtype:
+            return name
+    raise ValueError(f"cache dtype must be one of torch.{', torch.'.join(DTYPES)}; got {dtype}")
+
+
+def _shard_path(hookpoint: str, index: int) -> str:
+    return f"{hookpoint}/shard_{index:05d}.safetensors"
+
+
+def _check_hookpoint_name(hp: Any) -> None:
+    bad = (
+        not isinstance(hp, str)
+        or hp in ("", ".", "..", MANIFEST)
+        or hp.startswith(".")
+        or any(c in hp for c in "/\\\0")
+    )
+    if bad:
+        raise ValueError(
+            f"hook point name {hp!r} cannot name a cache directory: it must be a non-empty "
+            "string without '/', '\\' or a leading '.'"
+        )
+
+
+def _fsync_dir(path: Path) -> None:
+    if os.name != "posix":
+        return
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _atomic_write(path: Path, data: bytes) -> None:
+    """Write ``data`` to ``path`` via a temporary file, fsync and rename (never half a file)."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    with open(tmp, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    _fsync_dir(path.parent)
+
+
+def _sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 20):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _jsonable(obj: Any, what: str) -> Any:
+    """A JSON round trip of ``obj`` (a deep copy), or a ``TypeError`` naming ``what``."""
+    try:
+        return json.loads(json.dumps(obj))
+    except (TypeError, ValueError) as e:
+        raise TypeError(f"{what} must be JSON-serialisable: {e}") from e
+
+
+def read_manifest(cache_dir: str | os.PathLike) -> dict[str, Any]:
+    """The parsed ``manifest.json`` of a cache, checked for format and version.
+
+    >>> import tempfile
+    >>> d = tempfile.mkdtemp()
+    >>> read_manifest(d)  # doctest: +ELLIPSIS
+    Traceback (most recent call last):
+    ...
+    FileNotFoundError: no activation cache at ...: .../manifest.json does not exist
+    """
+    path = Path(cache_dir) / MANIFEST
+    if not path.is_file():
+        raise FileNotFoundError(f"no activation cache at {cache_dir}: {path} does not exist")
+    try:
+        m = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ValueError(f"{path} is not valid JSON: {e}") from e
+    if not isinstance(m, dict) or m.get("format") != FORMAT:
+        raise ValueError(f"{path} is not the manifest of an activation cache (format != {FORMAT})")
+    if m.get("format_version", 0) > FORMAT_VERSION:
+        raise ValueError(
+            f"{path} has format_version {m['format_version']}; this version of the code reads "
+            f"up to {FORMAT_VERSION} (upgrade the package)"
+        )
+    keys = {"complete", "hookpoints", "d_in", "dtype", "shard_tokens", "total_rows", "shards"}
+    missing = keys - set(m)
+    if missing:
+        raise ValueError(f"{path} lacks the keys {sorted(missing)}")
+    if m["dtype"] not in DTYPES:
+        raise ValueError(f"{path} names an unknown storage dtype {m['dtype']!r}")
+    return m
+
+
+def _file_problem(cache_dir: Path, manifest: dict, index: int, hp: str) -> str | None:
+    """What is wrong with one shard file (missing, size, checksum, header), or None."""
+    info = manifest["shards"][index]["files"][hp]
+    path = cache_dir / info["path"]
+    if not path.is_file():
+        return "is missing"
+    size = path.stat().st_size
+    if size != info["bytes"]:
+        return f"has {size} bytes, the manifest says {info['bytes']}"
+    digest = _sha256_file(path)
+    if digest != info["sha256"]:
+        return f"has sha256 {digest}, the manifest says {info['sha256']}"
+    try:
+        with safe_open(path, framework="pt") as f:
+            if _TENSOR not in f.keys():
+                return f"holds no tensor {_TENSOR!r}"
+            shape = list(f.get_slice(_TENSOR).get_shape())
+    except Exception as e:  # noqa: BLE001 - any parse failure is a damaged shard
+        return f"is not a readable safetensors file ({e})"
+    want = [manifest["shards"][index]["rows"], manifest["d_in"][hp]]
+    if shape != want:
+        return f"holds shape {shape}, the manifest says {want}"
+    return None
+
+
+def verify_cache(cache_dir: str | os.PathLike) -> None:
+    """Check every listed shard file against the manifest (size, sha256, shape); raise if not.
+
+    A missing file raises ``FileNotFoundError``, any other mismatch ``ValueError``; both name the
+    shard. An incomplete cache is checked as far as it goes.
+
+    >>> import tempfile
+    >>> d = write_cache([{"h": torch.ones(3, 2)}], tempfile.mkdtemp(), progress=False)
+    >>> verify_cache(d)
+    """
+    cache_dir = Path(cache_dir)
+    m = read_manifest(cache_dir)
+    for i, shard in enumerate(m["shards"]):
+        for hp in m["hookpoints"]:
+            problem = _file_problem(cache_dir, m, i, hp)
+            if problem is not None:
+                err = FileNotFoundError if problem == "is missing" else ValueError
+                path = shard["files"][hp]["path"]
+                raise err(f"cache at {cache_dir}: shard {path} {problem}")
+    rows = sum(s["rows"] for s in m["shards"])
+    if rows != m["total_rows"]:
+        raise ValueError(
+            f"cache at {cache_dir}: the shards hold {rows} rows, "
+            f"the manifest says {m['total_rows']}"
+        )
+
+
+# --------------------------------------------------------------------------- writing
+def write_cache(
+    batches: Iterable[dict[str, Tensor]],
+    out_dir: str | os.PathLike,
+    *,
+    shard_tokens: int = 65536,
+    dtype: torch.dtype = torch.float32,
+    metadata: dict | None = None,
+    total_tokens: int | None = None,
+    progress: bool = True,
+    resume: bool = True,
+    overwrite: bool = False,
+) -> Path:
+    """Write a stream of activation batches to a sharded on-disk cache; return its directory.
+
+    ``batches`` yields ``dict[hookpoint -> (rows, d_in) tensor]`` (any
+    :class:`~sae.data.ActivationSource`, or a plain iterable); all hook points of a batch must
+    have the same rows. They are stored in ``dtype`` (float32, bfloat16 or float16) in shards of
+    ``shard_tokens`` rows (the last may be shorter), at most ``total_tokens`` rows in all.
+    NaN/inf, or values that overflow float16, raise ``ValueError`` naming the row.
+
+    Resume: a cache whose writer was interrupted is continued when ``resume=True``. Listed
+    shards are kept after checking their checksums (the first damaged one and everything after it
+    are rewritten); temporary and unlisted files are deleted. The rows already stored are then
+    skipped, and ``total_tokens=None`` keeps the target the cache was started with. If
+    ``batches`` has ``state_dict``/``load_state_dict`` (an ActivationSource), the
+    manifest stores its state at each shard boundary and resuming restores that state instead of
+    re-reading the stream from the start (pass a freshly built source, configured as the first
+    time; a state that is not JSON-serialisable falls back to skipping, with a warning);
+    otherwise ``batches`` must yield the same rows in the same order as the first time (a
+    deterministic source, e.g. the same model, text and seed).
+    Either way a resumed cache is byte-identical to one written without interruption.
+
+    A complete cache is not touched unless ``overwrite=True``; resuming a cache written with a
+    different dtype, ``shard_tokens``, hook points, ``d_in`` or ``metadata`` raises.
+
+    >>> import tempfile
+    >>> x = torch.randn(10, 4)
+    >>> d = write_cache([{"h": x[:6]}, {"h": x[6:]}], tempfile.mkdtemp(), shard_tokens=4,
+    ...                 metadata={"model": "toy"}, progress=False)
+    >>> m = read_manifest(d)
+    >>> m["complete"], m["total_rows"], [s["rows"] for s in m["shards"]], m["d_in"]
+    (True, 10, [4, 4, 2], {'h': 4})
+    """
+    check_int("shard_tokens", shard_tokens, 1)
+    dtype_name = _dtype_name(dtype)
+    if total_tokens is not None:
+        check_int("total_tokens", total_tokens, 1)
+    meta = _jsonable(metadata, "metadata") if metadata is not None else None
+    if meta is not None and not isinstance(meta, dict):
+        raise TypeError(f"metadata must be a dict, got {type(metadata).__name__}")
+    out = Path(out_dir)
+    manifest = _prepare(out, dtype_name, shard_tokens, meta, resume=resume, overwrite=overwrite)
+    if manifest is not None and total_tokens is None:
+        total_tokens = manifest.get("total_tokens")  # a resumed write keeps its target
+    if manifest is None:
+        manifest = {
+            "format": FORMAT,
+            "format_version": FORMAT_VERSION,
+            "complete": False,
+            "hookpoints": None,
+            "d_in": None,
+            "dtype": dtype_name,
+            "shard_tokens": shard_tokens,
+            "total_rows": 0,
+            "total_tokens": total_tokens,
+            "metadata": meta if meta is not None else {},
+            "shards": [],
+        }
+    return _Writer(out, manifest, total_tokens, progress).run(batches)
+
+
+def _prepare(
+    out: Path,
+    dtype_name: str,
+    shard_tokens: int,
+    meta: dict | None,
+    *,
+    resume: bool,
+    overwrite: bool,
+) -> dict | None:
+    """Decide between a fresh cache (None) and resuming the existing one (its manifest)."""
+    if (out / MANIFEST).exists():
+        old = read_manifest(out)
+        n, k = old["total_rows"], len(old["shards"])
+        if old["complete"] and not overwrite:
+            raise FileExistsError(
+                f"{out} already holds a complete activation cache ({n} rows); "
+                "pass overwrite=True to replace it"
+            )
+        if not old["complete"] and not resume and not overwrite:
+            raise FileExistsError(
+                f"{out} holds an incomplete activation cache ({n} rows in {k} shards); pass "
+                "resume=True to continue it or overwrite=True to start over"
+            )
+        if old["complete"] or not resume:
+            _remove_cache(out, old)
+            return None
+        _check_agreement(out, old, dtype_name, shard_tokens, meta)
+        _keep_valid_shards(out, old)
+        return old
+    if out.exists() and not out.is_dir():
+        raise NotADirectoryError(f"cache directory {out} exists and is not a directory")
+    if out.exists() and any(out.iterdir()) and not overwrite:
+        raise FileExistsError(
+            f"{out} is not empty and holds no {MANIFEST}; choose a new or empty directory, or "
+            "pass overwrite=True to write into it"
+        )
+    return None
+
+
+def _check_agreement(
+    out: Path, old: dict, dtype_name: str, shard_tokens: int, meta: dict | None
+) -> None:
+    pairs = [("dtype", dtype_name), ("shard_tokens", shard_tokens)]
+    if meta is not None:
+        pairs.append(("metadata", meta))
+    for key, now in pairs:
+        if old[key] != now:
+            raise ValueError(
+                f"cannot resume the cache at {out}: it was written with {key}={old[key]!r}, "
+                f"this call asks for {key}={now!r} (pass the same value, or overwrite=True to "
+                "start over)"
+            )
+
+
+def _keep_valid_shards(out: Path, m: dict) -> None:
+    """Truncate the shard list at the first damaged shard and delete stray files."""
+    for i in range(len(m["shards"])):
+        for hp in m["hookpoints"]:
+            problem = _file_problem(out, m, i, hp)
+            if problem is not None:
+                path = m["shards"][i]["files"][hp]["path"]
+                warnings.warn(
+                    f"resuming {out}: shard {path} {problem}; rewriting from shard {i} on",
+                    stacklevel=3,
+                )
+                del m["shards"][i:]
+                break
+        else:
+            continue
+        break
+    m["total_rows"] = sum(s["rows"] for s in m["shards"])
+    _atomic_write(out / MANIFEST, _manifest_bytes(m))
+    for hp in m["hookpoints"] or []:
+        _clean_dir(out / hp, keep=len(m["shards"]))
+
+
+def _clean_dir(d: Path, keep: int) -> None:
+    """Delete temporary files and shards with index >= ``keep`` from a hook point directory."""
+    if not d.is_dir():
+        return
+    for f in d.iterdir():
+        match = _SHARD_RE.match(f.name)
+        stray_tmp = f.name.startswith(".shard_") and f.name.endswith(".tmp")
+        if stray_tmp or (match is not None and int(match.group(1)) >= keep):
+            f.unlink()
+
+
+def _remove_cache(out: Path, m: dict) -> None:
+    (out / MANIFEST).unlink()
+    for hp in m["hookpoints"] or []:
+        d = out / hp
+        _clean_dir(d, keep=0)
+        if d.is_dir() and not any(d.iterdir()):
+            d.rmdir()
+
+
+def _manifest_bytes(m: dict) -> bytes:
+    return (json.dumps(m, indent=1) + "\n").encode()
+
+
+class _Writer:
+    """One run of :func:`write_cache` (fresh or resumed)."""
+
+    def __init__(self, out: Path, manifest: dict, total_tokens: int | None, progress: bool):
+        self.out = out
+        self.m = manifest
+        self.total = total_tokens
+        self.progress = progress
+        self.storage = DTYPES[manifest["dtype"]]
+        self.shard_tokens = manifest["shard_tokens"]
+        self.buffer: dict[str, list[Tensor]] = {}
+        self.buffered = 0
+
+    @property
+    def rows_done(self) -> int:
+        return self.m["total_rows"]
+
+    def run(self, batches: Iterable[dict[str, Tensor]]) -> Path:
+        resumable = callable(getattr(batches, "state_dict", None)) and callable(
+            getattr(batches, "load_state_dict", None)
+        )
+        # Where the stream starts: restore the source's state at the last shard boundary when
+        # the manifest has one, else re-read from the start and skip the stored rows.
+        pos, skip = 0, self.rows_done
+        record = self.m["shards"][-1].get("resume") if self.m["shards"] else None
+        if resumable and record is not None:
+            batches.load_state_dict(record["state"])  # type: ignore[attr-defined]
+            pos = record["rows_at_state"]
+            skip = self.rows_done - pos
+        if self.total is not None:
+            if self.rows_done > self.total:
+                raise ValueError(
+                    f"the cache at {self.out} already holds {self.rows_done} rows, more than "
+                    f"total_tokens={self.total}"
+                )
+            self.m["total_tokens"] = self.total
+        anchor = self._snapshot(batches, pos) if resumable else None
+        bar = tqdm(
+            total=self.total,
+            initial=self.rows_done,
+            unit="tok",
+            unit_scale=True,
+            disable=not self.progress,
+            desc=f"caching to {self.out.name}",
+        )
+        try:
+            for batch in batches if self.rows_done != self.total else ():
+                n = self._check_structure(batch, pos)
+                prev = anchor
+                if anchor is not None:
+                    anchor = self._snapshot(batches, pos + n)
+                lo = min(skip, n)
+                skip -= lo
+                stored = self.rows_done + self.buffered
+                room = n - lo if self.total is None else max(0, self.total - stored)
+                hi = lo + min(n - lo, room)
+                if hi > lo:
+                    self._append(batch, lo, hi, stored)
+                    bar.update(hi - lo)
+                while self.buffered >= self.shard_tokens:
+                    end = self.rows_done + self.shard_tokens
+                    rec = anchor if anchor is not None and anchor[1] == end else prev
+                    self._write_shard(self.shard_tokens, rec)
+                    bar.set_postfix(shards=len(self.m["shards"]), refresh=False)
+                pos += n
+                if self.total is not None and self.rows_done + self.buffered >= self.total:
+                    break
+        finally:
+            bar.close()
+        if skip > 0:
+            raise ValueError(
+                f"the batch source ended after {pos} rows but the cache at {self.out} already "
+                f"holds {self.rows_done}: it is not the source the cache was written from "
+                "(resuming needs the same deterministic source)"
+            )
+        if self.m["hookpoints"] is None:
+            raise ValueError("the batch source yielded no batches: nothing to cache")
+        if self.buffered:
+            self._write_shard(self.buffered, None)
+        if self.total is not None and self.rows_done < self.total:
+            warnings.warn(
+                f"the batch source ended after {self.rows_done} rows, before "
+                f"total_tokens={self.total}",
+                stacklevel=3,
+            )
+        self.m["complete"] = True
+        _atomic_write(self.out / MANIFEST, _manifest_bytes(self.m))
+        return self.out
+
+    def _snapshot(self, batches: Any, pos: int) -> tuple[dict, int] | None:
+        """The source's state at stream row ``pos``, as JSON data (None: not serialisable)."""
+        try:
+            return _jsonable(batches.state_dict(), "state"), pos
+        except TypeError:
+            warnings.warn(
+                "the batch source's state_dict() is not JSON-serialisable; a resumed write "
+                "will re-read the source from the start",
+                stacklevel=4,
+            )
+            return None
+
+    def _check_structure(self, batch: Any, pos: int) -> int:
+        """Check a batch's hook points and shapes; set up the cache on the first batch."""
+        if not isinstance(batch, dict) or not batch:
+            raise TypeError(
+                "batches must be non-empty dicts of hookpoint -> tensor, "
+                f"got {type(batch).__name__}"
+            )
+        for hp, t in batch.items():
+            if not isinstance(t, Tensor):
+                raise TypeError(f"hook point {hp!r}: expected a torch tensor, got {type(t)}")
+            if t.dim() != 2:
+                raise ValueError(
+                    f"hook point {hp!r}: expected a 2-D (rows, d_in) tensor, got shape "
+                    f"{tuple(t.shape)}"
+                )
+            if not t.is_floating_point():
+                raise ValueError(f"hook point {hp!r}: expected floating point, got {t.dtype}")
+        rows = {hp: t.shape[0] for hp, t in batch.items()}
+        if len(set(rows.values())) != 1:
+            raise ValueError(f"hook points of one batch must have the same rows, got {rows}")
+        if self.m["hookpoints"] is None:
+            for hp in batch:
+                _check_hookpoint_name(hp)
+            self.m["hookpoints"] = list(batch)
+            self.m["d_in"] = {hp: int(t.shape[1]) for hp, t in batch.items()}
+            self.out.mkdir(parents=True, exist_ok=True)
+            for hp in batch:
+                (self.out / hp).mkdir(exist_ok=True)
+                _clean_dir(self.out / hp, keep=0)
+            _atomic_write(self.out / MANIFEST, _manifest_bytes(self.m))
+        if set(batch) != set(self.m["hookpoints"]):
+            raise ValueError(
+                f"batch at row {pos} has hook points {sorted(batch)}, the cache at {self.out} "
+                f"has {sorted(self.m['hookpoints'])}"
+            )
+        for hp, t in batch.items():
+            if t.shape[1] != self.m["d_in"][hp]:
+                raise ValueError(
+                    f"batch at row {pos}: hook point {hp!r} has d_in={t.shape[1]}, the cache "
+                    f"at {self.out} has d_in={self.m['d_in'][hp]}"
+                )
+        return next(iter(rows.values()))
+
+    def _append(self, batch: dict[str, Tensor], lo: int, hi: int, row: int) -> None:
+        for hp in self.m["hookpoints"]:
+            x = batch[hp][lo:hi].detach()
+            check_finite(x, f"activations at hook point {hp!r}", row_offset=row)
+            y = x.to(device="cpu", dtype=self.storage)
+            if self.storage == torch.float16:
+                try:
+                    check_finite(
+                        y, f"activations at hook point {hp!r} cast to float16", row_offset=row
+                    )
+                except ValueError as e:
+                    raise ValueError(
+                        f"{e}: the value exceeds the float16 range (65504); write the cache with "
+                        "dtype=torch.bfloat16 or torch.float32"
+                    ) from None
+            self.buffer.setdefault(hp, []).append(y)
+        self.buffered += hi - lo
+
+    def _write_shard(self, rows: int, record: tuple[dict, int] | None) -> None:
+        """Write the first ``rows`` buffered rows as the next shard, then the manifest."""
+        index = len(self.m["shards"])
+        files = {}
+        for hp in self.m["hookpoints"]:
+            x = torch.cat(self.buffer[hp]) if len(self.buffer[hp]) > 1 else self.buffer[hp][0]
+            shard, rest = x[:rows].contiguous(), x[rows:]
+            self.buffer[hp] = [rest] if len(rest) else []
+            data = safetensors.torch.save({_TENSOR: shard})
+            rel = _shard_path(hp, index)
+            (self.out / hp).mkdir(parents=True, exist_ok=True)
+            _atomic_write(self.out / rel, data)
+            files[hp] = {
+                "path": rel,
+                "bytes": len(data),
+                "sha256": hashlib.sha256(data).hexdigest(),
+            }
+        self.buffered -= rows
+        resume = None if record is None else {"state": record[0], "rows_at_state": record[1]}
+        self.m["shards"].append({"rows": rows, "files": files, "resume": resume})
+        self.m["total_rows"] += rows
+        _atomic_write(self.out / MANIFEST, _manifest_bytes(self.m))
+
+
+# --------------------------------------------------------------------------- reading
+class CachedActivations(_BlockShuffledSource):
+    """Batches read from a cache written by :func:`write_cache` (an ActivationSource).
+
+    Shuffle scheme (bounded memory): each epoch permutes the shard order with a generator seeded
+    by ``(seed, epoch)``, reads the shards ``window_shards`` at a time and shuffles the rows within
+    each window with a generator seeded by ``(seed, epoch, window)``; batches are cut from that
+    stream (dropping the last partial batch of the epoch). Memory is about ``window_shards *
+    shard_tokens * sum(d_in) * itemsize`` (twice that while a window is assembled). All hook
+    points of a batch come from the same token positions. ``shuffle=False`` reads in order.
+
+    ``holdout=N`` reserves the cache's last ``N`` rows, returned by :meth:`heldout`.
+    ``verify=True`` checks each shard file's sha256 against the manifest before its first use
+    (:func:`verify_cache` checks a whole cache up front). ``massive_factor`` drops positions
+    whose norm at any selected hook point exceeds that factor times the median of the first
+    shard (see :func:`sae.data.drop_massive`). Batches are ``dtype`` on ``device``; a
+    bfloat16/float16 cache read with the same dtype is bit-exact. One iterator at a time:
+    iteration continues from the current position (and starts over once the source is
+    exhausted); ``state_dict``/``load_state_dict`` resume exactly.
+
+    >>> import tempfile
+    >>> x = torch.arange(24.0).reshape(12, 2)
+    >>> d = write_cache([{"h": x}], tempfile.mkdtemp(), shard_tokens=5, progress=False)
+    >>> src = CachedActivations(d, batch_size=4, holdout=2)
+    >>> len(src), src.d_in
+    (2, {'h': 2})
+    >>> rows = torch.cat([b["h"] for b in src])[:, 0]  # 8 of the 10 training rows, shuffled
+    >>> len(rows), len(set(rows.tolist())), bool((rows < 20).all())
+    (8, 8, True)
+    >>> src.heldout()["h"][:, 0].tolist()
+    [20.0, 22.0]
+    """
+
+    def __init__(
+        self,
+        cache_dir: str | os.PathLike,
+        *,
+        batch_size: int = 4096,
+        hookpoints: list[str] | str | None = None,
+        seed: int = 0,
+        epochs: int | None = 1,
+        shuffle: bool = True,
+        holdout: int = 0,
+        verify: bool = False,
+        dtype: torch.dtype = torch.float32,
+        device: str | torch.device = "cpu",
+        window_shards: int = 2,
+        massive_factor: float | None = None,
+        allow_incomplete: bool = False,
+    ) -> None:
+        self.cache_dir = Path(cache_dir)
+        m = read_manifest(self.cache_dir)
+        if not m["complete"] and not allow_incomplete:
+            raise ValueError(
+                f"the cache at {self.cache_dir} is incomplete ({m['total_rows']} rows; its writer "
+                "was interrupted): finish it with write_cache(..., resume=True), or pass "
+                "allow_incomplete=True to read the shards written so far"
+            )
+        if hookpoints is None:
+            hps = list(m["hookpoints"])
+        else:
+            hps = [hookpoints] if isinstance(hookpoints, str) else list(hookpoints)
+        unknown = [hp for hp in hps if hp not in m["hookpoints"]]
+        if unknown or not hps or len(set(hps)) != len(hps):
+            raise ValueError(
+                f"hookpoints={hps} must be distinct hook points of the cache at "
+                f"{self.cache_dir}, which holds {m['hookpoints']}"
+                + (f" (not there: {unknown})" if unknown else "")
+            )
+        check_int("holdout", holdout, 0)
+        check_int("window_shards", window_shards, 1)
+        n = sum(s["rows"] for s in m["shards"])
+        if holdout >= n:
+            raise ValueError(
+                f"holdout={holdout} leaves no training rows: the cache at {self.cache_dir} "
+                f"holds {n} rows"
+            )
+        self.manifest = m
+        self.metadata: dict = m.get("metadata", {})
+        self.hookpoints = hps
+        self.d_in: dict[str, int] = {hp: int(m["d_in"][hp]) for hp in hps}
+        self.storage_dtype = DTYPES[m["dtype"]]
+        self.n_rows = n
+        self.holdout = holdout
+        self.n_train = n - holdout
+        self.verify = bool(verify)
+        self._verified: set[tuple[int, str]] = set()
+        self._starts = [0]
+        for s in m["shards"]:
+            self._starts.append(self._starts[-1] + s["rows"])
+        self._units = [i for i in range(len(m["shards"])) if self._starts[i] < self.n_train]
+        self._unit_rows = [
+            min(m["shards"][i]["rows"], self.n_train - self._starts[i]) for i in self._units
+        ]
+        self._setup(
+            batch_size=batch_size,
+            seed=seed,
+            epochs=epochs,
+            shuffle=shuffle,
+            group=window_shards,
+            massive_factor=massive_factor,
+            dtype=dtype,
+            device=device,
+        )
+
+    def _load_shard(self, index: int, hp: str) -> Tensor:
+        shard = self.manifest["shards"][index]
+        info = shard["files"][hp]
+        path = self.cache_dir / info["path"]
+        if not path.is_file():
+            raise FileNotFoundError(
+                f"shard {info['path']} listed in the manifest of {self.cache_dir} is missing"
+            )
+        if self.verify and (index, hp) not in self._verified:
+            data = path.read_bytes()
+            digest = hashlib.sha256(data).hexdigest()
+            if digest != info["sha256"]:
+                raise ValueError(
+                    f"shard {info['path']} of the cache at {self.cache_dir} is corrupt: its "
+                    f"sha256 is {digest}, the manifest says {info['sha256']}"
+                )
+            tensors = safetensors.torch.load(data)
+            self._verified.add((index, hp))
+        else:
+            tensors = safetensors.torch.load_file(path)
+        x = tensors.get(_TENSOR)
+        want = (shard["rows"], self.d_in[hp])
+        if x is None or tuple(x.shape) != want or x.dtype != self.storage_dtype:
+            got = "no tensor" if x is None else f"{tuple(x.shape)} {x.dtype}"
+            raise ValueError(
+                f"shard {info['path']} of the cache at {self.cache_dir} holds {got}, the "
+                f"manifest says {want} {self.storage_dtype} in {_TENSOR!r}"
+            )
+        return x
+
+    def _read_unit(self, unit: int) -> dict[str, Tensor]:
+        index, rows = self._units[unit], self._unit_rows[unit]
+        return {hp: self._load_shard(index, hp)[:rows] for hp in self.hookpoints}
+
+    def heldout(self) -> dict[str, Tensor]:
+        """The cache's last ``holdout`` rows per hook point (massive rows dropped if filtering)."""
+        if self.holdout == 0:
+            raise ValueError("no rows are held out: construct the source with holdout=N")
+        parts: dict[str, list[Tensor]] = {hp: [] for hp in self.hookpoints}
+        for i, s in enumerate(self.manifest["shards"]):
+            lo = max(self.n_train - self._starts[i], 0)
+            if lo >= s["rows"]:
+                continue
+            for hp in self.hookpoints:
+                parts[hp].append(self._load_shard(i, hp)[lo:])
+        out = {hp: torch.cat(p) for hp, p in parts.items()}
+        if self.massive_factor is not None:
+            assert self.massive_median is not None
+            keep = None
+            for hp, x in out.items():
+                k = massive_mask(x, self.massive_factor, self.massive_median[hp])
+                keep = k if keep is None else keep & k
+            out = {hp: x[keep] for hp, x in out.items()}
+        return {hp: x.to(device=self.device, dtype=self.dtype) for hp, x in out.items()}
+
+    def __repr__(self) -> str:
+        return (
+            f"CachedActivations({str(self.cache_dir)!r}, rows={self.n_rows}, "
+            f"hookpoints={self.hookpoints}, batch_size={self.batch_size}, holdout={self.holdout})"
+        )

@@ -1,0 +1,411 @@
+"""The ``sae`` command: ``sae train``, ``sae eval``, ``sae cache``.
+
+``sae train`` with no arguments trains a TopK SAE on a middle residual-stream layer of the
+built-in SmolLM2-135M over the built-in text. ``--activations FILE.npy`` or ``--cache DIR``
+train from stored activations instead. Run ``sae train --help`` for every flag.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import signal
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .data import MASSIVE_FACTOR
+from .models import ARCHITECTURES, SAE, SAEConfig
+
+RUN_DIR = "runs/sae"
+
+
+# ---------------------------------------------------------------------------------------------
+# helpers
+# ---------------------------------------------------------------------------------------------
+
+
+def _device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def _cpu_has_bf16() -> bool:
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    return "amx_bf16" in flags or "avx512_bf16" in flags
+
+
+def _matmul_dtype(name: str, device: torch.device) -> str:
+    """``auto``: bfloat16 where the hardware multiplies it natively (CUDA, AMX / AVX512-BF16
+    CPUs), float32 elsewhere."""
+    if name != "auto":
+        return name
+    if device.type == "cuda" or (device.type == "cpu" and _cpu_has_bf16()):
+        return "bfloat16"
+    return "float32"
+
+
+def _check_writable(path: Path) -> None:
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        probe = path / ".write-test"
+        probe.write_text("")
+        probe.unlink()
+    except OSError as e:
+        raise SystemExit(f"error: cannot write to output directory {path}: {e.strerror}") from e
+
+
+def _split_list(text: str, kind=str) -> list:
+    return [kind(v) for v in str(text).split(",") if v != ""]
+
+
+def _sae_configs(args: argparse.Namespace, d_in: int, hook: str) -> dict[str, SAEConfig]:
+    archs = _split_list(args.arch)
+    ks = _split_list(args.k, int)
+    for a in archs:
+        if a not in ARCHITECTURES:
+            raise SystemExit(
+                f"error: unknown architecture {a!r}; known architectures: "
+                f"{', '.join(ARCHITECTURES)}"
+            )
+    d_sae = args.d_sae or args.expansion_factor * d_in
+    configs = {}
+    for a in archs:
+        for k in ks:
+            name = a if len(archs) * len(ks) == 1 else f"{a}-k{k}"
+            extra: dict[str, Any] = {}
+            if a == "relu":
+                extra["l1_coefficient"] = args.l1_coefficient
+            try:
+                configs[name] = SAEConfig(
+                    d_in=d_in,
+                    d_sae=d_sae,
+                    architecture=a,
+                    k=k,
+                    aux_coefficient=args.aux_coefficient,
+                    metadata={"hook_name": hook},
+                    **extra,
+                )
+            except ValueError as e:
+                raise SystemExit(f"error: {e}") from e
+    return configs
+
+
+# ---------------------------------------------------------------------------------------------
+# sources
+# ---------------------------------------------------------------------------------------------
+
+
+def _array_source(args, seed: int):
+    from .data import ArrayActivations
+
+    path = Path(args.activations)
+    if not path.exists():
+        raise SystemExit(f"error: activations file not found: {path}")
+    n = ArrayActivations(path, batch_size=1).n_rows
+    holdout = min(args.holdout, max(n // 10, 1))
+    src = ArrayActivations(
+        path, batch_size=args.batch_size, holdout=holdout, seed=seed, epochs=None
+    )
+    return src, {src.hookpoints[0]: src.heldout()}, {"source": str(path)}
+
+
+def _cache_source(args, seed: int):
+    from .cache import CachedActivations
+
+    src = CachedActivations(
+        args.cache, batch_size=args.batch_size, seed=seed, epochs=None, holdout=args.holdout
+    )
+    return src, src.heldout(), {"source": str(args.cache), **src.metadata}
+
+
+#: Live activations whose total size is below this are computed once and kept in memory.
+MATERIALIZE_BYTES = 4 * 2**30
+
+
+def _collect(src, hook: str) -> torch.Tensor:
+    return torch.cat([b[hook] for b in src])
+
+
+def _live_source(args, seed: int, device: torch.device):
+    """Activations of ``--model`` at ``--hookpoint`` over the training text.
+
+    When all the training text's activations fit in memory (``MATERIALIZE_BYTES``), they are
+    computed once (one model pass) and the SAE trains for several epochs over them; otherwise
+    they stream live through a shuffle buffer, one model pass per epoch."""
+    from . import lm, text
+    from .data import ArrayActivations
+
+    t0 = time.perf_counter()
+    model, tokenizer = lm.load_model(args.model, device=device)
+    hook = args.hookpoint or lm.default_hookpoint(model)
+    texts = text.load_texts(args.dataset or args.text)
+    train_texts, held_texts = text.split_texts(texts, holdout_fraction=0.1, seed=0)
+    tokens = text.pack_tokens(tokenizer, train_texts, context_size=args.context_size)
+    held_tokens = text.pack_tokens(tokenizer, held_texts, context_size=args.context_size)
+    d_in = lm.hidden_size(model, hook)
+    print(
+        f"model {args.model} loaded in {time.perf_counter() - t0:.0f} s; hook point {hook} "
+        f"(d_in={d_in}); {tokens.numel()} training and {held_tokens.numel()} held-out tokens",
+        file=sys.stderr,
+    )
+    live = dict(seed=seed, device=device, progress=not args.no_progress)
+    held = lm.LiveActivations(
+        model, held_tokens, [hook], batch_size=args.batch_size, epochs=1, drop_last=False, **live
+    )
+    heldout = {hook: _collect(held, hook)[: args.holdout]}
+    if tokens.numel() * d_in * 4 <= MATERIALIZE_BYTES:
+        once = lm.LiveActivations(
+            model, tokens, [hook], batch_size=args.batch_size, epochs=1, drop_last=False, **live
+        )
+        acts = _collect(once, hook)
+        src = ArrayActivations(
+            acts, batch_size=args.batch_size, hookpoint=hook, seed=seed, epochs=None
+        )
+    else:
+        epochs = max(1, math.ceil(args.tokens / max(tokens.numel(), 1)))
+        src = lm.LiveActivations(
+            model, tokens, [hook], batch_size=args.batch_size, epochs=epochs, **live
+        )
+    info = {
+        "model_name": args.model,
+        "hook_name": hook,
+        "context_size": args.context_size,
+        "dataset": args.dataset or args.text,
+        "prepend_bos": True,
+        "drop_bos": True,
+        "massive_factor": MASSIVE_FACTOR,
+    }
+    return src, heldout, info
+
+
+# ---------------------------------------------------------------------------------------------
+# commands
+# ---------------------------------------------------------------------------------------------
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from .train import TrainConfig, Trainer
+
+    out = Path(args.out)
+    _check_writable(out)
+    device = _device(args.device)
+    torch.manual_seed(args.seed)
+    if args.activations:
+        src, heldout, info = _array_source(args, args.seed)
+    elif args.cache:
+        src, heldout, info = _cache_source(args, args.seed)
+    else:
+        src, heldout, info = _live_source(args, args.seed, device)
+    hook = src.hookpoints[0]
+    d_in = int(heldout[hook].shape[1])
+    configs = _sae_configs(args, d_in, hook)
+    gen = torch.Generator().manual_seed(args.seed)
+    saes = {}
+    for name, c in configs.items():
+        c.metadata.update(info)
+        saes[name] = SAE(c, generator=gen).to(device)
+    cfg = TrainConfig(
+        total_tokens=args.tokens,
+        lr=args.lr,
+        matmul_dtype=_matmul_dtype(args.matmul_dtype, device),
+        checkpoint_every=args.checkpoint_every,
+        eval_every=args.eval_every,
+        seed=args.seed,
+        progress=not args.no_progress,
+        wandb=args.wandb,
+        wandb_project=args.wandb_project,
+    )
+    trainer = Trainer(saes, src, cfg, out_dir=out, heldout=heldout)
+    if args.resume:
+        ckpt = out / "checkpoint"
+        if not (ckpt / "trainer.json").exists():
+            raise SystemExit(f"error: --resume given but there is no checkpoint in {ckpt}")
+        trainer.resume(ckpt)
+        print(f"resumed from {ckpt} at step {trainer.step} ({trainer.tokens} tokens)")
+
+    old = signal.signal(signal.SIGTERM, trainer.request_stop)
+    t0 = time.perf_counter()
+    try:
+        trainer.fit()
+    except KeyboardInterrupt:
+        print(
+            f"\ninterrupted at step {trainer.step}; checkpoint written to {out / 'checkpoint'}; "
+            f"continue with the same command and --resume",
+            file=sys.stderr,
+        )
+        return 130
+    finally:
+        signal.signal(signal.SIGTERM, old)
+        trainer.close()
+    elapsed = time.perf_counter() - t0
+    paths = trainer.save(out)
+    results = trainer.evaluate()
+    summary: dict[str, Any] = {}
+    for name in saes:
+        m = {k.split("/heldout/")[1]: v for k, v in results.items() if k.startswith(f"{name}/")}
+        m["tokens_per_s"] = trainer.tokens / max(elapsed, 1e-9) if not args.resume else None
+        m["train_tokens"] = trainer.tokens
+        m["train_seconds"] = elapsed
+        m["path"] = str(paths[name])
+        summary[name] = m
+        (paths[name] / "metrics.json").write_text(json.dumps(m, indent=1))
+    (out / "metrics.json").write_text(json.dumps(summary, indent=1))
+    ckpt = out / "checkpoint"
+    if ckpt.exists() and not args.keep_checkpoint:
+        import shutil
+
+        shutil.rmtree(ckpt)
+    for name, m in summary.items():
+        print(
+            f"{name}: fvu={m['fvu']:.4f} l0={m['l0']:.1f} dead={100 * m['dead_fraction']:.2f}% "
+            f"-> {m['path']}"
+        )
+    print(f"metrics: {out / 'metrics.json'}")
+    return 0
+
+
+def _sae_folders(path: Path) -> dict[str, Path]:
+    if (path / "cfg.json").exists():
+        return {path.name: path}
+    found = {p.parent.name: p.parent for p in sorted(path.glob("*/cfg.json"))}
+    if not found:
+        raise SystemExit(f"error: no SAE folder (cfg.json) in {path}")
+    return found
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    from . import metrics
+    from .data import ArrayActivations
+    from .io import load
+
+    path = Path(args.run)
+    if not path.exists():
+        raise SystemExit(f"error: no such run folder: {path}")
+    folders = _sae_folders(path)
+    device = _device(args.device)
+    src = ArrayActivations(args.activations, batch_size=args.batch_size, shuffle=False)
+    x = torch.cat([b[src.hookpoints[0]] for b in src]).to(device)
+    if args.max_tokens:
+        x = x[: args.max_tokens]
+    results = {}
+    for name, folder in folders.items():
+        sae = load(folder).to(device)
+        if x.shape[1] != sae.cfg.d_in:
+            raise SystemExit(
+                f"error: activations have d_in={x.shape[1]} but SAE {folder} expects "
+                f"d_in={sae.cfg.d_in}"
+            )
+        results[name] = metrics.evaluate(sae, x)
+    if args.json:
+        print(json.dumps(results))
+    else:
+        for name, m in results.items():
+            print(name, " ".join(f"{k}={v:.4g}" for k, v in m.items()))
+    return 0
+
+
+def cmd_cache(args: argparse.Namespace) -> int:
+    from . import lm, text
+    from .cache import write_cache
+
+    device = _device(args.device)
+    model, tokenizer = lm.load_model(args.model, device=device)
+    hooks = _split_list(args.hookpoint) if args.hookpoint else [lm.default_hookpoint(model)]
+    texts = text.load_texts(args.dataset or args.text)
+    tokens = text.pack_tokens(tokenizer, texts, context_size=args.context_size)
+    src = lm.LiveActivations(model, tokens, hooks, batch_size=args.shard_tokens, seed=args.seed,
+                             device=device)
+    meta = {"model_name": args.model, "context_size": args.context_size,
+            "dataset": args.dataset or args.text}
+    out = write_cache(src, args.out, shard_tokens=args.shard_tokens, metadata=meta,
+                      total_tokens=args.tokens, progress=not args.no_progress)
+    print(f"cache written to {out}")
+    return 0
+
+
+# ---------------------------------------------------------------------------------------------
+# parser
+# ---------------------------------------------------------------------------------------------
+
+
+def _add_source(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("data")
+    g.add_argument("--model", default="smollm2",
+                   help="'smollm2' (built-in SmolLM2-135M), a local folder or a Hugging Face id")
+    g.add_argument("--hookpoint", default=None,
+                   help="module path, e.g. model.layers.15 (default: the middle layer)")
+    g.add_argument("--text", default="builtin",
+                   help="'builtin' (Python's own docs), a .txt file or a folder of them")
+    g.add_argument("--dataset", default=None, help="a Hugging Face dataset name (if installed)")
+    g.add_argument("--context-size", type=int, default=128)
+    g.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1 ...")
+    g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--no-progress", action="store_true")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="sae", description=__doc__.split("\n\n")[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    t = sub.add_parser("train", help="train SAEs", description=cmd_train.__doc__)
+    _add_source(t)
+    t.add_argument("--activations", default=None, help="train from an (N, d_in) .npy array")
+    t.add_argument("--cache", default=None, help="train from a cache written by `sae cache`")
+    t.add_argument("--arch", default="topk",
+                   help=f"architecture(s), comma-separated: {', '.join(ARCHITECTURES)}")
+    t.add_argument("--k", default="32", help="active latents per token (comma list allowed)")
+    t.add_argument("--d-sae", type=int, default=None, help="number of latents")
+    t.add_argument("--expansion-factor", type=int, default=16,
+                   help="d_sae = expansion_factor * d_in when --d-sae is not given")
+    t.add_argument("--l1-coefficient", type=float, default=5.0, help="relu only")
+    t.add_argument("--aux-coefficient", type=float, default=1 / 32)
+    t.add_argument("--batch-size", type=int, default=4096)
+    t.add_argument("--tokens", type=int, default=2_000_000)
+    t.add_argument("--lr", type=float, default=None, help="default: 2e-4 / sqrt(d_sae / 2^14)")
+    t.add_argument("--matmul-dtype", default="auto", choices=["auto", "float32", "bfloat16"])
+    t.add_argument("--holdout", type=int, default=16384, help="held-out tokens for metrics")
+    t.add_argument("--eval-every", type=int, default=0)
+    t.add_argument("--checkpoint-every", type=int, default=100, help="steps (0: only on ^C)")
+    t.add_argument("--keep-checkpoint", action="store_true")
+    t.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint")
+    t.add_argument("--wandb", action="store_true", help="log to Weights & Biases")
+    t.add_argument("--wandb-project", default="sae")
+    t.add_argument("--out", default=RUN_DIR, help=f"run folder (default {RUN_DIR})")
+    t.set_defaults(func=cmd_train)
+
+    e = sub.add_parser("eval", help="metrics of saved SAEs on activations")
+    e.add_argument("run", help="a run folder or one SAE folder")
+    e.add_argument("--activations", required=True, help="(N, d_in) .npy array")
+    e.add_argument("--batch-size", type=int, default=8192)
+    e.add_argument("--max-tokens", type=int, default=0)
+    e.add_argument("--device", default="auto")
+    e.add_argument("--json", action="store_true", help="print one JSON object")
+    e.set_defaults(func=cmd_eval)
+
+    c = sub.add_parser("cache", help="write model activations to a sharded on-disk cache")
+    _add_source(c)
+    c.add_argument("--tokens", type=int, default=1_000_000)
+    c.add_argument("--shard-tokens", type=int, default=65536)
+    c.add_argument("--out", required=True)
+    c.set_defaults(func=cmd_cache)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    return int(args.func(args) or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
