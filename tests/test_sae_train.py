@@ -18,11 +18,16 @@ def planted():
 
 
 def _train(arch, X, tokens=300_000, **kw):
-    sae = SAE(SAEConfig(d_in=D_IN, d_sae=128, architecture=arch, k=L0, **kw),
-              generator=torch.Generator().manual_seed(0))
+    sae = SAE(
+        SAEConfig(d_in=D_IN, d_sae=128, architecture=arch, k=L0, **kw),
+        generator=torch.Generator().manual_seed(0),
+    )
     src = ArrayActivations(X, batch_size=256, epochs=100, seed=0)
-    trainer = Trainer({arch: sae}, src, TrainConfig(total_tokens=tokens, lr=3e-3,
-                                                    b_dec_init="mean", progress=False))
+    trainer = Trainer(
+        {arch: sae},
+        src,
+        TrainConfig(total_tokens=tokens, lr=3e-3, b_dec_init="mean", progress=False),
+    )
     trainer.fit()
     return sae, trainer
 
@@ -67,7 +72,7 @@ def test_matryoshka_prefixes_improve_with_size(planted):
     for hi in (8, 16, 32, 64, 128):
         xh = z[:, :hi] @ sae.W_dec[:hi].detach() + sae.b_dec.detach()
         errs.append(float((x - xh).pow(2).sum(-1).mean()))
-    assert all(a > b for a, b in zip(errs, errs[1:])), errs
+    assert all(a > b for a, b in zip(errs, errs[1:], strict=False)), errs
 
 
 def test_auxk_trains_only_dead_latents_on_the_residual(planted):
@@ -75,8 +80,10 @@ def test_auxk_trains_only_dead_latents_on_the_residual(planted):
     x = X[:512]
     grads = {}
     for coef in (1 / 32, 0.0):
-        sae = SAE(SAEConfig(d_in=D_IN, d_sae=128, k=L0, dead_tokens=100, aux_coefficient=coef),
-                  generator=torch.Generator().manual_seed(0))
+        sae = SAE(
+            SAEConfig(d_in=D_IN, d_sae=128, k=L0, dead_tokens=100, aux_coefficient=coef),
+            generator=torch.Generator().manual_seed(0),
+        )
         dead = torch.zeros(128, dtype=torch.bool)
         dead[64:] = True
         sae.tokens_since_fired[dead] = 1000
@@ -93,8 +100,12 @@ def test_auxk_trains_only_dead_latents_on_the_residual(planted):
 
 
 def _run(X, steps, ckpt_at=None, tmp_path=None, arch="matryoshka"):
-    sae = SAE(SAEConfig(d_in=D_IN, d_sae=64, architecture=arch, k=L0, random_prefixes=True,
-                        dead_tokens=500), generator=torch.Generator().manual_seed(0))
+    sae = SAE(
+        SAEConfig(
+            d_in=D_IN, d_sae=64, architecture=arch, k=L0, random_prefixes=True, dead_tokens=500
+        ),
+        generator=torch.Generator().manual_seed(0),
+    )
     src = ArrayActivations(X, batch_size=128, epochs=10, seed=3)
     cfg = TrainConfig(total_tokens=128 * steps, progress=False, log_every=1)
     return Trainer({"a": sae}, src, cfg, out_dir=tmp_path), sae
@@ -125,7 +136,9 @@ def test_exact_resume(planted, tmp_path):
     resumed.resume()
     assert resumed.step == 13
     resumed.fit()
-    for (name, a), b in zip(sae_full.state_dict().items(), sae_res.state_dict().values()):
+    for (name, a), b in zip(
+        sae_full.state_dict().items(), sae_res.state_dict().values(), strict=True
+    ):
         assert torch.equal(a, b), name
     assert resumed.tokens == full.tokens
 
@@ -143,8 +156,11 @@ def test_resume_rejects_other_config(planted, tmp_path):
 def test_several_saes_side_by_side_see_the_same_batches(planted):
     X = planted[0][:4000]
     saes = {f"k{k}": SAE(SAEConfig(d_in=D_IN, d_sae=64, k=k)) for k in (2, 8)}
-    trainer = Trainer(saes, ArrayActivations(X, batch_size=500, epochs=2),
-                      TrainConfig(total_tokens=8000, progress=False, log_every=1))
+    trainer = Trainer(
+        saes,
+        ArrayActivations(X, batch_size=500, epochs=2),
+        TrainConfig(total_tokens=8000, progress=False, log_every=1),
+    )
     hist = trainer.fit()
     assert len(hist) == 16
     assert hist[-1]["k8/fvu"] < hist[-1]["k2/fvu"]  # more latents per token reconstruct better
@@ -154,8 +170,11 @@ def test_several_saes_side_by_side_see_the_same_batches(planted):
 def test_input_scale_and_geometric_median():
     x = torch.randn(1000, 8) * 30 + 5
     sae = SAE(SAEConfig(d_in=8, d_sae=16, k=2))
-    t = Trainer({"s": sae}, ArrayActivations(x, batch_size=1000),
-                TrainConfig(total_tokens=1000, progress=False))
+    t = Trainer(
+        {"s": sae},
+        ArrayActivations(x, batch_size=1000),
+        TrainConfig(total_tokens=1000, progress=False),
+    )
     t.fit()
     assert (x * t.scales["s"]).norm(dim=1).mean() == pytest.approx(8**0.5, rel=1e-4)
     # Weiszfeld fixed point: the gradient of the sum of distances vanishes
@@ -167,7 +186,10 @@ def test_input_scale_and_geometric_median():
 
 def test_source_too_short():
     sae = SAE(SAEConfig(d_in=8, d_sae=16, k=2))
-    t = Trainer({"s": sae}, ArrayActivations(torch.randn(100, 8), batch_size=50),
-                TrainConfig(total_tokens=1000, progress=False))
+    t = Trainer(
+        {"s": sae},
+        ArrayActivations(torch.randn(100, 8), batch_size=50),
+        TrainConfig(total_tokens=1000, progress=False),
+    )
     with pytest.raises(ValueError, match="ran out after 100 tokens"):
         t.fit()
