@@ -1,0 +1,631 @@
+"""Save and load SAEs as SAELens folders (read by SAELens, SAEBench, Neuronpedia tooling) and in
+the sparsify layout (read by sparsify and delphi). Never pickles.
+
+SAELens folder (written in the v6 layout; v6 and the older flat ``cfg.json`` are read)::
+
+    cfg.json                  architecture ("standard" | "topk" | "jumprelu"), d_in, d_sae, dtype,
+                              device, apply_b_dec_to_input, normalize_activations,
+                              reshape_activations, [k, rescale_acts_by_decoder_norm], metadata
+    sae_weights.safetensors   W_enc [d_in, d_sae], W_dec [d_sae, d_in], b_enc [d_sae], b_dec [d_in],
+                              threshold [d_sae] (jumprelu)
+    sparsity.safetensors      {"sparsity": log10 firing density [d_sae]} (when statistics exist)
+
+Every architecture is saved as its inference form (:attr:`sae.models.SAE.inference_architecture`):
+relu as ``standard``, topk as ``topk``, and jumprelu and the batch architectures as ``jumprelu``
+with their (running) threshold. ``metadata`` keeps the SAE's own metadata (hook_name, model_name,
+...), SAELens' ``training_architecture`` and ``sae_lens_version`` (the format marker SAELens needs
+to read the file as v6), and a ``sparsecode`` entry: ``{"version", "architecture",
+"input_scale", "config"}`` with the full :class:`~sae.models.SAEConfig`.
+
+sparsify folder (top-k SAEs only)::
+
+    cfg.json          activation, expansion_factor, normalize_decoder, num_latents, k, multi_topk,
+                      skip_connection, transcode, d_in (+ our metadata, which sparsify ignores)
+    sae.safetensors   encoder.weight [d_sae, d_in], encoder.bias [d_sae], W_dec [d_sae, d_in],
+                      b_dec [d_in]
+
+Writes are atomic: the folder is written next to its destination under a temporary name and
+renamed into place only when complete.
+
+Example
+-------
+>>> import tempfile, torch
+>>> from sae.models import SAE, SAEConfig
+>>> sae = SAE(SAEConfig(d_in=8, d_sae=32, architecture="topk", k=4))
+>>> with tempfile.TemporaryDirectory() as tmp:
+...     path = save_sae(sae, Path(tmp) / "layer3", metadata={"hook_name": "model.layers.3"})
+...     again = load(path)
+>>> x = torch.randn(5, 8)
+>>> torch.equal(again.encode(x), sae.encode(x)), again.cfg.metadata["hook_name"]
+(True, 'model.layers.3')
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import shutil
+import tempfile
+import uuid
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Any
+
+import safetensors.torch as st
+import torch
+from torch import Tensor
+
+from sparsecode import __version__
+
+from .metrics import log_density
+from .models import ARCHITECTURES, SAE, SAEConfig
+
+CFG_FILENAME = "cfg.json"
+WEIGHTS_FILENAME = "sae_weights.safetensors"
+SPARSITY_FILENAME = "sparsity.safetensors"
+SPARSIFY_WEIGHTS_FILENAME = "sae.safetensors"
+SCALER_FILENAME = "activation_scaler.json"  # SAELens training checkpoints
+WHITENING_FILENAME = "activation_whitening.safetensors"
+
+#: SAELens reads ``cfg.json`` as v6 only when ``metadata.sae_lens_version`` is at least 6.
+SAELENS_FORMAT_VERSION = "6.0.0"
+#: SAELens inference architecture -> the architecture of the loaded :class:`SAE`.
+SAELENS_ARCHITECTURES = {"standard": "relu", "topk": "topk", "jumprelu": "jumprelu"}
+
+# metadata keys that pre-6 SAELens configs keep at the top level (with their old names)
+_PRE6_RENAMES = {
+    "hook_point": "hook_name",
+    "hook_point_layer": "hook_layer",
+    "hook_point_head_index": "hook_head_index",
+}
+_PRE6_METADATA_KEYS = frozenset(
+    {
+        "model_name", "model_class_name", "hook_name", "hook_layer", "hook_head_index",
+        "model_from_pretrained_kwargs", "prepend_bos", "exclude_special_tokens", "neuronpedia_id",
+        "context_size", "seqpos_slice", "dataset_path", "sae_lens_version",
+        "sae_lens_training_version", "hook_name_out", "hook_head_index_out", "hf_hook_name",
+        "hf_hook_name_out",
+    }
+)  # fmt: skip
+# where a folded-later activation norm scaling factor may be recorded
+_SCALE_KEYS = ("norm_scaling_factor", "activation_normalization_factor")
+_CONFIG_FIELDS = frozenset(f.name for f in dataclasses.fields(SAEConfig))
+
+
+# ---------------------------------------------------------------------------------- helpers
+def _inference_architecture(architecture: str) -> str:
+    """SAELens architecture an SAE of ``architecture`` is saved as."""
+    return {"relu": "standard", "topk": "topk"}.get(architecture, "jumprelu")
+
+
+def _as_dtype(value: Any) -> torch.dtype | None:
+    if value is None or isinstance(value, torch.dtype):
+        return value
+    dt = getattr(torch, str(value).removeprefix("torch."), None)
+    if not isinstance(dt, torch.dtype) or not dt.is_floating_point:
+        raise ValueError(f"unknown floating-point dtype {value!r}")
+    return dt
+
+
+def _dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
+def _check_scale(input_scale: float) -> float:
+    s = float(input_scale)
+    if not (math.isfinite(s) and s > 0):
+        raise ValueError(f"input_scale must be a positive finite number, got {input_scale!r}")
+    return s
+
+
+def _is_v6(version: Any) -> bool:
+    try:
+        return int(str(version).split(".")[0]) >= 6
+    except ValueError:
+        return False
+
+
+def _json_text(cfg: Mapping[str, Any], folder: Path) -> str:
+    try:
+        return json.dumps(cfg, indent=2, allow_nan=False)
+    except (TypeError, ValueError) as e:
+        raise ValueError(
+            f"cannot write {folder / CFG_FILENAME}: {e} (metadata values must be JSON-serializable)"
+        ) from e
+
+
+def _fsync(path: Path) -> None:
+    """Flush a file or folder to disk (best effort: folders cannot be opened on every OS)."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def _write_folder(folder: Path, writers: Mapping[str, Callable[[Path], None]]) -> Path:
+    """Write ``writers`` (file name -> function writing that file) into a temporary sibling of
+    ``folder`` and rename it into place; an existing ``folder`` is replaced only at the end and
+    restored if the final rename fails. Nothing is left behind on failure."""
+    folder = Path(folder).expanduser()
+    if folder.exists() and not folder.is_dir():
+        raise FileExistsError(f"cannot write SAE folder {folder}: a file of that name exists")
+    parent = folder.absolute().parent
+    try:
+        parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", suffix=".tmp", dir=parent))
+    except OSError as e:
+        raise type(e)(f"cannot write SAE folder {folder}: {e.strerror or e}") from e
+    try:
+        for name, write in writers.items():
+            write(tmp / name)
+            _fsync(tmp / name)
+        if folder.exists():
+            old = parent / f".{folder.name}.{uuid.uuid4().hex[:8]}.old"
+            os.rename(folder, old)
+            try:
+                os.rename(tmp, folder)
+            except BaseException:
+                os.rename(old, folder)
+                raise
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.rename(tmp, folder)
+        _fsync(parent)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return folder
+
+
+def _inference_tensors(sae: SAE, input_scale: float, dtype: Any) -> dict[str, Tensor]:
+    """The saved model's parameters with the training input scale ``s`` folded in:
+    ``W_enc * s``, ``W_dec / s``, ``b_dec / s``; ``b_enc`` and thresholds are unchanged."""
+    s = _check_scale(input_scale)
+    out = _as_dtype(dtype) or sae.W_enc.dtype
+    work = torch.promote_types(sae.W_enc.dtype, torch.float32)
+
+    def get(t: Tensor) -> Tensor:
+        return t.detach().to("cpu", work)
+
+    tensors = {
+        "W_enc": get(sae.W_enc) * s,
+        "W_dec": get(sae.W_dec) / s,
+        "b_enc": get(sae.b_enc),
+        "b_dec": get(sae.b_dec) / s,
+    }
+    if sae.inference_architecture == "jumprelu":
+        tensors["threshold"] = get(sae.threshold).clamp_min(0)  # as the module's inference
+    return {k: v.to(out).contiguous() for k, v in tensors.items()}
+
+
+def _saved_metadata(sae: SAE, metadata: Mapping[str, Any] | None, s: float) -> dict[str, Any]:
+    meta = {**sae.cfg.metadata, **(metadata or {})}
+    # a loaded jumprelu/topk/relu SAE keeps the training architecture recorded in its file
+    # (ours, or a SAELens name such as "matryoshka_batchtopk") unless it contradicts it
+    prev = meta.get("training_architecture")
+    inference = sae.inference_architecture
+    keep = (
+        isinstance(prev, str)
+        and prev != ""
+        and sae.architecture == SAELENS_ARCHITECTURES[inference]
+        and (prev not in ARCHITECTURES or _inference_architecture(prev) == inference)
+    )
+    if not keep:
+        meta["training_architecture"] = sae.architecture
+    if not _is_v6(meta.get("sae_lens_version")):
+        meta["sae_lens_version"] = SAELENS_FORMAT_VERSION
+    config = sae.cfg.to_dict()
+    config.pop("metadata", None)
+    meta["sparsecode"] = {
+        "version": __version__,
+        "architecture": sae.architecture,
+        "input_scale": s,
+        "config": config,
+    }
+    return meta
+
+
+def _has_statistics(sae: SAE) -> bool:
+    return int(sae.tokens_seen) > 0 or bool((sae.fire_rate != 0).any())
+
+
+# ---------------------------------------------------------------------------------- SAELens
+def save_sae(
+    sae: SAE,
+    folder: str | os.PathLike[str],
+    *,
+    input_scale: float = 1.0,
+    metadata: Mapping[str, Any] | None = None,
+    dtype: torch.dtype | str | None = None,
+) -> Path:
+    """Write ``sae`` as a SAELens v6 folder that works on raw activations; return its path.
+
+    ``input_scale`` is the factor the trainer multiplied activations by; it is folded into the
+    weights (``normalize_activations`` is ``"none"``). ``metadata`` is merged over
+    ``sae.cfg.metadata``; ``dtype`` (default: the parameters' dtype) is the stored precision.
+    ``sparsity.safetensors`` is written when the SAE has firing statistics. An existing folder is
+    replaced atomically.
+    """
+    s = _check_scale(input_scale)
+    folder = Path(folder)
+    tensors = _inference_tensors(sae, s, dtype)
+    inference = sae.inference_architecture
+    cfg: dict[str, Any] = {
+        "architecture": inference,
+        "d_in": sae.cfg.d_in,
+        "d_sae": sae.cfg.d_sae,
+        "dtype": _dtype_name(tensors["W_enc"].dtype),
+        "device": "cpu",
+        "apply_b_dec_to_input": True,
+        "normalize_activations": "none",
+        "reshape_activations": "none",
+    }
+    if inference == "topk":
+        cfg["k"] = sae.cfg.k
+        cfg["rescale_acts_by_decoder_norm"] = False
+    cfg["metadata"] = _saved_metadata(sae, metadata, s)
+    text = _json_text(cfg, folder)
+
+    writers: dict[str, Callable[[Path], None]] = {
+        WEIGHTS_FILENAME: lambda p: st.save_file(tensors, str(p), metadata={"format": "pt"}),
+    }
+    if _has_statistics(sae):
+        sparsity = log_density(sae.fire_rate.detach().to("cpu", torch.float32)).contiguous()
+        writers[SPARSITY_FILENAME] = lambda p: st.save_file({"sparsity": sparsity}, str(p))
+    writers[CFG_FILENAME] = lambda p: p.write_text(text)
+    return _write_folder(folder, writers)
+
+
+def _read_cfg(folder: Path, weights_name: str) -> tuple[dict[str, Any], Path]:
+    if not folder.is_dir():
+        raise FileNotFoundError(f"SAE folder not found: {folder}")
+    cfg_path, weights_path = folder / CFG_FILENAME, folder / weights_name
+    for p in (cfg_path, weights_path):
+        if not p.is_file():
+            raise FileNotFoundError(
+                f"{p} not found (this format needs {CFG_FILENAME} and {weights_name})"
+            )
+    try:
+        cfg = json.loads(cfg_path.read_text())
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{cfg_path} is not valid JSON: {e}") from e
+    if not isinstance(cfg, dict):
+        raise ValueError(f"{cfg_path} does not hold a JSON object")
+    return cfg, weights_path
+
+
+def _number(value: Any) -> float | None:
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        return float(value)
+    return None
+
+
+def _norm_scaling_factor(
+    raw: Mapping[str, Any], meta: Mapping[str, Any], folder: Path, given: float | None
+) -> float | None:
+    if given is not None:
+        return _check_scale(given)
+    for source in (raw, meta):
+        for key in _SCALE_KEYS:
+            if (v := _number(source.get(key))) is not None:
+                return _check_scale(v)
+    scaler = folder / SCALER_FILENAME
+    if scaler.is_file():
+        v = _number(json.loads(scaler.read_text()).get("scaling_factor"))
+        if v is not None:
+            return _check_scale(v)
+    return None
+
+
+def _stored_config(meta: Mapping[str, Any]) -> dict[str, Any]:
+    """SAEConfig fields saved by :func:`save_sae` (loss settings etc.), if any."""
+    ours = meta.get("sparsecode")
+    config = ours.get("config") if isinstance(ours, Mapping) else None
+    if not isinstance(config, Mapping):
+        return {}
+    skip = {"metadata", "architecture", "d_in", "d_sae", "k"}
+    return {k: v for k, v in config.items() if k in _CONFIG_FIELDS and k not in skip}
+
+
+def _read_density(path: Path, d_sae: int) -> Tensor | None:
+    """Per-latent firing rate from a SAELens ``sparsity.safetensors`` (log10 density)."""
+    if not path.is_file():
+        return None
+    tensors = st.load_file(str(path))
+    logd = tensors.get("sparsity")
+    if logd is None or tuple(logd.shape) != (d_sae,):
+        shape = None if logd is None else tuple(logd.shape)
+        raise ValueError(f"{path} should hold 'sparsity' of shape ({d_sae},), got {shape}")
+    logd = logd.float()
+    return torch.where(logd > -10, torch.pow(10.0, logd), torch.zeros_like(logd))
+
+
+def _build(
+    architecture: str,
+    k: int | None,
+    tensors: Mapping[str, Tensor],
+    metadata: dict[str, Any],
+    fire_rate: Tensor | None,
+    device: str | torch.device,
+    dtype: torch.dtype,
+    source: Path,
+) -> SAE:
+    d_sae, d_in = tensors["W_dec"].shape
+    fields = _stored_config(metadata)
+    fields.update(d_in=d_in, d_sae=d_sae, architecture=architecture, metadata=metadata)
+    if k is not None:
+        fields["k"] = k
+    try:
+        cfg = SAEConfig(**fields)
+    except (TypeError, ValueError) as e:
+        raise ValueError(f"{source}: cannot build an SAE from the stored settings: {e}") from e
+    with torch.device("meta"):
+        sae = SAE(cfg)
+    state = {}
+    for name, ref in sae.state_dict().items():
+        if name in tensors:
+            state[name] = tensors[name].to(device=device, dtype=dtype)
+        elif name == "fire_rate" and fire_rate is not None:
+            state[name] = fire_rate.to(device=device, dtype=ref.dtype)
+        else:
+            kind = dtype if name == "threshold" else ref.dtype
+            state[name] = torch.zeros(ref.shape, dtype=kind, device=device)
+    sae.load_state_dict(state, assign=True)
+    return sae.eval()
+
+
+def _check_shapes(tensors: Mapping[str, Tensor], d_in: int, d_sae: int, path: Path) -> None:
+    want = {"W_enc": (d_in, d_sae), "W_dec": (d_sae, d_in), "b_enc": (d_sae,), "b_dec": (d_in,)}
+    if "threshold" in tensors:
+        want["threshold"] = (d_sae,)
+    for name, shape in want.items():
+        if tuple(tensors[name].shape) != shape:
+            raise ValueError(
+                f"{path}: {name} has shape {tuple(tensors[name].shape)}, expected {shape} "
+                f"for d_in={d_in}, d_sae={d_sae}"
+            )
+
+
+def load_sae(
+    folder: str | os.PathLike[str],
+    device: str | torch.device = "cpu",
+    dtype: torch.dtype | str | None = None,
+    *,
+    scaling_factor: float | None = None,
+) -> SAE:
+    """Read a SAELens folder (v6 or pre-6 ``cfg.json``) into an :class:`SAE` in eval mode.
+
+    ``standard`` loads as ``relu``, ``topk`` as ``topk``, ``jumprelu`` as ``jumprelu``; the
+    file's metadata (including a recorded training architecture) goes to ``cfg.metadata``.
+    Folded in so that the module works on raw activations: ``apply_b_dec_to_input=False``
+    (into ``b_enc``), topk's ``rescale_acts_by_decoder_norm``, a pre-6 ``scaling_factor``,
+    ``normalize_activations="expected_average_only_in"`` (factor from ``scaling_factor``, the
+    config's ``norm_scaling_factor``/``activation_normalization_factor`` or a training
+    checkpoint's ``activation_scaler.json``) and ``"covariance_whitening"`` (from
+    ``activation_whitening.safetensors``). ``dtype`` defaults to the config's.
+    """
+    folder = Path(folder)
+    raw, weights_path = _read_cfg(folder, WEIGHTS_FILENAME)
+    cfg_path = folder / CFG_FILENAME
+
+    meta = {_PRE6_RENAMES.get(k, k): v for k, v in raw.items()}
+    meta = {k: v for k, v in meta.items() if k in _PRE6_METADATA_KEYS}
+    if isinstance(raw.get("metadata"), dict):
+        meta.update(raw["metadata"])
+    activation = raw.get("activation_fn", raw.get("activation_fn_str", "relu"))
+    act_kwargs = raw.get("activation_fn_kwargs") or {}
+    architecture = raw.get("architecture") or "standard"
+    k = raw.get("k", act_kwargs.get("k"))
+    if activation == "topk" and k is not None:
+        architecture = "topk"  # pre-6 configs mark top-k SAEs by their activation only
+    if architecture not in SAELENS_ARCHITECTURES:
+        raise ValueError(
+            f"{cfg_path}: unknown or unsupported SAELens architecture {architecture!r}; "
+            f"known architectures: {', '.join(SAELENS_ARCHITECTURES)}"
+        )
+    if architecture == "standard" and activation not in ("relu", None):
+        raise ValueError(f"{cfg_path}: activation {activation!r} is not supported (only relu)")
+    if architecture == "topk" and _number(k) is None:
+        raise ValueError(f"{cfg_path}: a topk SAE needs an integer 'k'")
+    k = int(k) if architecture == "topk" else None
+
+    tensors = st.load_file(str(weights_path))
+    if "log_threshold" in tensors and "threshold" not in tensors:
+        tensors["threshold"] = tensors.pop("log_threshold").exp()
+    needed = ["W_enc", "W_dec", "b_enc", "b_dec"]
+    if architecture == "jumprelu":
+        needed.append("threshold")
+    missing = [name for name in needed if name not in tensors]
+    if missing:
+        raise ValueError(f"{weights_path} lacks {', '.join(missing)} ({architecture} SAE)")
+    d_in, d_sae = tensors["W_enc"].shape
+    for name, n in (("d_in", d_in), ("d_sae", d_sae)):
+        if name in raw and raw[name] != n:
+            raise ValueError(f"{cfg_path}: {name}={raw[name]} but W_enc has shape {(d_in, d_sae)}")
+    _check_shapes(tensors, d_in, d_sae, weights_path)
+
+    out_dtype = _as_dtype(dtype) or _as_dtype(raw.get("dtype")) or tensors["W_enc"].dtype
+    work = torch.promote_types(tensors["W_enc"].dtype, torch.float32)
+    t = {name: tensors[name].to(work) for name in needed}
+
+    # pre-6 per-latent output scale: decode is (z * scaling_factor) @ W_dec
+    if "scaling_factor" in tensors:
+        t["W_dec"] = t["W_dec"] * tensors["scaling_factor"].to(work).unsqueeze(1)
+    if architecture == "topk" and raw.get("rescale_acts_by_decoder_norm"):
+        norms = t["W_dec"].norm(dim=1)
+        t["W_enc"], t["b_enc"] = t["W_enc"] * norms, t["b_enc"] * norms
+        t["W_dec"] = t["W_dec"] / norms.unsqueeze(1)
+    if raw.get("apply_b_dec_to_input", True) is False:
+        t["b_enc"] = t["b_enc"] + t["b_dec"] @ t["W_enc"]
+
+    norm = raw.get("normalize_activations", "none")
+    norm = {True: "expected_average_only_in", False: "none", None: "none"}.get(norm, norm)
+    if norm == "expected_average_only_in":
+        s = _norm_scaling_factor(raw, meta, folder, scaling_factor)
+        if s is None:
+            raise ValueError(
+                f"{cfg_path}: normalize_activations='expected_average_only_in' but no scaling "
+                f"factor is stored ({', '.join(_SCALE_KEYS)} in cfg.json or its metadata, or "
+                f"{SCALER_FILENAME}); pass scaling_factor= to fold it in"
+            )
+        t["W_enc"], t["W_dec"], t["b_dec"] = t["W_enc"] * s, t["W_dec"] / s, t["b_dec"] / s
+    elif norm == "covariance_whitening":
+        wpath = folder / WHITENING_FILENAME
+        if not wpath.is_file():
+            raise FileNotFoundError(
+                f"{cfg_path}: normalize_activations='covariance_whitening' needs {wpath}"
+            )
+        w = {name: v.to(work) for name, v in st.load_file(str(wpath)).items()}
+        if not {"mean", "matrix", "inverse_matrix"} <= w.keys():
+            raise ValueError(f"{wpath} should hold mean, matrix and inverse_matrix")
+        t["W_enc"] = w["matrix"] @ t["W_enc"]
+        t["W_dec"] = t["W_dec"] @ w["inverse_matrix"]
+        t["b_dec"] = t["b_dec"] @ w["inverse_matrix"] + w["mean"]
+    elif norm != "none":
+        raise ValueError(
+            f"{cfg_path}: normalize_activations={norm!r} normalises each token at run time and "
+            "cannot be folded into the weights; supported: 'none', 'expected_average_only_in' "
+            "(with a scaling factor), 'covariance_whitening'"
+        )
+
+    fire_rate = _read_density(folder / SPARSITY_FILENAME, d_sae)
+    return _build(
+        SAELENS_ARCHITECTURES[architecture], k, t, meta, fire_rate, device, out_dtype, folder
+    )
+
+
+# ---------------------------------------------------------------------------------- sparsify
+def save_sparsify(
+    sae: SAE,
+    folder: str | os.PathLike[str],
+    *,
+    input_scale: float = 1.0,
+    metadata: Mapping[str, Any] | None = None,
+    dtype: torch.dtype | str | None = None,
+) -> Path:
+    """Write a top-k ``sae`` in sparsify's layout (for ``sparsify.Sae.load_from_disk``, delphi);
+    ``input_scale``, ``metadata`` and ``dtype`` as in :func:`save_sae`."""
+    if sae.inference_architecture != "topk":
+        raise ValueError(
+            f"sparsify stores top-k SAEs only; a {sae.architecture!r} SAE is saved as "
+            f"{sae.inference_architecture!r}: use save_sae (SAELens format) instead"
+        )
+    s = _check_scale(input_scale)
+    folder = Path(folder)
+    t = _inference_tensors(sae, s, dtype)
+    d_in, d_sae = sae.cfg.d_in, sae.cfg.d_sae
+    cfg = {
+        "activation": "topk",
+        "expansion_factor": max(1, d_sae // d_in),
+        "normalize_decoder": sae.unit_decoder,
+        "num_latents": d_sae,
+        "k": sae.cfg.k,
+        "multi_topk": False,
+        "skip_connection": False,
+        "transcode": False,
+        "d_in": d_in,
+        "metadata": _saved_metadata(sae, metadata, s),
+    }
+    text = _json_text(cfg, folder)
+    tensors = {
+        "encoder.weight": t["W_enc"].T.contiguous(),
+        "encoder.bias": t["b_enc"],
+        "W_dec": t["W_dec"],
+        "b_dec": t["b_dec"],
+    }
+    return _write_folder(
+        folder,
+        {
+            SPARSIFY_WEIGHTS_FILENAME: lambda p: st.save_file(
+                tensors, str(p), metadata={"format": "pt"}
+            ),
+            CFG_FILENAME: lambda p: p.write_text(text),
+        },
+    )
+
+
+def load_sparsify(
+    folder: str | os.PathLike[str],
+    device: str | torch.device = "cpu",
+    dtype: torch.dtype | str | None = None,
+) -> SAE:
+    """Read a sparsify folder (``cfg.json`` + ``sae.safetensors``, top-k activation) into a
+    ``topk`` :class:`SAE` in eval mode. A transcoder (``transcode=True``: the input is not
+    centred by ``b_dec``) has ``b_dec`` folded into ``b_enc`` and ``metadata["transcode"]``."""
+    folder = Path(folder)
+    raw, weights_path = _read_cfg(folder, SPARSIFY_WEIGHTS_FILENAME)
+    cfg_path = folder / CFG_FILENAME
+    activation = raw.get("activation", "topk")
+    if activation != "topk":
+        raise ValueError(
+            f"{cfg_path}: sparsify activation {activation!r} is not supported; only 'topk' loads"
+        )
+    tensors = st.load_file(str(weights_path))
+    if raw.get("skip_connection") or "W_skip" in tensors:
+        raise ValueError(f"{cfg_path}: skip connections (W_skip) are not supported")
+    needed = ["encoder.weight", "encoder.bias", "W_dec", "b_dec"]
+    missing = [name for name in needed if name not in tensors]
+    if missing:
+        raise ValueError(f"{weights_path} lacks {', '.join(missing)}")
+    if _number(raw.get("k")) is None:
+        raise ValueError(f"{cfg_path}: missing integer 'k'")
+    d_sae, d_in = tensors["encoder.weight"].shape
+    n_latents = raw.get("num_latents") or raw.get("expansion_factor", 0) * raw.get("d_in", d_in)
+    if raw.get("d_in", d_in) != d_in or n_latents != d_sae:
+        raise ValueError(
+            f"{cfg_path}: d_in={raw.get('d_in')}, {n_latents} latents do not match "
+            f"encoder.weight of shape {(d_sae, d_in)}"
+        )
+    out_dtype = _as_dtype(dtype) or tensors["encoder.weight"].dtype
+    work = torch.promote_types(tensors["encoder.weight"].dtype, torch.float32)
+    t = {
+        "W_enc": tensors["encoder.weight"].to(work).T,
+        "b_enc": tensors["encoder.bias"].to(work),
+        "W_dec": tensors["W_dec"].to(work),
+        "b_dec": tensors["b_dec"].to(work),
+    }
+    _check_shapes(t, d_in, d_sae, weights_path)
+    meta = dict(raw["metadata"]) if isinstance(raw.get("metadata"), dict) else {}
+    if raw.get("transcode"):
+        t["b_enc"] = t["b_enc"] + t["b_dec"] @ t["W_enc"]
+        meta["transcode"] = True
+    t["W_enc"] = t["W_enc"].contiguous()
+    return _build("topk", int(raw["k"]), t, meta, None, device, out_dtype, folder)
+
+
+def load(
+    folder: str | os.PathLike[str],
+    device: str | torch.device = "cpu",
+    dtype: torch.dtype | str | None = None,
+) -> SAE:
+    """Load a SAELens folder (``sae_weights.safetensors``) or a sparsify one
+    (``sae.safetensors``), whichever ``folder`` holds."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise FileNotFoundError(f"SAE folder not found: {folder}")
+    if (folder / WEIGHTS_FILENAME).is_file():
+        return load_sae(folder, device, dtype)
+    if (folder / SPARSIFY_WEIGHTS_FILENAME).is_file():
+        return load_sparsify(folder, device, dtype)
+    raise FileNotFoundError(
+        f"{folder} holds neither {WEIGHTS_FILENAME} (SAELens) nor {SPARSIFY_WEIGHTS_FILENAME} "
+        "(sparsify)"
+    )
+
+
+__all__ = [
+    "SAELENS_ARCHITECTURES",
+    "load",
+    "load_sae",
+    "load_sparsify",
+    "save_sae",
+    "save_sparsify",
+]
