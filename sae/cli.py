@@ -284,8 +284,9 @@ def _sae_folders(path: Path) -> dict[str, Path]:
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
+    """Metrics of saved SAEs: on stored activations (``--activations``), or spliced into the
+    language model over held-out text (CE-loss recovered, delta LM loss, KL)."""
     from . import metrics
-    from .data import ArrayActivations
     from .io import load
 
     path = Path(args.run)
@@ -293,24 +294,51 @@ def cmd_eval(args: argparse.Namespace) -> int:
         raise SystemExit(f"error: no such run folder: {path}")
     folders = _sae_folders(path)
     device = _device(args.device)
-    src = ArrayActivations(args.activations, batch_size=args.batch_size, shuffle=False)
-    x = torch.cat([b[src.hookpoints[0]] for b in src]).to(device)
-    if args.max_tokens:
-        x = x[: args.max_tokens]
-    results = {}
-    for name, folder in folders.items():
-        sae = load(folder).to(device)
-        if x.shape[1] != sae.cfg.d_in:
-            raise SystemExit(
-                f"error: activations have d_in={x.shape[1]} but SAE {folder} expects "
-                f"d_in={sae.cfg.d_in}"
+    saes = {name: load(folder).to(device) for name, folder in folders.items()}
+    results: dict[str, Any] = {}
+    if args.activations:
+        from .data import ArrayActivations
+
+        src = ArrayActivations(args.activations, batch_size=args.batch_size, shuffle=False)
+        x = torch.cat([b[src.hookpoints[0]] for b in src]).to(device)
+        if args.max_tokens:
+            x = x[: args.max_tokens]
+        for name, sae in saes.items():
+            if x.shape[1] != sae.cfg.d_in:
+                raise SystemExit(
+                    f"error: activations have d_in={x.shape[1]} but SAE {folders[name]} "
+                    f"expects d_in={sae.cfg.d_in}"
+                )
+            results[name] = metrics.evaluate(sae, x)
+    else:
+        from . import lm, text
+
+        models: dict[str, Any] = {}
+        for name, sae in saes.items():
+            meta = sae.cfg.metadata
+            model_name = args.model or meta.get("model_name") or "smollm2"
+            hook = args.hookpoint or meta.get("hook_name")
+            if hook is None:
+                raise SystemExit(f"error: {folders[name]} records no hook_name; pass --hookpoint")
+            if model_name not in models:
+                models[model_name] = lm.load_model(model_name, device=device)
+            model, tokenizer = models[model_name]
+            source = args.dataset or args.text or meta.get("dataset") or "builtin"
+            held = text.split_texts(text.load_texts(source), holdout_fraction=0.1, seed=0)[1]
+            ctx = int(meta.get("context_size") or args.context_size)
+            tokens = text.pack_tokens(tokenizer, held, context_size=ctx)
+            if args.max_tokens:
+                tokens = tokens[: max(1, args.max_tokens // ctx)]
+            results[name] = metrics.model_metrics(
+                model, sae, hook, tokens, progress=not args.no_progress
             )
-        results[name] = metrics.evaluate(sae, x)
+            results[name].update({"model_name": model_name, "hook_name": hook})
     if args.json:
         print(json.dumps(results))
     else:
         for name, m in results.items():
-            print(name, " ".join(f"{k}={v:.4g}" for k, v in m.items()))
+            print(name, " ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
+                                 for k, v in m.items()))
     return 0
 
 
@@ -385,9 +413,16 @@ def build_parser() -> argparse.ArgumentParser:
 
     e = sub.add_parser("eval", help="metrics of saved SAEs on activations")
     e.add_argument("run", help="a run folder or one SAE folder")
-    e.add_argument("--activations", required=True, help="(N, d_in) .npy array")
+    e.add_argument("--activations", default=None,
+                   help="(N, d_in) .npy array; without it the SAE is spliced into --model")
+    e.add_argument("--model", default=None, help="default: the model recorded in the SAE")
+    e.add_argument("--hookpoint", default=None, help="default: the hook recorded in the SAE")
+    e.add_argument("--text", default=None, help="default: the training text's held-out split")
+    e.add_argument("--dataset", default=None)
+    e.add_argument("--context-size", type=int, default=128)
     e.add_argument("--batch-size", type=int, default=8192)
-    e.add_argument("--max-tokens", type=int, default=0)
+    e.add_argument("--max-tokens", type=int, default=0, help="0: all held-out tokens")
+    e.add_argument("--no-progress", action="store_true")
     e.add_argument("--device", default="auto")
     e.add_argument("--json", action="store_true", help="print one JSON object")
     e.set_defaults(func=cmd_eval)

@@ -115,5 +115,109 @@ __all__ = [
     "fvu",
     "l0",
     "log_density",
+    "model_metrics",
     "mse",
 ]
+
+
+class _Spliced:
+    """An SAE (or zero-ablation) spliced in at the positions the SAE is meant for.
+
+    Positions excluded from SAE training keep their original activation: position 0 (BOS /
+    attention sink) and positions whose norm exceeds ``factor`` times the reference median."""
+
+    def __init__(self, sae, zero: bool, factor: float | None, median: float | None):
+        self.sae, self.zero, self.factor, self.median = sae, zero, factor, median
+        self.W_dec = sae.W_dec
+        self._x: Tensor | None = None
+
+    def keep_mask(self, x: Tensor) -> Tensor:
+        keep = torch.ones(x.shape[:-1], dtype=torch.bool, device=x.device)
+        keep[:, 0] = False
+        if self.factor is not None and self.median is not None:
+            keep &= x.float().norm(dim=-1) <= self.factor * self.median
+        return keep
+
+    def encode(self, x: Tensor) -> Tensor:
+        self._x = x
+        return x[..., :1] * 0 if self.zero else self.sae.encode(x)
+
+    def decode(self, z: Tensor) -> Tensor:
+        x = self._x
+        x_hat = torch.zeros_like(x) if self.zero else self.sae.decode(z).to(x.dtype)
+        return torch.where(self.keep_mask(x)[..., None], x_hat, x)
+
+
+@torch.no_grad()
+def model_metrics(
+    model,
+    sae,
+    hookpoint: str,
+    tokens: Tensor,
+    *,
+    batch_contexts: int = 8,
+    massive_factor: float | None = 10.0,
+    progress: bool = False,
+) -> dict[str, float]:
+    """Language-model metrics of an SAE spliced in at ``hookpoint`` (see docs/metrics.md).
+
+    For held-out contexts ``tokens (n_ctx, ctx)`` runs the model clean, with the module output
+    replaced by the SAE reconstruction, and with it replaced by zeros (zero ablation), at every
+    position except position 0 and massive-norm positions (which the SAE never trained on; they
+    keep their activation in all three runs). Next-token cross-entropy and KL to the clean
+    distribution are averaged over the predictions made at positions ``1 .. ctx-2``.
+
+    Returns ``ce_clean``, ``ce_sae``, ``ce_zero``, ``ce_loss_recovered`` =
+    ``(ce_zero - ce_sae) / (ce_zero - ce_clean)``, ``delta_lm_loss`` = ``ce_sae - ce_clean``,
+    ``kl_sae``, ``kl_zero``, ``kl_recovered`` = ``1 - kl_sae / kl_zero``, the activation metrics
+    of :func:`evaluate` on the spliced positions, ``n_tokens`` and ``fraction_spliced``.
+    """
+    from tqdm.auto import tqdm
+
+    from sparsecode.hooks import capture, splice
+
+    if tokens.dim() != 2 or tokens.shape[1] < 3:
+        raise ValueError(f"tokens must be (n_contexts, >= 3), got shape {tuple(tokens.shape)}")
+    device = next(model.parameters()).device
+    sums = dict.fromkeys(("ce_clean", "ce_sae", "ce_zero", "kl_sae", "kl_zero"), 0.0)
+    n_pred = 0
+    xs, n_positions = [], 0
+    median: float | None = None
+    sae.eval()
+    for start in tqdm(range(0, tokens.shape[0], batch_contexts), disable=not progress,
+                      desc="eval", unit="batch"):
+        ids = tokens[start : start + batch_contexts].to(device)
+        with capture(model, [hookpoint]) as cap:
+            clean = model(input_ids=ids, use_cache=False).logits.float()
+        act = cap[hookpoint]
+        if median is None and massive_factor is not None:
+            median = float(act[:, 1:].float().norm(dim=-1).median())
+        runs = {}
+        for name, zero in (("sae", False), ("zero", True)):
+            wrapped = _Spliced(sae, zero, massive_factor, median)
+            with splice(model, {hookpoint: wrapped}):
+                runs[name] = model(input_ids=ids, use_cache=False).logits.float()
+            if not zero:
+                keep = wrapped.keep_mask(act)
+        target = ids[:, 2:]  # predictions made at positions 1 .. ctx-2
+        logp_clean = torch.log_softmax(clean[:, 1:-1], dim=-1)
+        sums["ce_clean"] += float(-logp_clean.gather(-1, target[..., None]).sum())
+        for name, logits in runs.items():
+            logp = torch.log_softmax(logits[:, 1:-1], dim=-1)
+            sums[f"ce_{name}"] += float(-logp.gather(-1, target[..., None]).sum())
+            kl = (logp_clean.exp() * (logp_clean - logp)).sum(dim=-1)
+            sums[f"kl_{name}"] += float(kl.sum())
+        n_pred += target.numel()
+        xs.append(act[keep].float().cpu())
+        n_positions += act[:, 1:].shape[0] * act[:, 1:].shape[1]
+    out = {k: v / max(n_pred, 1) for k, v in sums.items()}
+    gap = out["ce_zero"] - out["ce_clean"]
+    out["ce_loss_recovered"] = (out["ce_zero"] - out["ce_sae"]) / gap if gap else float("nan")
+    out["delta_lm_loss"] = out["ce_sae"] - out["ce_clean"]
+    out["kl_recovered"] = 1 - out["kl_sae"] / out["kl_zero"] if out["kl_zero"] else float("nan")
+    x = torch.cat(xs)
+    out["fraction_spliced"] = x.shape[0] / max(n_positions, 1)
+    if x.numel():
+        out.update(evaluate(sae, x.to(next(sae.parameters()).device)))
+    out["n_tokens"] = n_pred
+    return out
