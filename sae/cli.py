@@ -81,7 +81,7 @@ def _sae_configs(args: argparse.Namespace, d_in: int, hook: str) -> dict[str, SA
     configs = {}
     for a in archs:
         for k in ks:
-            name = a if len(archs) * len(ks) == 1 else f"{a}-k{k}"
+            name = a if len(ks) == 1 else f"{a}-k{k}"
             extra: dict[str, Any] = {}
             if a == "relu":
                 extra["l1_coefficient"] = args.l1_coefficient
@@ -297,12 +297,20 @@ def cmd_eval(args: argparse.Namespace) -> int:
     saes = {name: load(folder).to(device) for name, folder in folders.items()}
     results: dict[str, Any] = {}
     if args.activations:
-        from .data import ArrayActivations
+        import numpy as np
 
-        src = ArrayActivations(args.activations, batch_size=args.batch_size, shuffle=False)
-        x = torch.cat([b[src.hookpoints[0]] for b in src]).to(device)
-        if args.max_tokens:
-            x = x[: args.max_tokens]
+        from .data import check_finite
+
+        apath = Path(args.activations)
+        if not apath.exists():
+            raise SystemExit(f"error: activations file not found: {apath}")
+        arr = np.load(apath, mmap_mode="r")
+        if arr.ndim != 2 or arr.shape[0] == 0:
+            raise SystemExit(f"error: {apath} must hold a non-empty (N, d_in) array, "
+                             f"got shape {arr.shape}")
+        x = torch.from_numpy(np.array(arr[: args.max_tokens or None], dtype=np.float32))
+        check_finite(x, what=str(apath))
+        x = x.to(device)
         for name, sae in saes.items():
             if x.shape[1] != sae.cfg.d_in:
                 raise SystemExit(
@@ -358,6 +366,78 @@ def cmd_cache(args: argparse.Namespace) -> int:
     out = write_cache(src, args.out, shard_tokens=args.shard_tokens, metadata=meta,
                       total_tokens=args.tokens, progress=not args.no_progress)
     print(f"cache written to {out}")
+    return 0
+
+
+def cmd_browse(args: argparse.Namespace) -> int:
+    """Write a static HTML feature browser per SAE over held-out text: each latent's top
+    activating contexts, activation histogram, logit effects and density."""
+    from . import lm, text
+    from .browser import feature_browser, find_sae_folders
+    from .io import load
+
+    try:
+        folders = find_sae_folders(args.run)
+    except (FileNotFoundError, ValueError) as e:
+        raise SystemExit(f"error: {e}") from e
+    latents = _split_list(args.latents, int) if args.latents else None
+    device = _device(args.device)
+    models: dict[str, Any] = {}
+    held: dict[str, list[str]] = {}
+    for name, folder in folders.items():
+        sae = load(folder, device=device)
+        meta = sae.cfg.metadata
+        model_name = args.model or meta.get("model_name") or "smollm2"
+        if model_name not in models:
+            models[model_name] = lm.load_model(model_name, device=device)
+        model, tokenizer = models[model_name]
+        hook = args.hookpoint or meta.get("hook_name") or lm.default_hookpoint(model)
+        source = args.text or meta.get("dataset") or "builtin"
+        if source not in held:
+            docs = text.load_texts(source)
+            held[source] = text.split_texts(docs, holdout_fraction=0.1, seed=0)[1]
+        ctx = args.context_size or int(meta.get("context_size") or 128)
+        tokens = text.pack_tokens(tokenizer, held[source], context_size=ctx)
+        tokens = tokens[: max(1, -(-args.tokens // ctx))]
+        if tokens.shape[0] == 0:
+            raise SystemExit(
+                f"error: the held-out split of {source!r} is shorter than one context of {ctx} "
+                "tokens; pass more text with --text"
+            )
+        out = Path(args.out) if args.out else folder / "feature_browser.html"
+        if args.out and len(folders) > 1:
+            out = out.with_name(f"{out.stem}-{name}{out.suffix or '.html'}")
+        info = {
+            "model": model_name,
+            "SAE folder": str(folder),
+            "text": f"{source} (held-out split: 10% of documents, seed 0; not trained on)",
+        }
+        try:
+            feature_browser(
+                model, tokenizer, sae, hook, tokens, latents=latents, n_latents=args.n_latents,
+                top_contexts=args.top_contexts, out=out, info=info,
+                progress=not args.no_progress,
+            )
+        except ValueError as e:
+            raise SystemExit(f"error: {folder}: {e}") from e
+        print(
+            f"{name}: {out} ({out.stat().st_size / 1e3:.0f} kB; {tokens.numel()} held-out "
+            f"tokens at {hook})"
+        )
+    return 0
+
+
+def cmd_plot(args: argparse.Namespace) -> int:
+    """Scatter L0 (log scale) against FVU for every SAE folder with a metrics.json in the
+    given run folders (or SAE folders); write a PNG."""
+    from .browser import l0_fvu_plot, l0_fvu_points
+
+    try:
+        n = len(l0_fvu_points(args.runs))
+        out = l0_fvu_plot(args.runs, args.out)
+    except (FileNotFoundError, ValueError) as e:
+        raise SystemExit(f"error: {e}") from e
+    print(f"{n} SAEs -> {out}")
     return 0
 
 
@@ -433,6 +513,33 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--shard-tokens", type=int, default=65536)
     c.add_argument("--out", required=True)
     c.set_defaults(func=cmd_cache)
+
+    b = sub.add_parser("browse", help="HTML feature browser of saved SAEs",
+                       description=cmd_browse.__doc__)
+    b.add_argument("run", help="a run folder or one SAE folder")
+    b.add_argument("--model", default=None, help="default: the model recorded in the SAE")
+    b.add_argument("--hookpoint", default=None, help="default: the hook recorded in the SAE")
+    b.add_argument("--text", default=None,
+                   help="text whose held-out split is shown (default: the SAE's, else builtin)")
+    b.add_argument("--tokens", type=int, default=50_000, help="held-out tokens to scan")
+    b.add_argument("--context-size", type=int, default=None,
+                   help="default: the SAE's context_size, else 128")
+    b.add_argument("--latents", default=None,
+                   help="comma-separated latent ids (default: 64 chosen by density)")
+    b.add_argument("--n-latents", type=int, default=64)
+    b.add_argument("--top-contexts", type=int, default=10)
+    b.add_argument("--out", default=None,
+                   help="HTML file (default SAE_FOLDER/feature_browser.html; with several SAEs "
+                        "the SAE name is added to it)")
+    b.add_argument("--device", default="auto")
+    b.add_argument("--no-progress", action="store_true")
+    b.set_defaults(func=cmd_browse)
+
+    pl = sub.add_parser("plot", help="L0 vs FVU scatter of trained SAEs",
+                        description=cmd_plot.__doc__)
+    pl.add_argument("runs", nargs="+", help="run folders or SAE folders")
+    pl.add_argument("--out", default="l0_fvu.png", help="PNG file (default l0_fvu.png)")
+    pl.set_defaults(func=cmd_plot)
     return parser
 
 

@@ -105,7 +105,7 @@ class SAEConfig:
     dead_tokens: int | None = None  # None: the trainer picks min(10M, run tokens / 20)
     zipf_exponent: float = 1.0
     # running inference threshold of the batch architectures (EMA rate)
-    threshold_rate: float = 0.01
+    threshold_rate: float = 0.05
     metadata: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:

@@ -1,0 +1,172 @@
+"""The `sae` command: train / eval on stored activations, bad input, resume, real-model default."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from sae.cli import main
+from sae.io import load
+from sae.synthetic import planted_features
+
+
+@pytest.fixture(scope="module")
+def acts(tmp_path_factory):
+    X, _ = planted_features(12_000, 16, 32, l0=3, seed=0)
+    path = tmp_path_factory.mktemp("acts") / "acts.npy"
+    np.save(path, X.numpy())
+    return path
+
+
+def _train(acts, out, *extra):
+    return main(
+        [
+            "train",
+            "--activations",
+            str(acts),
+            "--d-sae",
+            "64",
+            "--k",
+            "3",
+            "--batch-size",
+            "256",
+            "--tokens",
+            "20000",
+            "--holdout",
+            "1000",
+            "--out",
+            str(out),
+            "--no-progress",
+            *extra,
+        ]
+    )
+
+
+def test_train_then_eval(acts, tmp_path, capsys):
+    assert _train(acts, tmp_path / "run", "--arch", "topk,batchtopk") == 0
+    summary = json.loads((tmp_path / "run" / "metrics.json").read_text())
+    assert set(summary) == {"topk", "batchtopk"}
+    for m in summary.values():
+        assert {"tokens_per_s", "fvu", "l0", "dead_fraction"} <= set(m)
+        assert m["fvu"] < 0.8 and m["l0"] == pytest.approx(3, rel=0.3)
+    assert not (tmp_path / "run" / "checkpoint").exists()
+    sae = load(tmp_path / "run" / "topk")
+    assert sae.cfg.k == 3 and sae.cfg.d_sae == 64
+    capsys.readouterr()
+    assert (
+        main(
+            ["eval", str(tmp_path / "run"), "--activations", str(acts), "--json", "--device", "cpu"]
+        )
+        == 0
+    )
+    out = json.loads(capsys.readouterr().out)
+    assert set(out) == {"topk", "batchtopk"}
+    # the same SAE on the same activations: eval's figure equals a direct computation
+    from sae.metrics import evaluate
+
+    X = torch.from_numpy(np.load(acts))
+    assert out["topk"]["fvu"] == pytest.approx(evaluate(sae, X)["fvu"], rel=1e-6)
+
+
+def test_resume_from_a_checkpoint_reproduces_the_run(acts, tmp_path, capsys):
+    assert _train(acts, tmp_path / "a") == 0
+    out = tmp_path / "b"
+    assert _train(acts, out, "--checkpoint-every", "10", "--keep-checkpoint") == 0
+    state = json.loads((out / "checkpoint" / "trainer.json").read_text())
+    assert state["step"] == 70  # the last multiple of 10 of the 78 steps
+    assert _train(acts, out, "--resume") == 0
+    assert "resumed from" in capsys.readouterr().out
+    a, b = load(tmp_path / "a" / "topk"), load(out / "topk")
+    for (name, p), q in zip(a.state_dict().items(), b.state_dict().values(), strict=True):
+        assert torch.equal(p, q), name
+    with pytest.raises(SystemExit, match="no checkpoint"):
+        _train(acts, tmp_path / "fresh", "--resume")
+
+
+@pytest.mark.parametrize(
+    "args, match",
+    [
+        (["--arch", "gated"], "unknown architecture 'gated'; known architectures: relu, topk"),
+        (["--k", "100"], "k=100 is larger than d_sae=64"),
+    ],
+)
+def test_train_bad_arguments(acts, tmp_path, args, match):
+    with pytest.raises(SystemExit, match=match):
+        _train(acts, tmp_path / "run", *args)
+
+
+def test_train_rejects_nan_and_missing_file(tmp_path):
+    X = np.random.default_rng(0).standard_normal((3000, 8)).astype(np.float32)
+    X[1234, 5] = np.nan
+    np.save(tmp_path / "bad.npy", X)
+    with pytest.raises(ValueError, match="row 1234, column 5"):
+        main(
+            [
+                "train",
+                "--activations",
+                str(tmp_path / "bad.npy"),
+                "--d-sae",
+                "16",
+                "--k",
+                "2",
+                "--tokens",
+                "2000",
+                "--batch-size",
+                "100",
+                "--out",
+                str(tmp_path / "r"),
+                "--no-progress",
+            ]
+        )
+    with pytest.raises(SystemExit, match="activations file not found"):
+        main(["train", "--activations", str(tmp_path / "nope.npy"), "--out", str(tmp_path)])
+
+
+def test_unwritable_output(acts, tmp_path):
+    blocker = tmp_path / "file"
+    blocker.write_text("")
+    with pytest.raises(SystemExit, match="cannot write to output directory"):
+        _train(acts, blocker / "run")
+
+
+def test_eval_wrong_width(acts, tmp_path):
+    assert _train(acts, tmp_path / "run") == 0
+    np.save(tmp_path / "wide.npy", np.zeros((100, 20), dtype=np.float32))
+    with pytest.raises(SystemExit, match="d_in=20 but SAE .* expects d_in=16"):
+        main(["eval", str(tmp_path / "run"), "--activations", str(tmp_path / "wide.npy")])
+
+
+@pytest.mark.slow
+def test_default_train_on_smollm2_gives_a_loadable_sae(tmp_path):
+    pytest.importorskip("transformers")
+    from sae.text import builtin_texts
+
+    (tmp_path / "text.txt").write_text("\n\n".join(builtin_texts()[:12]))
+    out = tmp_path / "run"
+    # every default (model, hook point, architecture, k) but a small text, width and run
+    assert (
+        main(
+            [
+                "train",
+                "--text",
+                str(tmp_path / "text.txt"),
+                "--d-sae",
+                "1152",
+                "--tokens",
+                "20000",
+                "--out",
+                str(out),
+                "--no-progress",
+            ]
+        )
+        == 0
+    )
+    sae = load(out / "topk")
+    meta = sae.cfg.metadata
+    assert (meta["model_name"], meta["hook_name"], sae.cfg.k) == ("smollm2", "model.layers.15", 32)
+    assert sae.cfg.d_in == 576
+    sae_lens = pytest.importorskip("sae_lens")
+    theirs = sae_lens.SAE.load_from_disk(str(out / "topk"))
+    x = torch.randn(8, 576) * 50
+    torch.testing.assert_close(theirs.decode(theirs.encode(x)), sae(x), rtol=1e-4, atol=1e-3)
