@@ -479,7 +479,7 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--aux-coefficient", type=float, default=1 / 32)
     t.add_argument("--batch-size", type=int, default=4096)
     t.add_argument("--tokens", type=int, default=2_000_000)
-    t.add_argument("--lr", type=float, default=None, help="default: 2e-4 / sqrt(d_sae / 2^14)")
+    t.add_argument("--lr", type=float, default=None, help="default: 1.5e-3 / sqrt(d_sae / 2^14)")
     t.add_argument("--matmul-dtype", default="auto", choices=["auto", "float32", "bfloat16"])
     t.add_argument("--holdout", type=int, default=16384, help="held-out tokens for metrics")
     t.add_argument("--eval-every", type=int, default=0)

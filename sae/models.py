@@ -345,8 +345,9 @@ class SAE(nn.Module):
         cfg = self.cfg
         N = x.shape[0]
         W_rows = self.W_enc.T  # (d_sae, d_in) view
-        with torch.no_grad():
-            pre = self._pre(x, matmul_dtype)
+        with torch.no_grad():  # kept in the matmul dtype: selection needs no float32 copy
+            W = W_rows if matmul_dtype is None else W_rows.to(matmul_dtype)
+            pre = preact(x, W, self.b_enc, self.b_dec)
         rows, cols = self._training_operator(N).support(pre)
         aux_rows, aux_cols, aux_weight = self._aux_support(pre)
         all_rows = torch.cat([rows, aux_rows])

@@ -51,7 +51,7 @@ class TrainConfig:
     """Optimisation and bookkeeping settings shared by the SAEs of one run."""
 
     total_tokens: int = 2_000_000
-    lr: float | None = None  # None: 2e-4 / sqrt(d_sae / 2^14) (scaled by width, per SAE)
+    lr: float | None = None  # None: 1.5e-3 / sqrt(d_sae / 2^14) (scaled by width, per SAE)
     betas: tuple[float, float] = (0.9, 0.999)
     warmup_steps: int | None = None  # None: 5% of the steps, at most 1000
     decay_fraction: float = 0.2  # linear decay to 0 over this final fraction of the steps
@@ -167,7 +167,7 @@ class Trainer:
     def _base_lr(self, sae: SAE) -> float:
         if self.cfg.lr is not None:
             return self.cfg.lr
-        return 2e-4 / math.sqrt(sae.cfg.d_sae / 2**14)
+        return 1.5e-3 / math.sqrt(sae.cfg.d_sae / 2**14)
 
     def _initialise(self, batch: dict[str, Tensor]) -> None:
         """Input scale, b_dec and the dead window from the first batch (not on resume)."""

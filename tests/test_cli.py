@@ -170,3 +170,63 @@ def test_default_train_on_smollm2_gives_a_loadable_sae(tmp_path):
     theirs = sae_lens.SAE.load_from_disk(str(out / "topk"))
     x = torch.randn(8, 576) * 50
     torch.testing.assert_close(theirs.decode(theirs.encode(x)), sae(x), rtol=1e-4, atol=1e-3)
+
+
+def _tiny_model_and_texts(tiny_llama, tiny_tokenizer, tmp_path):
+    model_dir = tmp_path / "tiny-llama"
+    tiny_llama.save_pretrained(model_dir)
+    tiny_tokenizer.save_pretrained(model_dir)
+    texts = tmp_path / "texts"
+    texts.mkdir()
+    gen = torch.Generator().manual_seed(3)
+    for i in range(30):
+        ids = torch.randint(8, 128, (80,), generator=gen).tolist()
+        (texts / f"doc{i:02d}.txt").write_text(" ".join(f"w{j}" for j in ids))
+    return model_dir, texts
+
+
+def test_cache_then_train_from_cache(tiny_llama, tiny_tokenizer, tmp_path):
+    from sae.cache import CachedActivations, read_manifest
+
+    model_dir, texts = _tiny_model_and_texts(tiny_llama, tiny_tokenizer, tmp_path)
+    cache = tmp_path / "cache"
+    common = ["--model", str(model_dir), "--text", str(texts), "--context-size", "16",
+              "--device", "cpu", "--no-progress"]
+    assert main(["cache", *common, "--hookpoint", "model.layers.1", "--tokens", "1200",
+                 "--shard-tokens", "256", "--out", str(cache)]) == 0
+    manifest = read_manifest(cache)
+    assert manifest["complete"] and manifest["hookpoints"] == ["model.layers.1"]
+    rows = sum(s["rows"] for s in manifest["shards"])
+    assert rows >= 1200
+    # the cached rows are the model's activations: compare with a direct forward
+    from sae import lm, text
+
+    model, tok = lm.load_model(str(model_dir))
+    toks = text.pack_tokens(tok, text.load_texts(str(texts)), context_size=16)
+    with torch.no_grad():
+        ref = model(toks, output_hidden_states=True).hidden_states[2][:, 1:].reshape(-1, 32)
+    cached = next(iter(CachedActivations(cache, batch_size=64, shuffle=False)))["model.layers.1"]
+    dist = torch.cdist(cached, ref).min(dim=1).values
+    assert dist.max() < 1e-4  # every cached row is one of the model's rows
+
+    out = tmp_path / "run"
+    assert main(["train", "--cache", str(cache), "--d-sae", "64", "--k", "4",
+                 "--batch-size", "128", "--tokens", "2000", "--holdout", "128",
+                 "--out", str(out), "--no-progress"]) == 0
+    sae = load(out / "topk")
+    assert sae.cfg.metadata["hook_name"] == "model.layers.1" and sae.cfg.d_in == 32
+
+
+def test_live_training_on_a_local_model(tiny_llama, tiny_tokenizer, tmp_path, capsys):
+    model_dir, texts = _tiny_model_and_texts(tiny_llama, tiny_tokenizer, tmp_path)
+    out = tmp_path / "run"
+    assert main(["train", "--model", str(model_dir), "--text", str(texts), "--context-size", "16",
+                 "--d-sae", "64", "--k", "4", "--batch-size", "128", "--tokens", "3000",
+                 "--holdout", "256", "--device", "cpu", "--out", str(out), "--no-progress"]) == 0
+    sae = load(out / "topk")
+    assert sae.cfg.metadata["hook_name"] == "model.layers.1"  # middle of 3 layers
+    capsys.readouterr()
+    assert main(["eval", str(out), "--json", "--device", "cpu", "--no-progress"]) == 0
+    m = json.loads(capsys.readouterr().out)["topk"]
+    assert 0 <= m["fraction_spliced"] <= 1 and m["n_tokens"] > 0
+    assert {"ce_loss_recovered", "delta_lm_loss", "kl_sae"} <= set(m)

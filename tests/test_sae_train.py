@@ -193,3 +193,19 @@ def test_source_too_short():
     )
     with pytest.raises(ValueError, match="ran out after 100 tokens"):
         t.fit()
+
+
+def test_wandb_offline_logging(tmp_path, monkeypatch):
+    wandb = pytest.importorskip("wandb")
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_DIR", str(tmp_path))
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    sae = SAE(SAEConfig(d_in=8, d_sae=16, k=2))
+    t = Trainer({"s": sae}, ArrayActivations(torch.randn(2000, 8), batch_size=100),
+                TrainConfig(total_tokens=2000, progress=False, wandb=True, log_every=5),
+                out_dir=tmp_path)
+    t.fit()
+    run_dir = t._wandb.dir
+    t.close()
+    assert wandb.run is None
+    assert (tmp_path / "wandb").exists() and "offline-run" in str(run_dir)
