@@ -535,7 +535,10 @@ def run_child(name: str, args, activations: Path) -> dict:
                "--batch-size", str(args.batch_size), "--holdout", str(args.holdout),
                "--massive-factor", str(args.massive_factor), "--seed", str(args.seed),
                "--threads", str(args.threads)]
+        # SPARSIFY_DISABLE_TRITON: sparsify's own switch to its eager (embedding_bag) path; without
+        # it, an installed triton makes sparsify try GPU kernels on a CPU machine and fail.
         env = dict(os.environ, TQDM_DISABLE="1", WANDB_MODE="disabled",
+                   SPARSIFY_DISABLE_TRITON="1",
                    **{v: str(args.threads) for v in THREAD_ENV_VARS})
         proc = subprocess.run(cmd, env=env, capture_output=not args.verbose, text=True,
                               cwd=HERE.parent)

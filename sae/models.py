@@ -47,7 +47,13 @@ import torch
 from torch import Tensor, nn
 
 from sparsecode.core import operators as ops
-from sparsecode.core.kernels import gather_preact, preact, sparse_decode
+from sparsecode.core.kernels import (
+    gather_preact,
+    preact,
+    sparse_decode,
+    sparse_preact,
+    topk_encode,
+)
 
 from . import losses
 
@@ -345,15 +351,19 @@ class SAE(nn.Module):
         cfg = self.cfg
         N = x.shape[0]
         W_rows = self.W_enc.T  # (d_sae, d_in) view
-        with torch.no_grad():  # kept in the matmul dtype: selection needs no float32 copy
-            W = W_rows if matmul_dtype is None else W_rows.to(matmul_dtype)
-            pre = preact(x, W, self.b_enc, self.b_dec)
-        rows, cols = self._training_operator(N).support(pre)
-        aux_rows, aux_cols, aux_weight = self._aux_support(pre)
-        all_rows = torch.cat([rows, aux_rows])
-        all_cols = torch.cat([cols, aux_cols])
-        values = gather_preact(x, W_rows, self.b_enc, self.b_dec, all_rows, all_cols, pre)
-        vals, aux_vals = values[: rows.numel()], values[rows.numel() :]
+        if self.architecture == "topk":
+            rows, cols, vals, aux_rows, aux_cols, aux_vals = self._fused_topk(x, matmul_dtype)
+            aux_weight = None
+        else:
+            with torch.no_grad():  # kept in the matmul dtype: selection needs no float32 copy
+                W = W_rows if matmul_dtype is None else W_rows.to(matmul_dtype)
+                pre = preact(x, W, self.b_enc, self.b_dec)
+            rows, cols = self._training_operator(N).support(pre)
+            aux_rows, aux_cols, aux_weight = self._aux_support(pre)
+            all_rows = torch.cat([rows, aux_rows])
+            all_cols = torch.cat([cols, aux_cols])
+            values = gather_preact(x, W_rows, self.b_enc, self.b_dec, all_rows, all_cols, pre)
+            vals, aux_vals = values[: rows.numel()], values[rows.numel() :]
 
         terms: dict[str, Tensor] = {}
         if self.architecture == "matryoshka":
@@ -387,6 +397,32 @@ class SAE(nn.Module):
             l0=rows.numel() / max(N, 1),
             fired=counts > 0,
         )
+
+    def _fused_topk(self, x: Tensor, matmul_dtype) -> tuple[Tensor, ...]:
+        """TopK codes (and AuxK pairs) without the ``(N, d_sae)`` pre-activations: the fused
+        :func:`~sparsecode.core.kernels.topk_encode` (Triton on GPU, row chunks on CPU); AuxK
+        encodes against the dead latents' rows only. Pairs are sorted by row."""
+        N, W_rows = x.shape[0], self.W_enc.T
+        v, idx = topk_encode(x, W_rows, self.b_enc, self.b_dec, self.cfg.k,
+                             matmul_dtype=matmul_dtype)
+        keep = (v > 0).reshape(-1)
+        ar = torch.arange(N, device=x.device)
+        rows = ar.repeat_interleave(idx.shape[1])[keep]
+        cols, vals = idx.reshape(-1)[keep], v.reshape(-1)[keep]
+        empty = torch.empty(0, dtype=torch.long, device=x.device)
+        dead = self.dead_mask().nonzero(as_tuple=True)[0]
+        if self.cfg.aux_coefficient == 0 or not self.training or dead.numel() == 0:
+            return rows, cols, vals, empty, empty, vals[:0]
+        k_aux = min(self.cfg.aux_k, dead.numel())
+        with torch.no_grad():
+            av, ai = topk_encode(x, W_rows[dead], self.b_enc[dead], self.b_dec, k_aux,
+                                 matmul_dtype=matmul_dtype)
+        keep = (av > 0).reshape(-1)
+        aux_rows = ar.repeat_interleave(k_aux)[keep]
+        aux_cols = dead[ai.reshape(-1)[keep]]
+        aux_vals = sparse_preact(x, W_rows, self.b_enc, self.b_dec, aux_rows, aux_cols,
+                                 av.reshape(-1)[keep])
+        return rows, cols, vals, aux_rows, aux_cols, aux_vals
 
     @property
     def _uses_zipf(self) -> bool:

@@ -1,8 +1,15 @@
 """Shared test set-up."""
 
+import os
+
 import numpy as np
 import pytest
 import torch
+
+# With triton installed (the `kernels` extra), sparsify picks its Triton decoder at import even
+# without a GPU and fails; its own switch sends it to the eager path, as on any CPU machine.
+if not torch.cuda.is_available():
+    os.environ.setdefault("SPARSIFY_DISABLE_TRITON", "1")
 
 
 @pytest.fixture(scope="session", autouse=True)

@@ -1,10 +1,13 @@
-"""Torch implementations of the sparse encode / decode operations (see the package docstring)."""
+"""Torch implementations of the sparse encode / decode operations (see the package docstring),
+with the Triton kernels plugged in where :mod:`.dispatch` selects them."""
 
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+
+from .dispatch import interpreter_dtype_ok, use_triton
 
 
 def preact(x: Tensor, W_enc: Tensor, b_enc: Tensor, b_dec: Tensor | None = None) -> Tensor:
@@ -27,6 +30,22 @@ def _bags_by(keys: Tensor, n_bags: int) -> tuple[Tensor, Tensor]:
     return order, row_offsets(keys[order], n_bags)
 
 
+def _csr(starts: Tensor, nnz: int) -> Tensor:
+    """Bag start offsets plus the end: ``(n_bags + 1,)``."""
+    return torch.cat([starts, starts.new_tensor([nnz])])
+
+
+def bag_sum(idx: Tensor, table: Tensor, starts: Tensor, weights: Tensor | None) -> Tensor:
+    """``out[b] = sum over p in bag b of weights[p] * table[idx[p]]`` (bags are consecutive runs
+    of pairs starting at ``starts``): ``embedding_bag(mode="sum")``, or the deterministic Triton
+    kernel (fp32 accumulation, each output row written once) where the dispatch selects it."""
+    if use_triton(idx, table, weights) and interpreter_dtype_ok(table, weights):
+        from . import triton_ops
+
+        return triton_ops.bag_sum(idx, table, _csr(starts, idx.numel()), weights)
+    return F.embedding_bag(idx, table, starts, per_sample_weights=weights, mode="sum")
+
+
 class _GatherPreact(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, W_enc, b_enc, b_dec, rows, cols, values):  # noqa: D401
@@ -47,16 +66,12 @@ class _GatherPreact(torch.autograd.Function):
             # dL/dW_enc[j] = sum over pairs (i, j) of g * (x_i - b_dec): bags grouped by atom
             xc = x if b_dec is None else x - b_dec
             order, offsets = _bags_by(cols, n_atoms)
-            grad_W = F.embedding_bag(
-                rows[order], xc.to(g.dtype), offsets, per_sample_weights=g[order], mode="sum"
-            )
+            grad_W = bag_sum(rows[order], xc.to(g.dtype), offsets, g[order])
         if b_dec is not None and ctx.needs_input_grad[3]:
             # d/db_dec of (x - b_dec) @ W^T: minus the atoms' gradient pushed through W
             grad_b_dec = -(atom_sum @ W_enc)
         if ctx.needs_input_grad[0]:
-            grad_x = F.embedding_bag(
-                cols, W_enc, row_offsets(rows, x.shape[0]), per_sample_weights=g, mode="sum"
-            ).to(x.dtype)
+            grad_x = bag_sum(cols, W_enc, row_offsets(rows, x.shape[0]), g).to(x.dtype)
         return grad_x, grad_W, grad_b_enc, grad_b_dec, None, None, None
 
 
@@ -92,6 +107,57 @@ def gather_preact(
     return _GatherPreact.apply(x, W_enc, b_enc, b_dec, rows, cols, values)
 
 
+def sparse_preact(
+    x: Tensor,
+    W_enc: Tensor,
+    b_enc: Tensor,
+    b_dec: Tensor | None,
+    rows: Tensor,
+    cols: Tensor,
+    values: Tensor,
+) -> Tensor:
+    """``values`` (the pre-activations at ``(rows, cols)``, computed elsewhere without gradient,
+    e.g. by a fused top-k encode) with the sparse backward of :func:`gather_preact` attached."""
+    return _GatherPreact.apply(x, W_enc, b_enc, b_dec, rows, cols, values.to(W_enc.dtype))
+
+
+class _BagDecode(torch.autograd.Function):
+    """Triton sparse decode: ``out[b] = sum over pairs p of bag b of w[p] * W[idx[p]]`` with the
+    pairs already grouped by bag. Backward: ``grad w[p] = <g[bag[p]], W[idx[p]]>`` (one dot
+    product per pair) and ``grad W[j] = sum over pairs with idx = j of w * g[bag]`` (pairs sorted
+    by atom, each gradient row written once: deterministic, no float atomics)."""
+
+    @staticmethod
+    def forward(ctx, weights, W, idx, bag, csr):  # noqa: D401
+        from . import triton_ops
+
+        ctx.save_for_backward(weights, W, idx, bag)
+        return triton_ops.bag_sum(idx, W, csr, weights)
+
+    @staticmethod
+    def backward(ctx, g):
+        from . import triton_ops
+
+        weights, W, idx, bag = ctx.saved_tensors
+        g = g.contiguous()
+        grad_w = grad_W = None
+        if ctx.needs_input_grad[0]:
+            grad_w = triton_ops.pair_dot(g, bag, W, idx, weights.dtype)
+        if ctx.needs_input_grad[1]:
+            order, starts = _bags_by(idx, W.shape[0])
+            grad_W = triton_ops.bag_sum(
+                bag[order], g, _csr(starts, idx.numel()), weights[order].to(g.dtype),
+                out_dtype=W.dtype,
+            )
+        return grad_w, grad_W, None, None, None
+
+
+def _decode_bags(weights: Tensor, idx: Tensor, bag: Tensor, starts: Tensor, W: Tensor) -> Tensor:
+    if use_triton(weights, idx, W) and interpreter_dtype_ok(weights, W) and W.dim() == 2:
+        return _BagDecode.apply(weights, W, idx, bag, _csr(starts, idx.numel()))
+    return F.embedding_bag(idx, W, starts, per_sample_weights=weights, mode="sum")
+
+
 def sparse_decode(
     values: Tensor,
     rows: Tensor,
@@ -119,14 +185,10 @@ def sparse_decode(
     """
     weights = values.to(W_dec.dtype)
     if groups is None:
-        out = F.embedding_bag(
-            cols, W_dec, row_offsets(rows, n_rows), per_sample_weights=weights, mode="sum"
-        )
+        out = _decode_bags(weights, cols, rows, row_offsets(rows, n_rows), W_dec)
         return out if bias is None else out + bias
     n_groups = int(groups.max().item()) + 1 if groups.numel() else 1
     bag = rows * n_groups + groups[cols]  # sorted by row; group order within a row is fixed below
     order, offsets = _bags_by(bag, n_rows * n_groups)
-    out = F.embedding_bag(
-        cols[order], W_dec, offsets, per_sample_weights=weights[order], mode="sum"
-    )
+    out = _decode_bags(weights[order], cols[order], bag[order], offsets, W_dec)
     return out.reshape(n_rows, n_groups, W_dec.shape[1])

@@ -1,0 +1,286 @@
+"""Fused top-k encode: ``select_k((x - b_dec) @ W_enc^T + b_enc)`` without the dense
+``(N, n_atoms)`` pre-activation matrix.
+
+On CUDA tensors with ``triton`` installed the selection runs in one fused kernel
+(:mod:`.triton_ops`: matmul tiles with a running top-k in registers, then a tiny merge of the
+per-slice candidates). Elsewhere the torch fallback computes the pre-activations a chunk of rows
+at a time, so that no more than ``max_bytes`` of them (plus selection temporaries) exist at once.
+
+Tie rule (both paths): among equal values the lowest atom index is selected first, and each row
+is returned sorted by value (descending), equal values by atom index (ascending). So both paths
+return identical ``(values, indices)`` whenever they compute bit-identical pre-activations.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+from torch import Tensor
+
+from .dispatch import use_triton
+from .torch_ops import preact, sparse_preact
+
+#: Default memory budget of the torch fallback for one chunk of pre-activations and the
+#: selection temporaries (``SPARSECODE_ENCODE_CHUNK_BYTES`` overrides it).
+DEFAULT_CHUNK_BYTES = 256 * 2**20
+
+
+def _budget(max_bytes: int | None) -> int:
+    if max_bytes is not None:
+        return max(1, int(max_bytes))
+    env = os.environ.get("SPARSECODE_ENCODE_CHUNK_BYTES")
+    return int(env) if env else DEFAULT_CHUNK_BYTES
+
+
+def _canonical(vals: Tensor, idx: Tensor) -> tuple[Tensor, Tensor]:
+    """Sort each row by value descending, equal values by index ascending."""
+    idx, o = idx.sort(dim=1)
+    vals = vals.gather(1, o)
+    vals, o = vals.sort(dim=1, descending=True, stable=True)
+    return vals, idx.gather(1, o)
+
+
+#: extra values taken by the torch top-k so that ties at the cut resolve without a row scan
+_TIE_WINDOW = 8
+
+
+def _full_tie_rows(pre: Tensor, vals: Tensor, idx: Tensor, k: int) -> Tensor:
+    """Indices of the top-k of rows whose ties at the k-th value ``t`` go beyond the window:
+    the entries above ``t`` plus the lowest-index entries equal to ``t`` (one row scan)."""
+    tt = vals[:, k - 1 : k]
+    er, ec = (pre == tt).nonzero(as_tuple=True)  # sorted by row, then atom
+    gt = vals[:, :k] > tt
+    need = k - gt.sum(dim=1)
+    counts = torch.bincount(er, minlength=pre.shape[0])
+    rank = torch.arange(er.numel(), device=pre.device) - (torch.cumsum(counts, 0) - counts)[er]
+    pick = rank < need[er]
+    gr, gc = gt.nonzero(as_tuple=True)
+    r_all = torch.cat([gr, er[pick]])
+    c_all = torch.cat([idx[:, :k][gr, gc], ec[pick]])
+    return c_all[r_all.argsort(stable=True)].reshape(-1, k)
+
+
+def topk_rows(pre: Tensor, k: int) -> tuple[Tensor, Tensor]:
+    """Top-``k`` of each row of a 2-D ``pre`` with the tie rule (lowest index first), sorted
+    canonically: the torch selection used by the fallback (``k <= pre.shape[1]``).
+
+    It takes ``k + 8`` values per row and sorts that window canonically; when the window's last
+    value is below the k-th value every tie at the cut is inside the window, so the first ``k``
+    are exact. Rows with more ties than that (rare, even in bf16) are resolved by a row scan."""
+    n = pre.shape[1]
+    w = min(n, k + _TIE_WINDOW)
+    top = pre.topk(w, dim=1, sorted=True)
+    vals, idx = _canonical(top.values, top.indices)
+    if k == 0 or pre.shape[0] == 0:
+        return vals[:, :k], idx[:, :k]
+    if w < n:
+        bad = (top.values[:, w - 1] == top.values[:, k - 1]).nonzero(as_tuple=True)[0]
+        if bad.numel():
+            idx = idx.clone()
+            idx[bad, :k] = _full_tie_rows(pre[bad], vals[bad], idx[bad], k)
+            vals = vals.clone()
+            vals[bad, :k] = pre[bad].gather(1, idx[bad, :k])
+    return vals[:, :k], idx[:, :k]
+
+
+def _select_topk(xc: Tensor, W: Tensor, b_enc: Tensor, k: int, max_bytes: int | None
+                 ) -> tuple[Tensor, Tensor]:
+    """No-grad selection on centred inputs ``xc`` (already in ``W``'s dtype)."""
+    if use_triton(xc, W, b_enc):
+        from . import triton_ops
+
+        if triton_ops.topk_supported(xc, W, k):
+            return triton_ops.topk_select(xc, W, b_enc, k)
+    N, n = xc.shape[0], W.shape[0]
+    per_row = n * (W.element_size() + 6) + 1  # pre-activations + bool / int32 temporaries
+    chunk = max(1, _budget(max_bytes) // per_row)
+    if chunk >= N:
+        return topk_rows(preact(xc, W, b_enc), k)
+    vals = torch.empty((N, k), dtype=W.dtype, device=xc.device)
+    idx = torch.empty((N, k), dtype=torch.long, device=xc.device)
+    for s in range(0, N, chunk):
+        v, i = topk_rows(preact(xc[s : s + chunk], W, b_enc), k)
+        vals[s : s + chunk], idx[s : s + chunk] = v, i
+    return vals, idx
+
+
+def _centred(x: Tensor, W: Tensor, b_dec: Tensor | None) -> Tensor:
+    xc = x if b_dec is None else x - b_dec.to(x.dtype)
+    return xc.to(W.dtype)
+
+
+def _needs_grad(*ts: Tensor | None) -> bool:
+    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in ts)
+
+
+def topk_encode(
+    x: Tensor,
+    W_enc: Tensor,
+    b_enc: Tensor,
+    b_dec: Tensor | None,
+    k: int,
+    *,
+    relu: bool = True,
+    matmul_dtype: torch.dtype | None = None,
+    max_bytes: int | None = None,
+) -> tuple[Tensor, Tensor]:
+    """The ``k`` largest pre-activations ``(x - b_dec) @ W_enc^T + b_enc`` of each row of a 2-D
+    ``x``: ``(values (N, k), indices (N, k) int64)``, rows sorted by value (see the module's tie
+    rule). ``W_enc`` is ``(n_atoms, d)`` (any strides); ``k`` is clipped to ``n_atoms``.
+
+    ``relu=True`` clamps the values at zero (the TopK SAE activation; the selection is over the
+    raw values, as ``TopK(k, positive=True)``). ``matmul_dtype`` (e.g. ``torch.bfloat16``) runs
+    the selection matmul in that precision. The values carry the sparse encoder backward of
+    :func:`gather_preact` (gradients to ``x``, ``W_enc``, ``b_enc``, ``b_dec`` at O(N k d) cost).
+    ``max_bytes`` bounds the pre-activation chunk of the torch fallback.
+
+    >>> import torch
+    >>> x, W, b = torch.randn(6, 4), torch.randn(10, 4), torch.zeros(10)
+    >>> v, i = topk_encode(x, W, b, None, 3, relu=False)
+    >>> torch.allclose(v, (x @ W.T).topk(3, dim=1).values)
+    True
+    """
+    if x.dim() != 2 or W_enc.dim() != 2 or x.shape[1] != W_enc.shape[1]:
+        raise ValueError(f"expected x (N, d) and W_enc (n_atoms, d), got {tuple(x.shape)} and "
+                         f"{tuple(W_enc.shape)}")
+    if isinstance(k, bool) or not isinstance(k, int) or k < 1:
+        raise ValueError(f"k must be an integer >= 1, got {k!r}")
+    k = min(k, W_enc.shape[0])
+    with torch.no_grad():
+        W = W_enc.detach() if matmul_dtype is None else W_enc.detach().to(matmul_dtype)
+        b = b_enc.detach().to(W.dtype)
+        vals, idx = _select_topk(_centred(x.detach(), W, b_dec), W, b, k, max_bytes)
+    vals = vals.to(W_enc.dtype)
+    if _needs_grad(x, W_enc, b_enc, b_dec):
+        N = x.shape[0]
+        rows = torch.arange(N, device=x.device).repeat_interleave(k)
+        vals = sparse_preact(x, W_enc, b_enc, b_dec, rows, idx.reshape(-1), vals.reshape(-1))
+        vals = vals.reshape(N, k)
+    return (vals.relu() if relu else vals), idx
+
+
+def batch_topk_encode(
+    x: Tensor,
+    W_enc: Tensor,
+    b_enc: Tensor,
+    b_dec: Tensor | None,
+    k: int,
+    *,
+    relu: bool = True,
+    matmul_dtype: torch.dtype | None = None,
+    row_cap: int | None = None,
+    max_bytes: int | None = None,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Batch top-k without the dense pre-activations: the ``k * N`` largest entries of the
+    ``(N, n_atoms)`` pre-activations over the whole batch, as ``(rows, cols, values)`` sorted by
+    row then atom (what ``BatchTopK(k, positive=relu).support`` selects; with ``relu`` only
+    positive values are kept). Values carry the sparse encoder backward.
+
+    Two passes: (1) a fused per-row top-``row_cap`` (default ``min(n_atoms, 4k)``) gives a
+    candidate pool and its ``kN``-th largest value ``t``; every row whose ``row_cap``-th candidate
+    is below ``t`` cannot hold more winners than its candidates, so the pool's top ``kN`` is exact
+    for it. (2) Rows that saturate are re-encoded with a 4x larger cap (up to ``n_atoms``) and
+    the threshold is recomputed; ``t`` only grows, so finished rows stay exact.
+    """
+    if x.dim() != 2 or W_enc.dim() != 2 or x.shape[1] != W_enc.shape[1]:
+        raise ValueError(f"expected x (N, d) and W_enc (n_atoms, d), got {tuple(x.shape)} and "
+                         f"{tuple(W_enc.shape)}")
+    if isinstance(k, bool) or not isinstance(k, int) or k < 1:
+        raise ValueError(f"k must be an integer >= 1, got {k!r}")
+    N, n = x.shape[0], W_enc.shape[0]
+    dev = x.device
+    if N == 0 or n == 0:
+        e = torch.empty(0, dtype=torch.long, device=dev)
+        return e, e, torch.empty(0, dtype=W_enc.dtype, device=dev)
+    budget = min(k * N, N * n)
+    cap = min(n, row_cap if row_cap is not None else 4 * k)
+    with torch.no_grad():
+        W = W_enc.detach() if matmul_dtype is None else W_enc.detach().to(matmul_dtype)
+        b = b_enc.detach().to(W.dtype)
+        xc = _centred(x.detach(), W, b_dec)
+        done_r, done_c, done_v = [], [], []
+        pending = torch.arange(N, device=dev)
+        while True:
+            v, i = _select_topk(xc[pending], W, b, cap, max_bytes)
+            pool = torch.cat([*done_v, v.reshape(-1)])
+            t = pool.topk(min(budget, pool.numel()), sorted=False).values.min()
+            sat = v[:, -1] >= t if cap < n else torch.zeros_like(pending, dtype=torch.bool)
+            ok = ~sat
+            done_r.append(pending[ok].repeat_interleave(cap))
+            done_c.append(i[ok].reshape(-1))
+            done_v.append(v[ok].reshape(-1))
+            if not bool(sat.any()):
+                break
+            pending, cap = pending[sat], min(n, 4 * cap)
+        rows, cols, vals = torch.cat(done_r), torch.cat(done_c), torch.cat(done_v)
+        top = vals.topk(min(budget, vals.numel()), sorted=False).indices
+        rows, cols, vals = rows[top], cols[top], vals[top]
+        if relu:
+            keep = vals > 0
+            rows, cols, vals = rows[keep], cols[keep], vals[keep]
+        order = (rows * n + cols).argsort()
+        rows, cols, vals = rows[order], cols[order], vals[order]
+    vals = vals.to(W_enc.dtype)
+    if _needs_grad(x, W_enc, b_enc, b_dec):
+        vals = sparse_preact(x, W_enc, b_enc, b_dec, rows, cols, vals)
+    return rows, cols, vals
+
+
+def threshold_encode(
+    x: Tensor,
+    W_enc: Tensor,
+    b_enc: Tensor,
+    b_dec: Tensor | None,
+    threshold: Tensor | float = 0.0,
+    *,
+    matmul_dtype: torch.dtype | None = None,
+    max_bytes: int | None = None,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Pairs whose pre-activation ``(x - b_dec) @ W_enc^T + b_enc`` exceeds ``threshold`` (a
+    number, or one per atom): the ReLU (``0``) / JumpReLU (``theta``) code of a 2-D ``x`` as
+    ``(rows, cols, values)`` sorted by row then atom, without the dense pre-activations (fused
+    two-pass Triton kernel on GPU; row chunks within ``max_bytes`` in the torch fallback).
+
+    Values carry the sparse encoder backward (to ``x``, ``W_enc``, ``b_enc``, ``b_dec``; there is
+    no gradient for ``threshold``: JumpReLU training uses its straight-through estimator).
+
+    >>> import torch
+    >>> x, W, b = torch.randn(5, 3), torch.randn(8, 3), torch.zeros(8)
+    >>> rows, cols, v = threshold_encode(x, W, b, None, 0.5)
+    >>> pre = x @ W.T
+    >>> torch.equal(torch.stack([rows, cols]), (pre > 0.5).nonzero().T)
+    True
+    """
+    if x.dim() != 2 or W_enc.dim() != 2 or x.shape[1] != W_enc.shape[1]:
+        raise ValueError(f"expected x (N, d) and W_enc (n_atoms, d), got {tuple(x.shape)} and "
+                         f"{tuple(W_enc.shape)}")
+    N, n = x.shape[0], W_enc.shape[0]
+    with torch.no_grad():
+        W = W_enc.detach() if matmul_dtype is None else W_enc.detach().to(matmul_dtype)
+        b = b_enc.detach().to(W.dtype)
+        thr = torch.as_tensor(threshold, device=x.device).detach().expand(n)
+        xc = _centred(x.detach(), W, b_dec)
+        out = None
+        if use_triton(xc, W, b):
+            from . import triton_ops
+
+            if triton_ops.topk_supported(xc, W, 1):
+                out = triton_ops.threshold_select(xc, W, b, thr)
+        if out is None:
+            chunk = max(1, _budget(max_bytes) // (n * (W.element_size() + 1) + 1))
+            parts = []
+            for s in range(0, N, chunk):
+                pre = preact(xc[s : s + chunk], W, b)
+                r, c = (pre > thr.to(pre.dtype)).nonzero(as_tuple=True)
+                parts.append((r + s, c, pre[r, c]))
+            if parts:
+                out = tuple(torch.cat(p) for p in zip(*parts, strict=True))
+            else:
+                e = torch.empty(0, dtype=torch.long, device=x.device)
+                out = (e, e, torch.empty(0, dtype=W.dtype, device=x.device))
+        rows, cols, vals = out
+    vals = vals.to(W_enc.dtype)
+    if _needs_grad(x, W_enc, b_enc, b_dec):
+        vals = sparse_preact(x, W_enc, b_enc, b_dec, rows, cols, vals)
+    return rows, cols, vals

@@ -1,0 +1,283 @@
+"""Sparse encode / decode kernels: torch paths against plain dense references (float64, gradcheck),
+the dispatch rules, and (in a subprocess under ``TRITON_INTERPRET=1``) the Triton kernels."""
+
+import importlib.util
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from sparsecode.core import operators as ops
+from sparsecode.core.kernels import (
+    batch_topk_encode,
+    dispatch,
+    encode,
+    gather_preact,
+    sparse_decode,
+    sparse_preact,
+    threshold_encode,
+    topk_encode,
+    topk_rows,
+    use_triton,
+)
+
+TESTS = Path(__file__).resolve().parent
+
+
+def _problem(N=13, d=7, n=29, seed=0, dtype=torch.float64):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(N, d, generator=g, dtype=dtype)
+    W = torch.randn(n, d, generator=g, dtype=dtype)
+    b = torch.randn(n, generator=g, dtype=dtype) * 0.1
+    bd = torch.randn(d, generator=g, dtype=dtype) * 0.1
+    return x, W, b, bd
+
+
+def _dense(x, W, b, bd):
+    return (x - bd) @ W.T + b
+
+
+# ------------------------------------------------------------------ tie rule
+def test_topk_rows_lowest_index_wins_and_canonical_order():
+    pre = torch.tensor([[1.0, 3.0, 3.0, 2.0, 3.0, 0.0],
+                        [5.0, 5.0, 5.0, 5.0, 5.0, 5.0],
+                        [0.0, 1.0, 2.0, 2.0, 4.0, 2.0]])
+    vals, idx = topk_rows(pre, 2)
+    assert idx.tolist() == [[1, 2], [0, 1], [4, 2]]
+    assert vals.tolist() == [[3.0, 3.0], [5.0, 5.0], [4.0, 2.0]]
+    vals, idx = topk_rows(pre, 4)
+    assert idx.tolist() == [[1, 2, 4, 3], [0, 1, 2, 3], [4, 2, 3, 5]]
+
+
+def test_topk_rows_matches_reference_on_random_ties():
+    g = torch.Generator().manual_seed(1)
+    pre = torch.randint(0, 4, (40, 23), generator=g).double()
+    for k in (1, 3, 5, 23):
+        vals, idx = topk_rows(pre, k)
+        # reference: sort by (-value, index)
+        key = -pre * 1000 + torch.arange(23).double()
+        ref = key.argsort(dim=1)[:, :k]
+        assert torch.equal(idx, ref)
+        assert torch.equal(vals, pre.gather(1, ref))
+
+
+# ------------------------------------------------------------------ topk_encode (torch path)
+@pytest.mark.parametrize("N,d,n,k", [(13, 7, 29, 5), (1, 3, 4, 4), (9, 5, 6, 10), (17, 11, 40, 1)])
+def test_topk_encode_matches_dense(N, d, n, k):
+    x, W, b, bd = _problem(N, d, n)
+    pre = _dense(x, W, b, bd)
+    kk = min(k, n)
+    vals, idx = topk_encode(x, W, b, bd, k, relu=False)
+    ref = pre.topk(kk, dim=1)
+    assert vals.shape == idx.shape == (N, kk)
+    assert torch.equal(idx, ref.indices)
+    torch.testing.assert_close(vals, ref.values)
+    v_relu, idx2 = topk_encode(x, W, b, bd, k)
+    assert torch.equal(idx2, idx)
+    torch.testing.assert_close(v_relu, ref.values.clamp_min(0))
+
+
+def test_topk_encode_without_b_dec_and_matmul_dtype():
+    x, W, b, _ = _problem(dtype=torch.float32)
+    vals, idx = topk_encode(x, W, b, None, 4, relu=False, matmul_dtype=torch.float64)
+    ref = (x.double() @ W.double().T + b.double()).topk(4, dim=1)
+    assert torch.equal(idx, ref.indices)
+    assert vals.dtype == torch.float32
+    torch.testing.assert_close(vals, ref.values.float())
+
+
+def test_topk_encode_chunks_rows_within_budget(monkeypatch):
+    x, W, b, bd = _problem(N=50, n=31)
+    seen = []
+    real = encode.preact
+
+    def spy(xc, W_, b_, *a):
+        seen.append(xc.shape[0])
+        return real(xc, W_, b_, *a)
+
+    monkeypatch.setattr(encode, "preact", spy)
+    budget = 8 * 31 * 14  # about 8 rows of float64 pre-activations plus temporaries
+    vals, idx = topk_encode(x, W, b, bd, 3, relu=False, max_bytes=budget)
+    assert max(seen) <= 8 and sum(seen) == 50 and len(seen) > 1
+    ref = _dense(x, W, b, bd).topk(3, dim=1)
+    assert torch.equal(idx, ref.indices)
+    torch.testing.assert_close(vals, ref.values)
+
+
+def test_topk_encode_gradients_match_dense_and_gradcheck():
+    x, W, b, bd = _problem(N=6, d=4, n=9)
+    leaves = [t.clone().requires_grad_() for t in (x, W, b, bd)]
+    vals, idx = topk_encode(*leaves, 3)
+    w = torch.linspace(-1, 2, vals.numel(), dtype=vals.dtype).reshape(vals.shape)
+    (vals * w).sum().backward()
+    ref_leaves = [t.clone().requires_grad_() for t in (x, W, b, bd)]
+    ref = _dense(*ref_leaves).gather(1, idx).clamp_min(0)
+    (ref * w).sum().backward()
+    for a, r in zip(leaves, ref_leaves, strict=True):
+        torch.testing.assert_close(a.grad, r.grad)
+
+    def f(x_, W_, b_, bd_):
+        return topk_encode(x_, W_, b_, bd_, 3, relu=False)[0]
+
+    assert torch.autograd.gradcheck(f, [t.clone().requires_grad_() for t in (x, W, b, bd)])
+
+
+def test_topk_encode_rejects_bad_input():
+    x, W, b, bd = _problem()
+    with pytest.raises(ValueError):
+        topk_encode(x, W, b, bd, 0)
+    with pytest.raises(ValueError):
+        topk_encode(x[:, :3], W, b, bd, 2)
+
+
+# ------------------------------------------------------------------ batch top-k (torch path)
+@pytest.mark.parametrize("row_cap", [None, 1, 2, 100])
+def test_batch_topk_encode_matches_batchtopk_support(row_cap):
+    x, W, b, bd = _problem(N=12, d=5, n=17, seed=3)
+    x[4] *= 20  # a massive row that wins far more than k entries: forces the second pass
+    pre = _dense(x, W, b, bd)
+    rows, cols, vals = batch_topk_encode(x, W, b, bd, 3, row_cap=row_cap)
+    rr, cc = ops.BatchTopK(3, positive=True).support(pre)
+    assert torch.equal(rows, rr) and torch.equal(cols, cc)
+    torch.testing.assert_close(vals, pre[rr, cc])
+    r2, c2, v2 = batch_topk_encode(x, W, b, bd, 3, row_cap=row_cap, relu=False)
+    r3, c3 = ops.BatchTopK(3, positive=False).support(pre.clamp_min(-1e9) + 100)  # k*N largest
+    assert torch.equal(r2, r3) and torch.equal(c2, c3)
+
+
+def test_batch_topk_encode_gradcheck():
+    x, W, b, bd = _problem(N=5, d=3, n=7, seed=4)
+
+    def f(x_, W_, b_, bd_):
+        return batch_topk_encode(x_, W_, b_, bd_, 2, row_cap=1)[2]
+
+    assert torch.autograd.gradcheck(f, [t.clone().requires_grad_() for t in (x, W, b, bd)])
+
+
+# ------------------------------------------------------------------ threshold encode (torch path)
+@pytest.mark.parametrize("max_bytes", [None, 200])
+def test_threshold_encode_matches_dense_and_gradcheck(max_bytes):
+    x, W, b, bd = _problem(N=9, d=4, n=11, seed=8)
+    thr = torch.linspace(-0.5, 1.0, 11, dtype=torch.float64)
+    pre = _dense(x, W, b, bd)
+    for t in (thr, 0.0, 1e9):
+        rows, cols, vals = threshold_encode(x, W, b, bd, t, max_bytes=max_bytes)
+        rr, cc = (pre > torch.as_tensor(t, dtype=pre.dtype)).nonzero(as_tuple=True)
+        assert torch.equal(rows, rr) and torch.equal(cols, cc)
+        torch.testing.assert_close(vals, pre[rr, cc])
+
+    def f(x_, W_, b_, bd_):
+        return threshold_encode(x_, W_, b_, bd_, thr, max_bytes=max_bytes)[2]
+
+    assert torch.autograd.gradcheck(f, [t.clone().requires_grad_() for t in (x, W, b, bd)])
+
+
+# ------------------------------------------------------------------ decode / gather (torch path)
+def test_sparse_preact_is_gather_preact():
+    x, W, b, bd = _problem(N=5, d=3, n=7)
+    rows, cols = torch.tensor([0, 0, 2, 4]), torch.tensor([1, 6, 0, 6])
+    pre = _dense(x, W, b, bd)
+
+    def f(x_, W_, b_, bd_):
+        return sparse_preact(x_, W_, b_, bd_, rows, cols, _dense(x_, W_, b_, bd_)[rows, cols])
+
+    leaves = [t.clone().requires_grad_() for t in (x, W, b, bd)]
+    torch.testing.assert_close(f(*leaves), gather_preact(x, W, b, bd, rows, cols))
+    torch.testing.assert_close(f(*leaves), pre[rows, cols])
+    assert torch.autograd.gradcheck(lambda *a: gather_preact(*a, rows, cols),
+                                    [t.clone().requires_grad_() for t in (x, W, b, bd)])
+
+
+def test_sparse_decode_grouped_gradcheck():
+    g = torch.Generator().manual_seed(5)
+    W = torch.randn(6, 3, dtype=torch.float64, generator=g, requires_grad=True)
+    rows, cols = torch.tensor([0, 0, 0, 2, 3, 3]), torch.tensor([5, 0, 3, 1, 4, 2])
+    vals = torch.randn(6, dtype=torch.float64, generator=g, requires_grad=True)
+    groups = torch.tensor([0, 0, 1, 1, 1, 2])
+    out = sparse_decode(vals, rows, cols, W, 4, groups=groups)
+    dense = torch.zeros(4, 6, dtype=torch.float64).index_put((rows, cols), vals)
+    ref = torch.stack([dense[:, groups == j] @ W[groups == j] for j in range(3)], dim=1)
+    torch.testing.assert_close(out, ref)
+    assert torch.autograd.gradcheck(
+        lambda v, w: sparse_decode(v, rows, cols, w, 4, groups=groups), [vals, W])
+
+
+# ------------------------------------------------------------------ dispatch rules
+def test_dispatch_rules(monkeypatch):
+    t = torch.zeros(2)
+    monkeypatch.delenv(dispatch.FORCE_ENV, raising=False)
+    assert not use_triton(t)  # CPU tensors never pick Triton by themselves
+    monkeypatch.setenv(dispatch.FORCE_ENV, "1")
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    assert not use_triton(t)  # forcing needs the interpreter
+    monkeypatch.setenv(dispatch.DISABLE_ENV, "1")
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    assert not dispatch.triton_available() and not use_triton(t)
+
+
+# ------------------------------------------------------------------ Triton kernels (interpreter)
+@pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="triton not installed")
+def test_triton_kernels_under_interpreter():
+    """Runs tests/test_kernels_triton.py in a fresh interpreter with ``TRITON_INTERPRET=1`` (it
+    must be set before triton is imported, and must not leak into the other test modules)."""
+    env = dict(os.environ, TRITON_INTERPRET="1", SPARSECODE_FORCE_TRITON="1",
+               OMP_NUM_THREADS="1")
+    env.pop(dispatch.DISABLE_ENV, None)
+    proc = subprocess.run(
+        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-o", "addopts=",
+         str(TESTS / "test_kernels_triton.py")],
+        cwd=TESTS.parent, env=env, capture_output=True, text=True, timeout=600,
+    )
+    assert proc.returncode == 0, proc.stdout[-6000:] + proc.stderr[-3000:]
+    assert " passed" in proc.stdout and "skipped" not in proc.stdout.splitlines()[-1]
+
+
+# ------------------------------------------------------------------ the SAE's fused TopK path
+def test_sae_topk_fused_path_matches_support_path():
+    """``SAE._sparse_forward`` for ``topk`` (fused encode, AuxK over dead latents only) gives the
+    loss and gradients of the generic path (dense pre-activations -> support -> gather)."""
+    from sae import losses
+    from sae.models import SAE, SAEConfig
+
+    torch.manual_seed(0)
+    sae = SAE(SAEConfig(d_in=6, d_sae=24, architecture="topk", k=3, aux_k=4, dead_tokens=5))
+    sae = sae.double()
+    with torch.no_grad():
+        sae.b_enc.normal_(0, 0.1)
+        sae.b_dec.normal_(0, 0.1)
+        sae.tokens_since_fired[::3] = 100  # 8 dead latents
+    x = torch.randn(10, 6, dtype=torch.float64)
+    dead = sae.dead_mask().nonzero(as_tuple=True)[0]  # before the step updates the counters
+    out = sae.training_forward(x)
+    out.loss.backward()
+    grads = {n: p.grad.clone() for n, p in sae.named_parameters() if p.grad is not None}
+    sae.zero_grad()
+
+    W_rows = sae.W_enc.T
+    pre = (x - sae.b_dec) @ W_rows.T + sae.b_enc
+    rows, cols = ops.TopK(3, positive=True).support(pre.detach())
+    vals = gather_preact(x, W_rows, sae.b_enc, sae.b_dec, rows, cols)
+    x_hat = sparse_decode(vals, rows, cols, sae.W_dec, 10, bias=sae.b_dec)
+    assert dead.numel() == 8
+    ar, al = ops.TopK(4, positive=True).support(pre.detach()[:, dead])
+    avals = gather_preact(x, W_rows, sae.b_enc, sae.b_dec, ar, dead[al])
+    e_hat = sparse_decode(avals, ar, dead[al], sae.W_dec, 10)
+    loss = losses.mse(x, x_hat) + sae.cfg.aux_coefficient * losses.normalized_mse(
+        (x - x_hat).detach(), e_hat)
+    loss.backward()
+    torch.testing.assert_close(out.loss, loss)
+    assert "auxk" in out.terms
+    for n, p in sae.named_parameters():
+        if n in grads:
+            torch.testing.assert_close(grads[n], p.grad)
+
+
+def test_empty_batches():
+    x, W, b = torch.randn(0, 4), torch.randn(6, 4), torch.zeros(6)
+    vals, idx = topk_encode(x, W, b, None, 2)
+    assert vals.shape == idx.shape == (0, 2)
+    assert all(t.numel() == 0 for t in batch_topk_encode(x, W, b, None, 2))
+    assert all(t.numel() == 0 for t in threshold_encode(x, W, b, None))
