@@ -1,4 +1,4 @@
-"""The ``sae`` command: ``sae train``, ``sae eval``, ``sae cache``.
+"""The ``sae`` command: ``sae train``, ``sae eval``, ``sae cache``, ``sae prune``.
 
 ``sae train`` with no arguments trains a TopK SAE on a middle residual-stream layer of the
 built-in SmolLM2-135M over the built-in text. ``--activations FILE.npy`` or ``--cache DIR``
@@ -441,6 +441,56 @@ def cmd_plot(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_prune(args: argparse.Namespace) -> int:
+    """Prune the Linear layers of a causal LM's decoder blocks (``sparsecode.prune``).
+
+    Defaults: the built-in SmolLM2-135M, calibration on 32 x 256 tokens of the built-in text's
+    training split, Wanda-initialised least squares + IHT (``--method iht``) at 50% unstructured;
+    perplexity before and after on the held-out split. ``--out DIR`` writes
+    ``model.safetensors`` (and ``model.masks.safetensors`` with ``--save-masks``) and
+    ``report.json``.
+    """
+    from sparsecode.prune import evaluate_perplexity, prune, save_pruned
+
+    from . import lm, text
+
+    device = _device(args.device)
+    model, tokenizer = lm.load_model(args.model, device=device)
+    texts = text.load_texts(args.dataset or args.text)
+    train_texts, held_texts = text.split_texts(texts, holdout_fraction=0.1, seed=0)
+    calib = text.pack_tokens(tokenizer, train_texts, context_size=args.context_size)
+    gen = torch.Generator().manual_seed(args.seed)
+    calib = calib[torch.randperm(len(calib), generator=gen)[: args.n_calib]]
+    held = text.pack_tokens(tokenizer, held_texts, context_size=args.context_size)[: args.n_eval]
+    if not len(calib):
+        raise SystemExit("error: the calibration text gives no context; pass more text or a "
+                         "smaller --context-size")
+    result: dict[str, Any] = {}
+    if len(held):
+        result["perplexity_dense"] = evaluate_perplexity(model, held)
+    try:
+        report = prune(model, calib, args.sparsity, args.method, args.pattern, args.allocation,
+                       return_masks=args.save_masks, progress=not args.no_progress)
+    except ValueError as err:
+        raise SystemExit(f"error: {err}") from None
+    if len(held):
+        result["perplexity"] = evaluate_perplexity(model, held)
+    result.update(report.to_dict())
+    if args.out:
+        out = Path(args.out)
+        _check_writable(out)
+        save_pruned(model, out / "model.safetensors", report.masks)
+        (out / "report.json").write_text(json.dumps(result, indent=2) + "\n")
+    if args.json:
+        print(json.dumps({k: v for k, v in result.items() if k != "layers"}))
+    else:
+        ppl = (f"; perplexity {result['perplexity_dense']:.2f} -> {result['perplexity']:.2f}"
+               if len(held) else "")
+        print(f"{report.method} {report.pattern} ({report.allocation}): {len(report.layers)} "
+              f"layers at sparsity {report.sparsity:.4f} in {report.seconds:.1f} s{ppl}")
+    return 0
+
+
 # ---------------------------------------------------------------------------------------------
 # parser
 # ---------------------------------------------------------------------------------------------
@@ -478,7 +528,7 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--l1-coefficient", type=float, default=5.0, help="relu only")
     t.add_argument("--aux-coefficient", type=float, default=1 / 32)
     t.add_argument("--batch-size", type=int, default=4096)
-    t.add_argument("--tokens", type=int, default=2_000_000)
+    t.add_argument("--tokens", type=int, default=2_000_000, help="training tokens")
     t.add_argument("--lr", type=float, default=None, help="default: 1.5e-3 / sqrt(d_sae / 2^14)")
     t.add_argument("--matmul-dtype", default="auto", choices=["auto", "float32", "bfloat16"])
     t.add_argument("--holdout", type=int, default=16384, help="held-out tokens for metrics")
@@ -491,7 +541,7 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--out", default=RUN_DIR, help=f"run folder (default {RUN_DIR})")
     t.set_defaults(func=cmd_train)
 
-    e = sub.add_parser("eval", help="metrics of saved SAEs on activations")
+    e = sub.add_parser("eval", help="metrics of saved SAEs (spliced into the model, or on .npy)")
     e.add_argument("run", help="a run folder or one SAE folder")
     e.add_argument("--activations", default=None,
                    help="(N, d_in) .npy array; without it the SAE is spliced into --model")
@@ -540,6 +590,29 @@ def build_parser() -> argparse.ArgumentParser:
     pl.add_argument("runs", nargs="+", help="run folders or SAE folders")
     pl.add_argument("--out", default="l0_fvu.png", help="PNG file (default l0_fvu.png)")
     pl.set_defaults(func=cmd_plot)
+
+    pr = sub.add_parser("prune", help="prune a language model's Linear layers",
+                        description=cmd_prune.__doc__)
+    pr.add_argument("--model", default="smollm2",
+                    help="'smollm2' (built-in SmolLM2-135M), a local folder or a Hugging Face id")
+    pr.add_argument("--text", default="builtin",
+                    help="'builtin' (Python's own docs), a .txt file or a folder of them")
+    pr.add_argument("--dataset", default=None, help="a Hugging Face dataset name (if installed)")
+    pr.add_argument("--method", default="iht", choices=["magnitude", "wanda", "sparsegpt", "iht"])
+    pr.add_argument("--sparsity", type=float, default=None,
+                    help="fraction of weights set to zero (default 0.5; N:M fixes it)")
+    pr.add_argument("--pattern", default="unstructured", help="'unstructured' or N:M, e.g. 2:4")
+    pr.add_argument("--allocation", default="uniform", choices=["uniform", "owl"])
+    pr.add_argument("--n-calib", type=int, default=32, help="calibration contexts")
+    pr.add_argument("--n-eval", type=int, default=32, help="held-out contexts (0: no perplexity)")
+    pr.add_argument("--context-size", type=int, default=256)
+    pr.add_argument("--seed", type=int, default=0)
+    pr.add_argument("--device", default="auto")
+    pr.add_argument("--out", default=None, help="folder for model.safetensors and report.json")
+    pr.add_argument("--save-masks", action="store_true")
+    pr.add_argument("--json", action="store_true", help="print one JSON object")
+    pr.add_argument("--no-progress", action="store_true")
+    pr.set_defaults(func=cmd_prune)
     return parser
 
 

@@ -44,6 +44,7 @@ __all__ = [
     "lars",
     "lasso",
     "omp",
+    "support_lstsq",
 ]
 
 #: Default bound on the working memory of one chunk, in bytes.
@@ -786,3 +787,62 @@ def _omp_chunk(prob: LeastSquares, kmax: int, tol: float | None, ormp: bool = Fa
     z = torch.linalg.solve_triangular(L.transpose(1, 2), c.unsqueeze(-1), upper=True).squeeze(-1)
     pad = kmax - width
     return F.pad(z, (0, pad)), F.pad(idx, (0, pad)), count
+
+
+def support_lstsq(
+    problem: LeastSquares,
+    support: Tensor,
+    *,
+    init: Tensor | None = None,
+    ridge: float = 0.0,
+    max_iter: int = 200,
+    tol: float = 1e-6,
+) -> SolverResult:
+    """Least squares restricted to a fixed support per row (the "debias" step after a support
+    is chosen): ``min_z 0.5 ||x - z D||^2 + 0.5 ridge ||z||^2`` with ``z_j = 0`` off
+    ``support`` (a boolean ``(N, K)`` mask).
+
+    Batched conjugate gradient on the masked normal equations ``(G_SS + ridge I) z_S = c_S``:
+    every iteration is one ``(N, K) @ (K, K)`` product for all rows, whatever their supports.
+    ``init`` (zero off the support) warm-starts it. A row stops when its residual norm is
+    ``<= tol * ||c_S||``; ``n_iter`` counts iterations per row.
+
+    >>> import torch
+    >>> G = torch.tensor([[2.0, 1.0], [1.0, 2.0]], dtype=torch.float64)
+    >>> c = torch.tensor([[3.0, 3.0]], dtype=torch.float64)
+    >>> keep = torch.tensor([[True, False]])
+    >>> support_lstsq(LeastSquares.from_gram(G, c), keep).codes
+    tensor([[1.5000, 0.0000]], dtype=torch.float64)
+    """
+    _check_iter(max_iter, tol)
+    if not ridge >= 0:
+        raise ValueError(f"ridge must be >= 0, got {ridge!r}")
+    G, C = problem.gram, problem.cov
+    if support.shape != C.shape:
+        raise ValueError(f"support has shape {tuple(support.shape)}, expected {tuple(C.shape)}")
+    m = support.to(C.dtype)
+    z = torch.zeros_like(C) if init is None else init.to(C) * m
+
+    def apply(p: Tensor) -> Tensor:
+        return (p @ G + ridge * p) * m
+
+    r = C * m - apply(z)
+    p = r.clone()
+    rr = (r * r).sum(dim=1)
+    stop = (tol * torch.linalg.vector_norm(C * m, dim=1)) ** 2
+    n_iter = torch.zeros(C.shape[0], dtype=torch.long, device=C.device)
+    live = rr > stop
+    tiny = torch.finfo(C.dtype).tiny
+    for _ in range(max_iter):
+        if not bool(live.any()):
+            break
+        Ap = apply(p)
+        a = torch.where(live, rr / (p * Ap).sum(dim=1).clamp(min=tiny), 0.0)
+        z.addcmul_(a[:, None], p)
+        r.addcmul_(a[:, None], Ap, value=-1)
+        rr_new = (r * r).sum(dim=1)
+        n_iter += live.long()
+        p = r + (rr_new / rr.clamp(min=tiny))[:, None] * p
+        rr = rr_new
+        live = live & (rr > stop)
+    return SolverResult(z, n_iter)

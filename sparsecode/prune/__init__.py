@@ -1,0 +1,47 @@
+"""Pruning model weights with the solver core: layer-wise sparse regression on calibration Grams.
+
+Pruning a linear layer ``W`` on calibration inputs ``X`` is, per output row, the sparse
+regression ``min ||X^T (w - w')||^2`` over ``k``-sparse or N:M ``w'``: IHT / least squares on the
+Gram ``X X^T`` with the core's TopK / NM projections (method ``"iht"``). The standard methods
+(``magnitude``, ``wanda``, ``sparsegpt``) ship beside it. See ``docs/pruning.md``.
+
+>>> import torch, transformers
+>>> from sparsecode.prune import prune
+>>> cfg = transformers.LlamaConfig(vocab_size=64, hidden_size=16, intermediate_size=32,
+...     num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=2)
+>>> model = transformers.LlamaForCausalLM(cfg).eval()
+>>> report = prune(model, torch.randint(0, 64, (4, 16)), sparsity=0.5, method="wanda")
+>>> len(report.layers), round(report.sparsity, 3)
+(14, 0.5)
+"""
+
+from .layer import iht_prune, layer_error, magnitude, prune_layer, sparsegpt, wanda
+from .model import (
+    LayerReport,
+    PruneReport,
+    decoder_layers,
+    evaluate_perplexity,
+    owl_sparsities,
+    prune,
+    save_pruned,
+    semi_structured_available,
+    to_semi_structured,
+)
+
+__all__ = [
+    "LayerReport",
+    "PruneReport",
+    "decoder_layers",
+    "evaluate_perplexity",
+    "iht_prune",
+    "layer_error",
+    "magnitude",
+    "owl_sparsities",
+    "prune",
+    "prune_layer",
+    "save_pruned",
+    "semi_structured_available",
+    "sparsegpt",
+    "to_semi_structured",
+    "wanda",
+]

