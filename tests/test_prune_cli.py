@@ -50,6 +50,7 @@ def test_sae_prune_bad_pattern_is_a_clear_error(tiny_llama, tiny_tokenizer, tmp_
               "--n-eval", "0", "--pattern", "2:5", "--device", "cpu", "--no-progress"])
 
 
+@pytest.mark.slow
 def test_example_prunes_smollm2(tmp_path):
     import importlib.util
     import re
