@@ -57,7 +57,7 @@ def _matmul_dtype(name: str, device: torch.device) -> str:
 def _check_writable(path: Path) -> None:
     try:
         path.mkdir(parents=True, exist_ok=True)
-        probe = path / ".write-test"
+        probe = path / f".write-test-{os.getpid()}"
         probe.write_text("")
         probe.unlink()
     except OSError as e:
@@ -136,12 +136,18 @@ def _collect(src, hook: str) -> torch.Tensor:
     return torch.cat([b[hook] for b in src])
 
 
-def _live_source(args, seed: int, device: torch.device):
+def _live_source(args, seed: int, device: torch.device, d=None):
     """Activations of ``--model`` at ``--hookpoint`` over the training text.
 
     When all the training text's activations fit in memory (``MATERIALIZE_BYTES``), they are
     computed once (one model pass) and the SAE trains for several epochs over them; otherwise
-    they stream live through a shuffle buffer, one model pass per epoch."""
+    they stream live through a shuffle buffer, one model pass per epoch.
+
+    Distributed (``d``): in the first case every process computes a contiguous share of the
+    contexts and the shares are all-gathered (so every rank holds the same array, filtered for
+    massive activations against the median of its first 65,536 rows); in the second each
+    data-parallel rank streams its own share of the contexts with ``batch_size / data ranks``
+    rows per step."""
     from . import lm, text
     from .data import ArrayActivations
 
@@ -163,7 +169,28 @@ def _live_source(args, seed: int, device: torch.device):
         model, held_tokens, [hook], batch_size=args.batch_size, epochs=1, drop_last=False, **live
     )
     heldout = {hook: _collect(held, hook)[: args.holdout]}
-    if tokens.numel() * d_in * 4 <= MATERIALIZE_BYTES:
+    if d is not None and tokens.numel() * d_in * 4 <= MATERIALIZE_BYTES:
+        from .data import drop_massive
+        from .distributed import all_gather_rows
+
+        share = tokens.tensor_split(d.world)[d.rank]
+        once = lm.LiveActivations(
+            model, share, [hook], batch_size=args.batch_size, epochs=1, drop_last=False,
+            shuffle_contexts=False, massive_factor=None, **live
+        )
+        acts = all_gather_rows(_collect(once, hook).to(d.device), None).cpu()
+        median = float(acts[:65536].norm(dim=-1).median())
+        acts = acts[drop_massive(acts, MASSIVE_FACTOR, median=median)[1]]
+        src = ArrayActivations(
+            acts, batch_size=args.batch_size, hookpoint=hook, seed=seed, epochs=None
+        )
+    elif d is not None:
+        epochs = max(1, math.ceil(args.tokens / max(tokens.numel(), 1)))
+        src = lm.LiveActivations(
+            model, tokens.tensor_split(d.data_size)[d.data_rank], [hook],
+            batch_size=args.batch_size // d.data_size, epochs=epochs, **live
+        )
+    elif tokens.numel() * d_in * 4 <= MATERIALIZE_BYTES:
         once = lm.LiveActivations(
             model, tokens, [hook], batch_size=args.batch_size, epochs=1, drop_last=False, **live
         )
@@ -194,18 +221,42 @@ def _live_source(args, seed: int, device: torch.device):
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    from .train import TrainConfig, Trainer
+    """Train SAEs on one process, or on several under torchrun (data parallel, latent shards)."""
+    from . import distributed
 
     out = Path(args.out)
     _check_writable(out)
     device = _device(args.device)
     torch.manual_seed(args.seed)
+    d = None
+    if distributed.launched():
+        d = distributed.init(args.latent_shards, timeout_s=args.dist_timeout, device=device)
+        device = d.device
+        if d.data_size > 1 and args.batch_size % d.data_size:
+            raise SystemExit(f"error: --batch-size {args.batch_size} is not divisible by the "
+                             f"{d.data_size} data-parallel processes")
+    elif args.latent_shards > 1:
+        raise SystemExit("error: --latent-shards needs several processes: launch with "
+                         "torchrun --nproc-per-node N -m sae train ...")
+    try:
+        return _train(args, out, device, d)
+    finally:
+        distributed.shutdown()
+
+
+def _train(args: argparse.Namespace, out: Path, device: torch.device, d) -> int:
+    from .distributed import RankSlice
+    from .train import TrainConfig, Trainer
+
+    main = d is None or d.is_main
     if args.activations:
         src, heldout, info = _array_source(args, args.seed)
     elif args.cache:
         src, heldout, info = _cache_source(args, args.seed)
     else:
-        src, heldout, info = _live_source(args, args.seed, device)
+        src, heldout, info = _live_source(args, args.seed, device, d)
+    if d is not None and d.data_size > 1 and src.batch_size == args.batch_size:
+        src = RankSlice(src, d.data_rank, d.data_size)
     hook = src.hookpoints[0]
     d_in = int(heldout[hook].shape[1])
     configs = _sae_configs(args, d_in, hook)
@@ -225,24 +276,29 @@ def cmd_train(args: argparse.Namespace) -> int:
         wandb=args.wandb,
         wandb_project=args.wandb_project,
     )
-    trainer = Trainer(saes, src, cfg, out_dir=out, heldout=heldout)
+    try:
+        trainer = Trainer(saes, src, cfg, out_dir=out, heldout=heldout, dist=d)
+    except ValueError as e:
+        raise SystemExit(f"error: {e}") from e
     if args.resume:
         ckpt = out / "checkpoint"
         if not (ckpt / "trainer.json").exists():
             raise SystemExit(f"error: --resume given but there is no checkpoint in {ckpt}")
         trainer.resume(ckpt)
-        print(f"resumed from {ckpt} at step {trainer.step} ({trainer.tokens} tokens)")
+        if main:
+            print(f"resumed from {ckpt} at step {trainer.step} ({trainer.tokens} tokens)")
 
     old = signal.signal(signal.SIGTERM, trainer.request_stop)
     t0 = time.perf_counter()
     try:
         trainer.fit()
     except KeyboardInterrupt:
-        print(
-            f"\ninterrupted at step {trainer.step}; checkpoint written to {out / 'checkpoint'}; "
-            f"continue with the same command and --resume",
-            file=sys.stderr,
-        )
+        if main:
+            print(
+                f"\ninterrupted at step {trainer.step}; checkpoint written to "
+                f"{out / 'checkpoint'}; continue with the same command and --resume",
+                file=sys.stderr,
+            )
         return 130
     finally:
         signal.signal(signal.SIGTERM, old)
@@ -250,6 +306,8 @@ def cmd_train(args: argparse.Namespace) -> int:
     elapsed = time.perf_counter() - t0
     paths = trainer.save(out)
     results = trainer.evaluate()
+    if not main:
+        return 0
     summary: dict[str, Any] = {}
     for name in saes:
         m = {k.split("/heldout/")[1]: v for k, v in results.items() if k.startswith(f"{name}/")}
@@ -527,7 +585,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="d_sae = expansion_factor * d_in when --d-sae is not given")
     t.add_argument("--l1-coefficient", type=float, default=5.0, help="relu only")
     t.add_argument("--aux-coefficient", type=float, default=1 / 32)
-    t.add_argument("--batch-size", type=int, default=4096)
+    t.add_argument("--batch-size", type=int, default=4096,
+                   help="tokens per optimizer step (over all processes)")
     t.add_argument("--tokens", type=int, default=2_000_000, help="training tokens")
     t.add_argument("--lr", type=float, default=None, help="default: 1.5e-3 / sqrt(d_sae / 2^14)")
     t.add_argument("--matmul-dtype", default="auto", choices=["auto", "float32", "bfloat16"])
@@ -539,6 +598,12 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--wandb", action="store_true", help="log to Weights & Biases")
     t.add_argument("--wandb-project", default="sae")
     t.add_argument("--out", default=RUN_DIR, help=f"run folder (default {RUN_DIR})")
+    g = t.add_argument_group("several processes (launch with torchrun --nproc-per-node N)")
+    g.add_argument("--latent-shards", type=int, default=1,
+                   help="split each TopK SAE's latents over this many processes "
+                        "(the rest of the processes are data parallel)")
+    g.add_argument("--dist-timeout", type=float, default=300,
+                   help="seconds a process waits for the others before failing")
     t.set_defaults(func=cmd_train)
 
     e = sub.add_parser("eval", help="metrics of saved SAEs (spliced into the model, or on .npy)")

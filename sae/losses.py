@@ -9,6 +9,7 @@ on the activation scale.
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -19,12 +20,25 @@ def mse(x: Tensor, x_hat: Tensor) -> Tensor:
     return (x - x_hat).pow(2).sum(dim=-1).mean()
 
 
-def normalized_mse(target: Tensor, estimate: Tensor) -> Tensor:
+def normalized_mse(target: Tensor, estimate: Tensor, group: Any = None) -> Tensor:
     """``sum ||target - estimate||^2 / sum ||target - mean(target)||^2`` over the batch.
 
-    The AuxK / aux_zipf loss: how much of the residual the auxiliary latents explain."""
-    denom = (target - target.mean(dim=0)).pow(2).sum().clamp_min(1e-12)
-    return (target - estimate).pow(2).sum() / denom
+    The AuxK / aux_zipf loss: how much of the residual the auxiliary latents explain. With a
+    process ``group`` (data parallel), ``target`` must carry no gradient; the denominator is
+    the whole global batch's and the result is scaled so that the ranks' average equals the
+    loss on the concatenated batch."""
+    if group is None:
+        denom = (target - target.mean(dim=0)).pow(2).sum().clamp_min(1e-12)
+        return (target - estimate).pow(2).sum() / denom
+    import torch.distributed as dist
+
+    t = target.detach().double()
+    stats = torch.cat([t.sum(dim=0), t.pow(2).sum().reshape(1),
+                       t.new_tensor([t.shape[0]])])
+    dist.all_reduce(stats, group=group)
+    s1, s2, n = stats[:-2], stats[-2], stats[-1]
+    denom = (s2 - s1.pow(2).sum() / n).clamp_min(1e-12).to(target.dtype)
+    return (target - estimate).pow(2).sum() * dist.get_world_size(group) / denom
 
 
 def _rectangle(u: Tensor) -> Tensor:

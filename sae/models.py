@@ -161,7 +161,21 @@ class TrainOutput:
     x_hat: Tensor
     terms: dict[str, float]
     l0: float
-    fired: Tensor  # (d_sae,) bool: latents active on this batch
+    counts: Tensor  # (n_latents,) int: tokens each latent fired on in this batch (this process)
+
+    @property
+    def fired(self) -> Tensor:
+        """Latents active on this batch."""
+        return self.counts > 0
+
+
+def _all_reduce(t: Tensor, op: str, group: Any) -> Tensor:
+    """In-place all-reduce over ``group`` (no-op without one); ``op`` is "sum", "max" or "min"."""
+    if group is not None:
+        import torch.distributed as dist
+
+        dist.all_reduce(t, op=getattr(dist.ReduceOp, op.upper()), group=group)
+    return t
 
 
 class SAE(nn.Module):
@@ -194,6 +208,9 @@ class SAE(nn.Module):
         self.register_buffer("tokens_since_fired", torch.zeros(n, dtype=torch.int64))
         self.register_buffer("fire_rate", torch.zeros(n))  # EMA of per-token firing frequency
         self.register_buffer("tokens_seen", torch.zeros((), dtype=torch.int64))
+        #: Process group over which the firing statistics and the running threshold are reduced
+        #: (the data-parallel group; set by the trainer). ``None``: this process's batch only.
+        self.stats_group: Any = None
 
     # ------------------------------------------------------------------ properties
     @property
@@ -287,14 +304,27 @@ class SAE(nn.Module):
         else:
             out = self._dense_forward(x, sparsity_scale, matmul_dtype)
         if self.training:
-            self._track(out.fired, x.shape[0])
+            self._update_statistics(out.counts, x.shape[0])
         return out
 
-    def _track(self, fired: Tensor, n_tokens: int) -> None:
-        with torch.no_grad():
-            self.tokens_since_fired += n_tokens
-            self.tokens_since_fired[fired] = 0
-            self.tokens_seen += n_tokens
+    @torch.no_grad()
+    def _update_statistics(self, counts: Tensor, n_tokens: int) -> None:
+        """Firing-rate EMA and tokens-since-fired, over the whole data-parallel batch."""
+        if self.stats_group is not None:
+            import torch.distributed as dist
+
+            counts = _all_reduce(counts.clone(), "sum", self.stats_group)
+            n_tokens *= dist.get_world_size(self.stats_group)
+        rate = counts.float() / max(n_tokens, 1)
+        if int(self.tokens_seen) == 0:
+            self.fire_rate.copy_(rate)
+        else:
+            self.fire_rate.mul_(1 - self.cfg.threshold_rate).add_(
+                rate, alpha=self.cfg.threshold_rate
+            )
+        self.tokens_since_fired += n_tokens
+        self.tokens_since_fired[counts > 0] = 0
+        self.tokens_seen += n_tokens
 
     def _dense_forward(self, x: Tensor, scale: float, matmul_dtype) -> TrainOutput:
         cfg = self.cfg
@@ -324,28 +354,14 @@ class SAE(nn.Module):
                 sparsity = l0
             terms["l0_loss"] = cfg.l0_coefficient * scale * sparsity
             active = z > 0
-        fired = active.any(dim=0)
-        self._update_fire_rate(active.sum(dim=0), x.shape[0])
         loss = sum(terms.values())
         return TrainOutput(
             loss=loss,
             x_hat=x_hat,
             terms={k: float(v.detach()) for k, v in terms.items()},
             l0=float(active.sum(dim=-1).float().mean()),
-            fired=fired,
+            counts=active.sum(dim=0),
         )
-
-    def _update_fire_rate(self, counts: Tensor, n_tokens: int) -> None:
-        if not self.training:
-            return
-        with torch.no_grad():
-            rate = counts.float() / max(n_tokens, 1)
-            if int(self.tokens_seen) == 0:
-                self.fire_rate.copy_(rate)
-            else:
-                self.fire_rate.mul_(1 - self.cfg.threshold_rate).add_(
-                    rate, alpha=self.cfg.threshold_rate
-                )
 
     def _sparse_forward(self, x: Tensor, matmul_dtype, generator) -> TrainOutput:
         cfg = self.cfg
@@ -368,25 +384,25 @@ class SAE(nn.Module):
         terms: dict[str, Tensor] = {}
         if self.architecture == "matryoshka":
             groups = self._groups(generator, x.device)
-            parts = sparse_decode(vals, rows, cols, self.W_dec, N, groups=groups)
+            parts = self._decode_pairs(vals, rows, cols, N, groups=groups)
             prefixes = parts.cumsum(dim=1) + self.b_dec  # (N, G, d): every prefix, one pass
             errs = (x.unsqueeze(1) - prefixes).pow(2).sum(dim=-1).mean(dim=0)  # (G,)
             x_hat = prefixes[:, -1]
             terms["mse"] = errs[-1]
             terms["matryoshka"] = errs[:-1].sum()
         else:
-            x_hat = sparse_decode(vals, rows, cols, self.W_dec, N, bias=self.b_dec)
+            x_hat = self._decode_pairs(vals, rows, cols, N) + self.b_dec
             terms["mse"] = losses.mse(x, x_hat)
 
-        if aux_rows.numel():
+        if self._aux_active(aux_rows):
             residual = (x - x_hat).detach()
             w = aux_vals if aux_weight is None else aux_vals * aux_weight
-            e_hat = sparse_decode(w, aux_rows, aux_cols, self.W_dec, N)
+            e_hat = self._decode_pairs(w, aux_rows, aux_cols, N)
             name = "aux_zipf" if self._uses_zipf else "auxk"
-            terms[name] = cfg.aux_coefficient * losses.normalized_mse(residual, e_hat)
+            aux = losses.normalized_mse(residual, e_hat, self.stats_group)
+            terms[name] = cfg.aux_coefficient * aux
 
-        counts = torch.bincount(cols, minlength=cfg.d_sae)
-        self._update_fire_rate(counts, N)
+        counts = torch.bincount(cols, minlength=self.W_dec.shape[0])
         if self.training and self.architecture in BATCH_ARCHITECTURES:
             self._update_threshold(vals.detach(), cols)
         loss = sum(terms.values())
@@ -395,8 +411,23 @@ class SAE(nn.Module):
             x_hat=x_hat,
             terms={k: float(v.detach()) for k, v in terms.items()},
             l0=rows.numel() / max(N, 1),
-            fired=counts > 0,
+            counts=counts,
         )
+
+    def _aux_active(self, aux_rows: Tensor) -> bool:
+        """Whether this step has an auxiliary loss (the same answer on every latent shard)."""
+        return aux_rows.numel() > 0
+
+    def _decode_pairs(
+        self,
+        vals: Tensor,
+        rows: Tensor,
+        cols: Tensor,
+        n_rows: int,
+        groups: Tensor | None = None,
+    ) -> Tensor:
+        """``sum vals * W_dec[cols]`` per row, without ``b_dec`` (per group with ``groups``)."""
+        return sparse_decode(vals, rows, cols, self.W_dec, n_rows, groups=groups)
 
     def _fused_topk(self, x: Tensor, matmul_dtype) -> tuple[Tensor, ...]:
         """TopK codes (and AuxK pairs) without the ``(N, d_sae)`` pre-activations: the fused
@@ -468,25 +499,50 @@ class SAE(nn.Module):
 
     def _update_threshold(self, vals: Tensor, cols: Tensor) -> None:
         """EMA of the smallest selected value (global, or per latent for feature choice)."""
-        if vals.numel() == 0:
+        if vals.numel() == 0 and self.stats_group is None:
             return
         rate = self.cfg.threshold_rate
         with torch.no_grad():
             if self.architecture == "feature_choice":
                 inf = torch.full_like(self.threshold, math.inf)
                 low = inf.scatter_reduce(0, cols, vals.to(inf.dtype), reduce="amin")
+                _all_reduce(low, "min", self.stats_group)
                 seen = torch.isfinite(low)
                 if not bool(self.threshold_ready):
                     self.threshold[seen] = low[seen]
                 else:
                     self.threshold[seen] = (1 - rate) * self.threshold[seen] + rate * low[seen]
             else:
-                low = vals.min().to(self.threshold.dtype)
+                low = vals.min() if vals.numel() else torch.tensor(math.inf)
+                low = _all_reduce(low.to(self.threshold).reshape(1), "min", self.stats_group)[0]
+                if not torch.isfinite(low):
+                    return
                 if not bool(self.threshold_ready):
                     self.threshold.fill_(low)
                 else:
                     self.threshold.mul_(1 - rate).add_(rate * low)
             self.threshold_ready.fill_(True)
+
+    # ------------------------------------------------------------------ optimisation helpers
+    def clip_grad_norm_(self, max_norm: float) -> Tensor:
+        """Scale the gradients so that their global norm is at most ``max_norm``."""
+        return torch.nn.utils.clip_grad_norm_(self.parameters(), max_norm)
+
+    def full_state_dict(self) -> dict[str, Tensor]:
+        """The whole SAE's state (a latent-sharded SAE gathers its shards here)."""
+        return self.state_dict()
+
+    def load_full_state_dict(self, state: dict[str, Tensor]) -> None:
+        """Load a whole SAE's state (a latent-sharded SAE keeps its slice)."""
+        self.load_state_dict(state)
+
+    def full_tensor(self, name: str, t: Tensor) -> Tensor:
+        """A tensor shaped like parameter/buffer ``name`` (e.g. an Adam moment), whole."""
+        return t
+
+    def local_tensor(self, name: str, t: Tensor) -> Tensor:
+        """This process's part of a whole tensor shaped like parameter/buffer ``name``."""
+        return t
 
     # ------------------------------------------------------------------ decoder constraint
     @torch.no_grad()

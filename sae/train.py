@@ -33,7 +33,7 @@ import time
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from safetensors.torch import load_file, save_file
@@ -42,6 +42,9 @@ from torch import Tensor
 from . import metrics
 from .data import ActivationSource
 from .models import SAE
+
+if TYPE_CHECKING:
+    from .distributed import Dist
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -116,6 +119,13 @@ class Trainer:
     source's first hook point), has its own Adam optimizer, input scale and statistics, and
     sees exactly the same batches as the others. ``out_dir`` receives checkpoints
     (``out_dir/checkpoint``) and, from :meth:`save`, one SAELens folder per SAE.
+
+    With ``dist`` (from :func:`sae.distributed.init`, under ``torchrun``) the trainer runs on
+    every process: ``source`` yields this data rank's share of each global batch (e.g. a
+    :class:`sae.distributed.RankSlice`), gradients are averaged by DDP, TopK SAEs are
+    latent-sharded when the mesh has latent shards, and rank 0 alone writes files and logs.
+    :meth:`checkpoint`, :meth:`evaluate`, :meth:`save` and :meth:`full_saes` are collective:
+    call them on every rank.
     """
 
     def __init__(
@@ -126,12 +136,22 @@ class Trainer:
         *,
         out_dir: str | Path | None = None,
         heldout: dict[str, Tensor] | Tensor | None = None,
+        dist: Dist | None = None,
     ):
         if not saes:
             raise ValueError("no SAEs to train")
-        self.saes = dict(saes)
-        self.source = source
+        self.dist = dist
         self.cfg = cfg or TrainConfig()
+        if dist is not None:
+            from .distributed import check_consistent
+
+            check_consistent("training configuration", {
+                "train": asdict(self.cfg),
+                "saes": {name: sae.cfg.to_dict() for name, sae in saes.items()},
+                "mesh": [dist.data_size, dist.latent_size],
+            })
+        self.saes = dict(saes) if dist is None else self._distribute(saes, dist)
+        self.source = source
         self.out_dir = Path(out_dir) if out_dir is not None else None
         self.hookpoints = {
             name: sae.cfg.metadata.get("hook_name") or source.hookpoints[0]
@@ -159,11 +179,38 @@ class Trainer:
             for name, sae in self.saes.items()
         }
         self._device = first.W_dec.device
+        self._data_size = dist.data_size if dist is not None else 1
+        self._forward = {name: sae.training_forward for name, sae in self.saes.items()}
+        if dist is not None and dist.data_size > 1:
+            from .distributed import data_parallel
+
+            for name, sae in self.saes.items():
+                self._forward[name] = data_parallel(sae, dist)
         self._wandb = None
         self._source_state: dict | None = None  # source position after the last finished step
         self._stop_requested = False
 
     # ------------------------------------------------------------------ setup
+    @property
+    def is_main(self) -> bool:
+        """True on the process that writes files and logs (rank 0, or the only process)."""
+        return self.dist is None or self.dist.is_main
+
+    @staticmethod
+    def _distribute(saes: dict[str, SAE], d: Dist) -> dict[str, SAE]:
+        """Same starting weights on every rank (rank 0's), then latent shards if asked."""
+        import torch.distributed as torch_dist
+
+        from .distributed import LatentShardedSAE
+
+        out = {}
+        for name, sae in saes.items():
+            with torch.no_grad():
+                for t in sae.state_dict().values():
+                    torch_dist.broadcast(t, src=0)
+            out[name] = LatentShardedSAE(sae, d.latent_group) if d.latent_size > 1 else sae
+        return out
+
     def _base_lr(self, sae: SAE) -> float:
         if self.cfg.lr is not None:
             return self.cfg.lr
@@ -173,6 +220,10 @@ class Trainer:
         """Input scale, b_dec and the dead window from the first batch (not on resume)."""
         for name, sae in self.saes.items():
             x = batch[self.hookpoints[name]].to(self._device, torch.float32)
+            if self._data_size > 1:  # the whole first global batch, identical on every rank
+                from .distributed import all_gather_rows
+
+                x = all_gather_rows(x, self.dist.data_group)
             scale = 1.0
             if self.cfg.normalize_input:
                 scale = math.sqrt(sae.cfg.d_in) / float(x.norm(dim=1).mean().clamp_min(1e-12))
@@ -232,7 +283,7 @@ class Trainer:
             initial=self.tokens,
             unit="tok",
             unit_scale=True,
-            disable=not cfg.progress,
+            disable=not (cfg.progress and self.is_main),
             desc="sae train",
         )
         t0, tok0 = time.perf_counter(), self.tokens
@@ -244,7 +295,7 @@ class Trainer:
                     break
                 if not self.scales:
                     self._initialise(batch)
-                n = next(iter(batch.values())).shape[0]
+                n = next(iter(batch.values())).shape[0] * self._data_size
                 if self.n_steps is None:
                     self.n_steps = max(1, math.ceil(cfg.total_tokens / n))
                 row = self._train_step(batch)
@@ -262,10 +313,11 @@ class Trainer:
                 self._source_state = self.source.state_dict()
                 if cfg.checkpoint_every and self.step % cfg.checkpoint_every == 0:
                     self.checkpoint()
-                if self._stop_requested:
+                if self._stop_agreed():
                     raise KeyboardInterrupt
         except KeyboardInterrupt:
-            if self.out_dir is not None:
+            # distributed: only a stop all ranks agreed on can checkpoint (a collective)
+            if self.out_dir is not None and (self.dist is None or self._stop_requested):
                 self.checkpoint()
             raise
         finally:
@@ -275,6 +327,17 @@ class Trainer:
                 signal.signal(signal.SIGINT, old_handler)
         return self.history
 
+    def _stop_agreed(self) -> bool:
+        """A stop requested on any rank stops all of them after the same step."""
+        if self.dist is None:
+            return self._stop_requested
+        import torch.distributed as torch_dist
+
+        flag = torch.tensor([int(self._stop_requested)], device=self.dist.device)
+        torch_dist.all_reduce(flag, op=torch_dist.ReduceOp.MAX)
+        self._stop_requested = bool(flag.item())
+        return self._stop_requested
+
     def _train_step(self, batch: dict[str, Tensor]) -> dict[str, Any]:
         cfg = self.cfg
         warmup = cfg.warmup_steps
@@ -283,7 +346,7 @@ class Trainer:
         mult = _schedule(self.step, self.n_steps, warmup, cfg.decay_fraction)
         row: dict[str, Any] = {
             "step": self.step + 1,
-            "tokens": self.tokens + len(next(iter(batch.values()))),
+            "tokens": self.tokens + len(next(iter(batch.values()))) * self._data_size,
         }
         for name, sae in self.saes.items():
             x = batch[self.hookpoints[name]].to(self._device, torch.float32) * self.scales[name]
@@ -292,7 +355,7 @@ class Trainer:
                 group["lr"] = self._base_lr(sae) * mult
             warm = sae.cfg.sparsity_warmup_tokens
             sparsity_scale = min(1.0, (self.tokens + 1) / warm) if warm else 1.0
-            out = sae.training_forward(
+            out = self._forward[name](
                 x,
                 sparsity_scale=sparsity_scale,
                 matmul_dtype=None if self.matmul_dtype == torch.float32 else self.matmul_dtype,
@@ -302,7 +365,7 @@ class Trainer:
             out.loss.backward()
             sae.remove_parallel_gradient()
             if cfg.grad_clip:
-                torch.nn.utils.clip_grad_norm_(sae.parameters(), cfg.grad_clip)
+                sae.clip_grad_norm_(cfg.grad_clip)
             opt.step()
             sae.constrain()
             with torch.no_grad():
@@ -325,10 +388,21 @@ class Trainer:
         }
 
     # ------------------------------------------------------------------ evaluation
+    def full_saes(self) -> dict[str, SAE]:
+        """The whole SAEs (latent shards gathered; collective)."""
+        return {
+            name: sae.gather() if hasattr(sae, "gather") else sae
+            for name, sae in self.saes.items()
+        }
+
     def evaluate(self) -> dict[str, Any]:
-        """Held-out metrics for every SAE (inference behaviour), on scaled activations."""
+        """Held-out metrics for every SAE (inference behaviour), on scaled activations.
+        Distributed: collective; the metrics are computed on rank 0 (empty dict elsewhere)."""
         out: dict[str, Any] = {"step": self.step, "tokens": self.tokens}
-        for name, sae in self.saes.items():
+        saes = self.full_saes()
+        if not self.is_main:
+            return {}
+        for name, sae in saes.items():
             x = self.heldout.get(self.hookpoints[name])
             if x is None:
                 continue
@@ -339,7 +413,7 @@ class Trainer:
 
     # ------------------------------------------------------------------ logging
     def _start_wandb(self) -> None:
-        if not self.cfg.wandb or self._wandb is not None:
+        if not self.cfg.wandb or self._wandb is not None or not self.is_main:
             return
         try:
             import wandb
@@ -366,28 +440,39 @@ class Trainer:
     # ------------------------------------------------------------------ checkpoints
     def state(self) -> tuple[dict[str, Tensor], dict[str, Any]]:
         """Everything needed to resume: tensors (weights, buffers, Adam moments, RNG) and a
-        JSON-able part (counters, scales, source position, configs)."""
+        JSON-able part (counters, scales, source position, configs). Distributed: collective,
+        whole SAEs (shards gathered) in the single-process layout."""
         tensors: dict[str, Tensor] = {}
+        source_state = (
+            self._source_state if self._source_state is not None else self.source.state_dict()
+        )
         meta: dict[str, Any] = {
             "step": self.step,
             "tokens": self.tokens,
             "n_steps": self.n_steps,
             "scales": self.scales,
-            "source": self._source_state
-            if self._source_state is not None
-            else self.source.state_dict(),
+            "source": source_state,
             "train_config": asdict(self.cfg),
             "saes": {},
             "history": self.history,
         }
+        if self.dist is not None:
+            import torch.distributed as torch_dist
+
+            states: list[Any] = [None] * self.dist.world
+            torch_dist.all_gather_object(states, source_state)
+            if any(st != states[0] for st in states):  # per-rank streams (live model)
+                meta["source_ranks"] = states
         for name, sae in self.saes.items():
-            for key, t in sae.state_dict().items():
+            for key, t in sae.full_state_dict().items():
                 tensors[f"sae/{name}/{key}"] = t.detach().contiguous()
             opt_state = self.optimizers[name].state_dict()
+            pnames = [n for n, _ in sae.named_parameters()]
             scalars: dict[str, Any] = {}
             for idx, st in opt_state["state"].items():
                 for key, v in st.items():
                     if isinstance(v, Tensor):
+                        v = sae.full_tensor(pnames[idx], v) if v.dim() else v
                         tensors[f"opt/{name}/{idx}/{key}"] = v.detach().contiguous()
                     else:
                         scalars[f"{idx}/{key}"] = v
@@ -407,6 +492,9 @@ class Trainer:
             path = self.out_dir / "checkpoint"
         path = Path(path)
         tensors, meta = self.state()
+        if not self.is_main:
+            self.dist.barrier()
+            return path
         tmp = path.with_name(path.name + ".tmp")
         if tmp.exists():
             shutil.rmtree(tmp)
@@ -421,6 +509,8 @@ class Trainer:
         os.replace(tmp, path)
         if old.exists():
             shutil.rmtree(old)
+        if self.dist is not None:
+            self.dist.barrier()
         return path
 
     def resume(self, path: str | Path | None = None) -> None:
@@ -448,15 +538,17 @@ class Trainer:
                     )
             sae.cfg.dead_tokens = saved_cfg["dead_tokens"]
             prefix = f"sae/{name}/"
-            sae.load_state_dict(
+            sae.load_full_state_dict(
                 {k[len(prefix) :]: v for k, v in tensors.items() if k.startswith(prefix)}
             )
+            pnames = [n for n, _ in sae.named_parameters()]
             state: dict[int, dict[str, Any]] = {}
             oprefix = f"opt/{name}/"
             for k, v in tensors.items():
                 if k.startswith(oprefix):
                     idx, key = k[len(oprefix) :].split("/")
-                    state.setdefault(int(idx), {})[key] = v
+                    v = sae.local_tensor(pnames[int(idx)], v) if v.dim() else v
+                    state.setdefault(int(idx), {})[key] = v.to(self._device)
             for k, v in meta["saes"][name]["opt_scalars"].items():
                 idx, key = k.split("/")
                 state.setdefault(int(idx), {})[key] = v
@@ -468,8 +560,18 @@ class Trainer:
         self.n_steps = meta["n_steps"]
         self.scales = {k: float(v) for k, v in meta["scales"].items()}
         self.history = meta.get("history", [])
-        self.source.load_state_dict(meta["source"])
-        self._source_state = meta["source"]
+        source_state = meta["source"]
+        if "source_ranks" in meta:
+            world = self.dist.world if self.dist is not None else 1
+            if len(meta["source_ranks"]) != world:
+                raise ValueError(
+                    f"this checkpoint's activation stream is per process (a live model, "
+                    f"{len(meta['source_ranks'])} processes): resume it with the same number "
+                    f"of processes, not {world} (cached or .npy activations resume on any)"
+                )
+            source_state = meta["source_ranks"][self.dist.rank if self.dist else 0]
+        self.source.load_state_dict(source_state)
+        self._source_state = source_state
         self.generator.set_state(tensors["rng/generator"])
 
     # ------------------------------------------------------------------ saving
@@ -481,9 +583,15 @@ class Trainer:
         if root is None:
             raise ValueError("no output directory given")
         paths = {}
-        for name, sae in self.saes.items():
+        saes = self.full_saes()
+        if not self.is_main:
+            self.dist.barrier()
+            return {name: root / name for name in saes}
+        for name, sae in saes.items():
             meta = {"hook_name": self.hookpoints[name], "training_tokens": self.tokens}
             paths[name] = save_sae(
                 sae, root / name, input_scale=self.scales.get(name, 1.0), metadata=meta
             )
+        if self.dist is not None:
+            self.dist.barrier()
         return paths
