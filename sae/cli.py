@@ -663,7 +663,8 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("--text", default="builtin",
                     help="'builtin' (Python's own docs), a .txt file or a folder of them")
     pr.add_argument("--dataset", default=None, help="a Hugging Face dataset name (if installed)")
-    pr.add_argument("--method", default="iht", choices=["magnitude", "wanda", "sparsegpt", "iht"])
+    pr.add_argument("--method", default="iht",
+                    choices=["magnitude", "wanda", "sparsegpt", "iht", "omp"])
     pr.add_argument("--sparsity", type=float, default=None,
                     help="fraction of weights set to zero (default 0.5; N:M fixes it)")
     pr.add_argument("--pattern", default="unstructured", help="'unstructured' or N:M, e.g. 2:4")

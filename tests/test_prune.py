@@ -13,6 +13,7 @@ from sparsecode.prune import (
     evaluate_perplexity,
     iht_prune,
     layer_error,
+    omp_prune,
     owl_sparsities,
     prune,
     prune_layer,
@@ -74,6 +75,50 @@ def test_iht_matches_exact_least_squares_on_its_support():
         torch.testing.assert_close(W_i[r, S].double(), exact, rtol=1e-3, atol=1e-4)
 
 
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_omp_never_worse_than_wanda_and_least_squares_on_its_support(seed):
+    W, H, _ = make_layer(out=12, d=32, seed=seed)
+    W_w, _ = wanda(W, H, 0.5)
+    W_o, keep = prune_layer(W.double(), H.double(), 0.5, "omp")
+    e_w, e_o = layer_error(W.double(), W_w.double(), H.double()), layer_error(
+        W.double(), W_o, H.double())
+    assert (e_o <= e_w * (1 + 1e-9)).all()
+    assert e_o.sum() < 0.7 * e_w.sum()
+    Hd = H.double()
+    for r in range(W.shape[0]):  # the kept weights solve the least squares on the support
+        S = keep[r].nonzero().squeeze(1)
+        exact = torch.linalg.solve(Hd[S][:, S], (Hd @ W[r].double())[S])
+        torch.testing.assert_close(W_o[r, S], exact, rtol=1e-6, atol=1e-8)
+
+
+def test_omp_selection_matches_a_greedy_reference_on_a_tiny_layer():
+    """ORMP: each step adds the input whose least-squares refit has the smallest error."""
+    W, H, _ = make_layer(out=3, d=10, seed=4)
+    W, H = W.double(), H.double()
+    _, keep = omp_prune(W, H, 0.6)
+    for r in range(W.shape[0]):
+        S: list[int] = []
+        for _ in range(4):
+            best = None
+            for j in range(10):
+                if j in S:
+                    continue
+                T = [*S, j]
+                w = torch.linalg.solve(H[T][:, T], (H @ W[r])[T])
+                full = torch.zeros(10, dtype=H.dtype)
+                full[T] = w
+                e = float((W[r] - full) @ H @ (W[r] - full))
+                if best is None or e < best[0]:
+                    best = (e, j)
+            S.append(best[1])
+        wanda_keep = wanda(W, H, 0.6)[1][r]
+        assert set(keep[r].nonzero().squeeze(1).tolist()) in (set(S),
+                                                               set(wanda_keep.nonzero()
+                                                                   .squeeze(1).tolist()))
+    with pytest.raises(ValueError, match="unstructured sparsity only"):
+        omp_prune(W, H, 0.5, (2, 4))
+
+
 @pytest.mark.parametrize("method", ["magnitude", "wanda", "sparsegpt", "iht"])
 @pytest.mark.parametrize("nm", [(2, 4), (4, 8), (1, 4)])
 def test_nm_masks_are_exactly_n_of_m(method, nm):
@@ -85,13 +130,13 @@ def test_nm_masks_are_exactly_n_of_m(method, nm):
     assert ((W2.reshape(W.shape[0], -1, nm[1]) != 0).sum(-1) <= nm[0]).all()
 
 
-@pytest.mark.parametrize("method", ["magnitude", "wanda", "sparsegpt", "iht"])
+@pytest.mark.parametrize("method", ["magnitude", "wanda", "sparsegpt", "iht", "omp"])
 @pytest.mark.parametrize("sparsity", [0.0, 0.25, 0.5, 0.7])
 def test_achieved_sparsity_equals_request(method, sparsity):
     W, H, _ = make_layer(out=16, d=32)
     W2, keep = prune_layer(W, H, sparsity, method, blocksize=16) if method == "sparsegpt" \
         else prune_layer(W, H, sparsity, method)
-    if method in ("wanda", "iht"):  # per output row
+    if method in ("wanda", "iht", "omp"):  # per output row
         assert ((~keep).sum(1) == round(sparsity * W.shape[1])).all()
         expected = W.shape[0] * round(sparsity * W.shape[1])
     elif method == "sparsegpt":  # per block of 16 columns
@@ -176,7 +221,7 @@ def calib(n=6, T=16, seed=0):
     return torch.randint(0, 128, (n, T), generator=torch.Generator().manual_seed(seed))
 
 
-@pytest.mark.parametrize("method", ["magnitude", "wanda", "sparsegpt", "iht"])
+@pytest.mark.parametrize("method", ["magnitude", "wanda", "sparsegpt", "iht", "omp"])
 def test_prune_model_sparsity_report_and_masks(llama, method):
     rep = prune(llama, calib(), 0.5, method, batch_size=4, return_masks=True)
     assert len(rep.layers) == 3 * 7

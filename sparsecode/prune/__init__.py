@@ -2,7 +2,8 @@
 
 Pruning a linear layer ``W`` on calibration inputs ``X`` is, per output row, the sparse
 regression ``min ||X^T (w - w')||^2`` over ``k``-sparse or N:M ``w'``: IHT / least squares on the
-Gram ``X X^T`` with the core's TopK / NM projections (method ``"iht"``). The standard methods
+Gram ``X X^T`` with the core's TopK / NM projections (method ``"iht"``), or the core's batched
+OMP (method ``"omp"``, unstructured). The standard methods
 (``magnitude``, ``wanda``, ``sparsegpt``) ship beside it. See ``docs/pruning.md``.
 
 >>> import torch, transformers
@@ -15,7 +16,15 @@ Gram ``X X^T`` with the core's TopK / NM projections (method ``"iht"``). The sta
 (14, 0.5)
 """
 
-from .layer import iht_prune, layer_error, magnitude, prune_layer, sparsegpt, wanda
+from .layer import (
+    iht_prune,
+    layer_error,
+    magnitude,
+    omp_prune,
+    prune_layer,
+    sparsegpt,
+    wanda,
+)
 from .model import (
     LayerReport,
     PruneReport,
@@ -36,6 +45,7 @@ __all__ = [
     "iht_prune",
     "layer_error",
     "magnitude",
+    "omp_prune",
     "owl_sparsities",
     "prune",
     "prune_layer",

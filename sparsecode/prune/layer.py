@@ -14,6 +14,10 @@ sparse regression ``min ||X^T (w - w')||^2`` over ``k``-sparse or N:M ``w'``.
   support_lstsq`), IHT with the TopK / NM projection (:func:`~sparsecode.core.solvers.iht`),
   least squares on the final support. Each row keeps the best of these iterates, so its error
   never exceeds Wanda's.
+* ``omp``: the same scaled regression solved greedily by the core's batched
+  :func:`~sparsecode.core.solvers.omp` (order-recursive selection by default) on the Gram,
+  ``k`` atoms per row, exact least squares on the chosen support; unstructured only. Each row
+  keeps OMP's weights or Wanda's mask, whichever has the smaller error.
 
 Selections use the core's :class:`~sparsecode.core.operators.TopK` and
 :class:`~sparsecode.core.operators.NM` projections.
@@ -33,7 +37,7 @@ import torch
 from torch import Tensor
 
 from ..core.operators import NM, TopK
-from ..core.solvers import LeastSquares, iht, support_lstsq
+from ..core.solvers import LeastSquares, iht, omp, support_lstsq
 
 __all__ = [
     "METHODS",
@@ -43,6 +47,7 @@ __all__ = [
     "sparsegpt",
     "wanda",
     "iht_prune",
+    "omp_prune",
 ]
 
 NMPattern = tuple[int, int] | None
@@ -235,7 +240,62 @@ def iht_prune(
     return (W_new * keep).to(out_dtype), keep
 
 
-METHODS = {"magnitude": magnitude, "wanda": wanda, "sparsegpt": sparsegpt, "iht": iht_prune}
+def omp_prune(
+    W: Tensor,
+    H: Tensor,
+    sparsity: float,
+    nm: NMPattern = None,
+    *,
+    selection: str = "ormp",
+):
+    """Greedy per-row sparse regression on the Gram with the core's batched OMP.
+
+    Same scaled problem as :func:`iht_prune` (``v = w * ||x||``, unit-diagonal Gram); each row
+    selects ``k`` inputs one at a time (``selection``: ``"ormp"``, the input whose addition most
+    reduces the error after re-fitting, or ``"omp"``, the one most correlated with the
+    residual) and its weights are the least-squares fit on them. A row whose OMP error exceeds
+    that of Wanda's mask keeps Wanda's mask instead. Unstructured sparsity only (a greedy
+    selection cannot honour N:M groups): use ``iht`` for N:M.
+    """
+    if nm is not None:
+        raise ValueError("method 'omp' prunes unstructured sparsity only; use 'iht' for N:M")
+    out_dtype = W.dtype
+    work = torch.float64 if W.dtype == torch.float64 else torch.float32
+    H = H.detach().to(work)
+    W = W.detach().to(work)
+    d = torch.diagonal(H).clamp(min=0)
+    alive = d > 0
+    s = torch.where(alive, torch.sqrt(d), torch.ones_like(d))
+    G = H / s[:, None] / s[None, :]
+    V = W * s
+    cov = V @ G
+    k = _n_keep(W.shape[1], sparsity)
+    if k == 0:
+        return torch.zeros_like(W).to(out_dtype), torch.zeros_like(W, dtype=torch.bool)
+
+    def err(Z: Tensor) -> Tensor:
+        D = V - Z
+        return ((D @ G) * D).sum(dim=1)
+
+    keep = keep_mask(V.abs(), sparsity, None)  # Wanda's mask, its own weights
+    best = V * keep
+    prob = LeastSquares.from_gram(G, cov, (cov * V).sum(dim=1))
+    Z = omp(prob, n_nonzero_coefs=k, selection=selection).codes.to_dense()
+    better = err(Z) < err(best)
+    best = torch.where(better[:, None], Z, best)
+    keep = torch.where(better[:, None], Z != 0, keep)
+    W_new = best / s
+    keep = keep & alive[None, :]
+    return (W_new * keep).to(out_dtype), keep
+
+
+METHODS = {
+    "magnitude": magnitude,
+    "wanda": wanda,
+    "sparsegpt": sparsegpt,
+    "iht": iht_prune,
+    "omp": omp_prune,
+}
 
 
 def check_sparsity(sparsity: float) -> float:

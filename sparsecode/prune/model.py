@@ -250,7 +250,8 @@ def prune(
     """Prune the ``nn.Linear`` layers of every decoder block of ``model`` in place.
 
     ``calibration``: token ids ``(n, seq_len)`` (split into ``batch_size`` rows) or an iterable
-    of such batches. ``method``: ``magnitude``, ``wanda``, ``sparsegpt`` or ``iht`` (ours).
+    of such batches. ``method``: ``magnitude``, ``wanda``, ``sparsegpt``, ``iht`` (ours) or ``omp``
+    (greedy, unstructured only).
     ``pattern``: ``"unstructured"`` or ``"N:M"`` (then the sparsity is ``1 - N/M``).
     ``allocation``: ``"uniform"`` or ``"owl"`` (unstructured only). ``targets``: module paths or
     globs *inside a block* (default: all its Linears, e.g. ``"self_attn.*"`` for attention only).
