@@ -29,8 +29,9 @@ SETTINGS = {
     "2:4": dict(sparsity=None, pattern="2:4", allocation="uniform"),
     "70%+owl": dict(sparsity=0.7, pattern="unstructured", allocation="owl"),
 }
-METHODS = ["magnitude", "wanda", "sparsegpt", "iht"]
-LABEL = {"magnitude": "magnitude", "wanda": "Wanda", "sparsegpt": "SparseGPT", "iht": "ours (iht)"}
+METHODS = ["magnitude", "wanda", "sparsegpt", "iht", "omp"]
+LABEL = {"magnitude": "magnitude", "wanda": "Wanda", "sparsegpt": "SparseGPT", "iht": "ours (iht)",
+         "omp": "ours (omp)"}
 
 
 def _fmt_err(e: float | None) -> str:
