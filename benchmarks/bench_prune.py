@@ -3,14 +3,17 @@
 Calibration: ``--n-calib`` contexts of ``--seq-len`` tokens from the training part of the built-in
 text (``split_texts(builtin_texts(), seed=0)[0]``, contexts drawn with a seeded permutation);
 perplexity on ``--n-eval`` contexts of the held-out part (``split_texts(...)[1]``), disjoint
-from the calibration text at the document level. Rows: dense, then magnitude, Wanda, SparseGPT
-and ours (``iht``: least squares + IHT on the Gram with the core's TopK / NM projections,
-started from Wanda's mask) at each setting: 50% unstructured, 2:4, 70% unstructured with OWL.
+from the calibration text at the document level. Rows: dense, then magnitude, Wanda, SparseGPT,
+ours (``iht``: least squares + IHT on the Gram with the core's TopK / NM projections, started
+from Wanda's mask) and greedy ``omp`` (unstructured settings only) at each setting: 50%
+unstructured, 2:4, 70% unstructured with OWL.
 Every pruning run starts from the same dense weights and is timed whole (calibration forwards
 included, perplexity evaluation excluded). Results go to
 ``benchmarks/results/prune-<device>.{json,md}`` after every row.
 
-    python benchmarks/bench_prune.py --threads 1      # everything (about 25 min on one thread)
+    python benchmarks/bench_prune.py --threads 1 --methods magnitude,wanda,sparsegpt,iht
+                                                       # the main table (~25 min, one thread)
+    python benchmarks/bench_prune.py --methods iht,omp --settings 50%   # omp: ~40 min a row
     python benchmarks/bench_prune.py --settings 2:4 --methods wanda,iht
 """
 
@@ -132,6 +135,8 @@ def main(argv=None) -> int:
     save()
     for setting in args.settings.split(","):
         for method in args.methods.split(","):
+            if method == "omp" and SETTINGS[setting]["pattern"] != "unstructured":
+                continue  # greedy selection cannot honour N:M groups
             model.load_state_dict(dense_state)
             opts = {"max_iter": args.iht_iter, "cg_iter": args.cg_iter,
                     "init": tuple(args.iht_init.split("+"))} if method == "iht" else {}
