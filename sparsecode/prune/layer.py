@@ -151,6 +151,31 @@ def sparsegpt(
     return (W * mask).to(out_dtype), mask
 
 
+def _scaled_problem(W: Tensor, H: Tensor):
+    """The per-row regression in column-scaled variables, in float32 (float64 for float64 W).
+
+    ``s_j = ||x_j||`` (1 for inputs that never fire), ``G = H / (s s^T)`` (unit diagonal),
+    ``V = W * s``. Returns ``(W, V, G, s, alive, problem)`` with ``problem`` the Gram-domain
+    :class:`~sparsecode.core.solvers.LeastSquares` whose rows are those of ``V``.
+    """
+    work = torch.float64 if W.dtype == torch.float64 else torch.float32
+    H = H.detach().to(work)
+    W = W.detach().to(work)
+    d = torch.diagonal(H).clamp(min=0)
+    alive = d > 0
+    s = torch.where(alive, torch.sqrt(d), torch.ones_like(d))
+    G = H / s[:, None] / s[None, :]
+    V = W * s
+    cov = V @ G
+    return W, V, G, s, alive, LeastSquares.from_gram(G, cov, (cov * V).sum(dim=1))
+
+
+def _row_error(V: Tensor, G: Tensor, Z: Tensor) -> Tensor:
+    """``(v - z) G (v - z)^T`` per row: the layer error in scaled variables."""
+    D = V - Z
+    return ((D @ G) * D).sum(dim=1)
+
+
 def iht_prune(
     W: Tensor,
     H: Tensor,
@@ -178,22 +203,12 @@ def iht_prune(
     IHT steps from there move the error by well under 1% (hence the small default ``max_iter``).
     """
     out_dtype = W.dtype
-    work = torch.float64 if W.dtype == torch.float64 else torch.float32
-    H = H.detach().to(work)
-    W = W.detach().to(work)
-    d = torch.diagonal(H).clamp(min=0)
-    alive = d > 0
-    s = torch.where(alive, torch.sqrt(d), torch.ones_like(d))
-    G = H / s[:, None] / s[None, :]
-    V = W * s
-    cov = V @ G
-    prob = LeastSquares.from_gram(G, cov, (cov * V).sum(dim=1))
+    W, V, G, s, alive, prob = _scaled_problem(W, H)
     proj = NM(*nm) if nm is not None else TopK(max(_n_keep(W.shape[1], sparsity), 1))
     k = _n_keep(W.shape[1], sparsity)
 
     def err(Z: Tensor) -> Tensor:
-        D = V - Z
-        return ((D @ G) * D).sum(dim=1)
+        return _row_error(V, G, Z)
 
     keep = keep_mask(V.abs(), sparsity, nm)  # Wanda's mask
     best = V * keep
@@ -260,28 +275,14 @@ def omp_prune(
     if nm is not None:
         raise ValueError("method 'omp' prunes unstructured sparsity only; use 'iht' for N:M")
     out_dtype = W.dtype
-    work = torch.float64 if W.dtype == torch.float64 else torch.float32
-    H = H.detach().to(work)
-    W = W.detach().to(work)
-    d = torch.diagonal(H).clamp(min=0)
-    alive = d > 0
-    s = torch.where(alive, torch.sqrt(d), torch.ones_like(d))
-    G = H / s[:, None] / s[None, :]
-    V = W * s
-    cov = V @ G
     k = _n_keep(W.shape[1], sparsity)
     if k == 0:
-        return torch.zeros_like(W).to(out_dtype), torch.zeros_like(W, dtype=torch.bool)
-
-    def err(Z: Tensor) -> Tensor:
-        D = V - Z
-        return ((D @ G) * D).sum(dim=1)
-
+        return torch.zeros_like(W), torch.zeros_like(W, dtype=torch.bool)
+    W, V, G, s, alive, prob = _scaled_problem(W, H)
     keep = keep_mask(V.abs(), sparsity, None)  # Wanda's mask, its own weights
     best = V * keep
-    prob = LeastSquares.from_gram(G, cov, (cov * V).sum(dim=1))
     Z = omp(prob, n_nonzero_coefs=k, selection=selection).codes.to_dense()
-    better = err(Z) < err(best)
+    better = _row_error(V, G, Z) < _row_error(V, G, best)
     best = torch.where(better[:, None], Z, best)
     keep = torch.where(better[:, None], Z != 0, keep)
     W_new = best / s
