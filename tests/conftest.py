@@ -73,3 +73,19 @@ def tiny_tokenizer():
     return transformers.PreTrainedTokenizerFast(
         tokenizer_object=tok, bos_token="<s>", eos_token="</s>", unk_token="<unk>"
     )
+
+
+@pytest.fixture()
+def tiny_model_and_texts(tiny_llama, tiny_tokenizer, tmp_path):
+    """``(model_dir, texts_dir)``: ``tiny_llama`` + ``tiny_tokenizer`` saved as a Hugging Face
+    folder, and 30 text files of 80 random ``w{id}`` words (the CLI's ``--model`` / ``--text``)."""
+    model_dir = tmp_path / "tiny-llama"
+    tiny_llama.save_pretrained(model_dir)
+    tiny_tokenizer.save_pretrained(model_dir)
+    texts = tmp_path / "texts"
+    texts.mkdir()
+    gen = torch.Generator().manual_seed(3)
+    for i in range(30):
+        ids = torch.randint(8, 128, (80,), generator=gen).tolist()
+        (texts / f"doc{i:02d}.txt").write_text(" ".join(f"w{j}" for j in ids))
+    return model_dir, texts

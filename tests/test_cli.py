@@ -172,23 +172,10 @@ def test_default_train_on_smollm2_gives_a_loadable_sae(tmp_path):
     torch.testing.assert_close(theirs.decode(theirs.encode(x)), sae(x), rtol=1e-4, atol=1e-3)
 
 
-def _tiny_model_and_texts(tiny_llama, tiny_tokenizer, tmp_path):
-    model_dir = tmp_path / "tiny-llama"
-    tiny_llama.save_pretrained(model_dir)
-    tiny_tokenizer.save_pretrained(model_dir)
-    texts = tmp_path / "texts"
-    texts.mkdir()
-    gen = torch.Generator().manual_seed(3)
-    for i in range(30):
-        ids = torch.randint(8, 128, (80,), generator=gen).tolist()
-        (texts / f"doc{i:02d}.txt").write_text(" ".join(f"w{j}" for j in ids))
-    return model_dir, texts
-
-
-def test_cache_then_train_from_cache(tiny_llama, tiny_tokenizer, tmp_path):
+def test_cache_then_train_from_cache(tiny_model_and_texts, tmp_path):
     from sae.cache import CachedActivations, read_manifest
 
-    model_dir, texts = _tiny_model_and_texts(tiny_llama, tiny_tokenizer, tmp_path)
+    model_dir, texts = tiny_model_and_texts
     cache = tmp_path / "cache"
     common = ["--model", str(model_dir), "--text", str(texts), "--context-size", "16",
               "--device", "cpu", "--no-progress"]
@@ -217,8 +204,8 @@ def test_cache_then_train_from_cache(tiny_llama, tiny_tokenizer, tmp_path):
     assert sae.cfg.metadata["hook_name"] == "model.layers.1" and sae.cfg.d_in == 32
 
 
-def test_live_training_on_a_local_model(tiny_llama, tiny_tokenizer, tmp_path, capsys):
-    model_dir, texts = _tiny_model_and_texts(tiny_llama, tiny_tokenizer, tmp_path)
+def test_live_training_on_a_local_model(tiny_model_and_texts, tmp_path, capsys):
+    model_dir, texts = tiny_model_and_texts
     out = tmp_path / "run"
     assert main(["train", "--model", str(model_dir), "--text", str(texts), "--context-size", "16",
                  "--d-sae", "64", "--k", "4", "--batch-size", "128", "--tokens", "3000",

@@ -215,12 +215,10 @@ def test_latent_shards_without_torchrun_is_an_error(tmp_path):
               "--out", str(tmp_path / "run")])
 
 
-def test_torchrun_live_model_each_rank_computes_a_share(tiny_llama, tiny_tokenizer, tmp_path):
-    from test_cli import _tiny_model_and_texts
-
+def test_torchrun_live_model_each_rank_computes_a_share(tiny_model_and_texts, tmp_path):
     from sae.cli import main
 
-    model_dir, texts = _tiny_model_and_texts(tiny_llama, tiny_tokenizer, tmp_path)
+    model_dir, texts = tiny_model_and_texts
     common = ["--model", str(model_dir), "--text", str(texts), "--context-size", "16",
               "--hookpoint", "model.layers.1", "--d-sae", "64", "--k", "4",
               "--batch-size", "128", "--tokens", "4000", "--holdout", "256",

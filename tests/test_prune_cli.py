@@ -10,23 +10,10 @@ import torch
 from sae.cli import main
 
 
-def _tiny(tiny_llama, tiny_tokenizer, tmp_path):
-    model_dir = tmp_path / "tiny-llama"
-    tiny_llama.save_pretrained(model_dir)
-    tiny_tokenizer.save_pretrained(model_dir)
-    texts = tmp_path / "texts"
-    texts.mkdir()
-    gen = torch.Generator().manual_seed(3)
-    for i in range(30):
-        ids = torch.randint(8, 128, (80,), generator=gen).tolist()
-        (texts / f"doc{i:02d}.txt").write_text(" ".join(f"w{j}" for j in ids))
-    return model_dir, texts
-
-
-def test_sae_prune_writes_weights_masks_and_report(tiny_llama, tiny_tokenizer, tmp_path, capsys):
+def test_sae_prune_writes_weights_masks_and_report(tiny_model_and_texts, tmp_path, capsys):
     from safetensors.torch import load_file
 
-    model_dir, texts = _tiny(tiny_llama, tiny_tokenizer, tmp_path)
+    model_dir, texts = tiny_model_and_texts
     out = tmp_path / "pruned"
     args = ["prune", "--model", str(model_dir), "--text", str(texts), "--context-size", "16",
             "--n-calib", "8", "--n-eval", "4", "--pattern", "2:4", "--device", "cpu",
@@ -43,8 +30,8 @@ def test_sae_prune_writes_weights_masks_and_report(tiny_llama, tiny_tokenizer, t
     assert len(json.loads((out / "report.json").read_text())["layers"]) == 21
 
 
-def test_sae_prune_bad_pattern_is_a_clear_error(tiny_llama, tiny_tokenizer, tmp_path):
-    model_dir, texts = _tiny(tiny_llama, tiny_tokenizer, tmp_path)
+def test_sae_prune_bad_pattern_is_a_clear_error(tiny_model_and_texts, tmp_path):
+    model_dir, texts = tiny_model_and_texts
     with pytest.raises(SystemExit, match="not divisible by M=5"):
         main(["prune", "--model", str(model_dir), "--text", str(texts), "--context-size", "16",
               "--n-eval", "0", "--pattern", "2:5", "--device", "cpu", "--no-progress"])
