@@ -536,6 +536,10 @@ class SAE(nn.Module):
         """Load a whole SAE's state (a latent-sharded SAE keeps its slice)."""
         self.load_state_dict(state)
 
+    def gather(self) -> SAE:
+        """The whole SAE (itself; a latent-sharded SAE assembles a new one from its shards)."""
+        return self
+
     def full_tensor(self, name: str, t: Tensor) -> Tensor:
         """A tensor shaped like parameter/buffer ``name`` (e.g. an Adam moment), whole."""
         return t

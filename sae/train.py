@@ -390,10 +390,7 @@ class Trainer:
     # ------------------------------------------------------------------ evaluation
     def full_saes(self) -> dict[str, SAE]:
         """The whole SAEs (latent shards gathered; collective)."""
-        return {
-            name: sae.gather() if hasattr(sae, "gather") else sae
-            for name, sae in self.saes.items()
-        }
+        return {name: sae.gather() for name, sae in self.saes.items()}
 
     def evaluate(self) -> dict[str, Any]:
         """Held-out metrics for every SAE (inference behaviour), on scaled activations.

@@ -126,6 +126,17 @@ def _device(model: nn.Module) -> torch.device:
     return p.device if p is not None else torch.device("cpu")
 
 
+def _forward_until_stop(model: nn.Module, batches: list[Tensor]) -> None:
+    """Run every calibration batch through ``model``; a hook raising ``_Stop`` ends a forward
+    early (nothing after the point the hooks need is computed)."""
+    dev = _device(model)
+    for ids in batches:
+        try:
+            model(input_ids=ids.to(dev), use_cache=False)
+        except _Stop:
+            pass
+
+
 def _block_inputs(model: nn.Module, first: nn.Module, batches: list[Tensor]) -> list[tuple]:
     """``(args, kwargs)`` of the first decoder block for every calibration batch."""
     store: list[tuple] = []
@@ -135,13 +146,8 @@ def _block_inputs(model: nn.Module, first: nn.Module, batches: list[Tensor]) -> 
         raise _Stop
 
     handle = first.register_forward_pre_hook(grab, with_kwargs=True)
-    dev = _device(model)
     try:
-        for ids in batches:
-            try:
-                model(input_ids=ids.to(dev), use_cache=False)
-            except _Stop:
-                pass
+        _forward_until_stop(model, batches)
     finally:
         handle.remove()
     return store
@@ -349,13 +355,8 @@ def _owl(model, blocks, block_targets, batches, target, m, lam) -> list[float]:
         raise _Stop  # nothing after the last block is needed
 
     last = blocks[-1].register_forward_hook(stop)
-    dev = _device(model)
     try:
-        for ids in batches:
-            try:
-                model(input_ids=ids.to(dev), use_cache=False)
-            except _Stop:
-                pass
+        _forward_until_stop(model, batches)
     finally:
         hooks.remove()
         last.remove()
