@@ -110,6 +110,17 @@ def _centred(x: Tensor, W: Tensor, b_dec: Tensor | None) -> Tensor:
     return xc.to(W.dtype)
 
 
+def _check_shapes(x: Tensor, W_enc: Tensor) -> None:
+    if x.dim() != 2 or W_enc.dim() != 2 or x.shape[1] != W_enc.shape[1]:
+        raise ValueError(f"expected x (N, d) and W_enc (n_atoms, d), got {tuple(x.shape)} and "
+                         f"{tuple(W_enc.shape)}")
+
+
+def _check_k(k: int) -> None:
+    if isinstance(k, bool) or not isinstance(k, int) or k < 1:
+        raise ValueError(f"k must be an integer >= 1, got {k!r}")
+
+
 def _needs_grad(*ts: Tensor | None) -> bool:
     return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in ts)
 
@@ -141,11 +152,8 @@ def topk_encode(
     >>> torch.allclose(v, (x @ W.T).topk(3, dim=1).values)
     True
     """
-    if x.dim() != 2 or W_enc.dim() != 2 or x.shape[1] != W_enc.shape[1]:
-        raise ValueError(f"expected x (N, d) and W_enc (n_atoms, d), got {tuple(x.shape)} and "
-                         f"{tuple(W_enc.shape)}")
-    if isinstance(k, bool) or not isinstance(k, int) or k < 1:
-        raise ValueError(f"k must be an integer >= 1, got {k!r}")
+    _check_shapes(x, W_enc)
+    _check_k(k)
     k = min(k, W_enc.shape[0])
     with torch.no_grad():
         W = W_enc.detach() if matmul_dtype is None else W_enc.detach().to(matmul_dtype)
@@ -183,11 +191,8 @@ def batch_topk_encode(
     for it. (2) Rows that saturate are re-encoded with a 4x larger cap (up to ``n_atoms``) and
     the threshold is recomputed; ``t`` only grows, so finished rows stay exact.
     """
-    if x.dim() != 2 or W_enc.dim() != 2 or x.shape[1] != W_enc.shape[1]:
-        raise ValueError(f"expected x (N, d) and W_enc (n_atoms, d), got {tuple(x.shape)} and "
-                         f"{tuple(W_enc.shape)}")
-    if isinstance(k, bool) or not isinstance(k, int) or k < 1:
-        raise ValueError(f"k must be an integer >= 1, got {k!r}")
+    _check_shapes(x, W_enc)
+    _check_k(k)
     N, n = x.shape[0], W_enc.shape[0]
     dev = x.device
     if N == 0 or n == 0:
@@ -252,9 +257,7 @@ def threshold_encode(
     >>> torch.equal(torch.stack([rows, cols]), (pre > 0.5).nonzero().T)
     True
     """
-    if x.dim() != 2 or W_enc.dim() != 2 or x.shape[1] != W_enc.shape[1]:
-        raise ValueError(f"expected x (N, d) and W_enc (n_atoms, d), got {tuple(x.shape)} and "
-                         f"{tuple(W_enc.shape)}")
+    _check_shapes(x, W_enc)
     N, n = x.shape[0], W_enc.shape[0]
     with torch.no_grad():
         W = W_enc.detach() if matmul_dtype is None else W_enc.detach().to(matmul_dtype)
