@@ -56,6 +56,29 @@ if triton is not None:
     _LOW32_C = tl.constexpr(_LOW32)
 
     @triton.jit
+    def _preact_tile(
+        X, W, B, rows64, mask_m, offs_n, mask_n, D,
+        sxn, sxd, swn, swd,
+        BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, IEEE: tl.constexpr,
+    ):
+        """Pre-activations ``X[rows] @ W[atoms]^T + B[atoms]`` of one (BM, BN) tile, float32."""
+        atoms64 = offs_n.to(tl.int64)
+        acc = tl.zeros((BM, BN), dtype=tl.float32)
+        for k0 in range(0, D, BK):
+            offs_k = k0 + tl.arange(0, BK)
+            mask_k = offs_k < D
+            a = tl.load(X + rows64[:, None] * sxn + offs_k[None, :] * sxd,
+                        mask=mask_m[:, None] & mask_k[None, :], other=0.0)
+            w = tl.load(W + atoms64[:, None] * swn + offs_k[None, :] * swd,
+                        mask=mask_n[:, None] & mask_k[None, :], other=0.0)
+            if IEEE:
+                acc = tl.dot(a, tl.trans(w), acc, input_precision="ieee")
+            else:
+                acc = tl.dot(a, tl.trans(w), acc)
+        bias = tl.load(B + offs_n, mask=mask_n, other=0.0).to(tl.float32)
+        return acc + bias[None, :]
+
+    @triton.jit
     def _topk_candidates_kernel(
         X, W, B, OUT,
         N, D, NA, span,
@@ -74,21 +97,8 @@ if triton is not None:
         for n0 in range(lo, hi, BN):
             offs_n = n0 + tl.arange(0, BN)
             mask_n = offs_n < hi
-            atoms64 = offs_n.to(tl.int64)
-            acc = tl.zeros((BM, BN), dtype=tl.float32)
-            for k0 in range(0, D, BK):
-                offs_k = k0 + tl.arange(0, BK)
-                mask_k = offs_k < D
-                a = tl.load(X + rows64[:, None] * sxn + offs_k[None, :] * sxd,
-                            mask=mask_m[:, None] & mask_k[None, :], other=0.0)
-                w = tl.load(W + atoms64[:, None] * swn + offs_k[None, :] * swd,
-                            mask=mask_n[:, None] & mask_k[None, :], other=0.0)
-                if IEEE:
-                    acc = tl.dot(a, tl.trans(w), acc, input_precision="ieee")
-                else:
-                    acc = tl.dot(a, tl.trans(w), acc)
-            bias = tl.load(B + offs_n, mask=mask_n, other=0.0).to(tl.float32)
-            acc = acc + bias[None, :]
+            acc = _preact_tile(X, W, B, rows64, mask_m, offs_n, mask_n, D,
+                               sxn, sxd, swn, swd, BM, BN, BK, IEEE)
             bits = acc.to(tl.int32, bitcast=True)
             bits = tl.where(bits >= 0, bits, bits ^ 0x7FFFFFFF)
             bits = tl.where(mask_n[None, :], bits, _LOW_BITS_C)
@@ -123,21 +133,9 @@ if triton is not None:
             offs_n = n0 + tl.arange(0, BN)
             mask_n = offs_n < NA
             atoms64 = offs_n.to(tl.int64)
-            acc = tl.zeros((BM, BN), dtype=tl.float32)
-            for k0 in range(0, D, BK):
-                offs_k = k0 + tl.arange(0, BK)
-                mask_k = offs_k < D
-                a = tl.load(X + rows64[:, None] * sxn + offs_k[None, :] * sxd,
-                            mask=mask_m[:, None] & mask_k[None, :], other=0.0)
-                w = tl.load(W + atoms64[:, None] * swn + offs_k[None, :] * swd,
-                            mask=mask_n[:, None] & mask_k[None, :], other=0.0)
-                if IEEE:
-                    acc = tl.dot(a, tl.trans(w), acc, input_precision="ieee")
-                else:
-                    acc = tl.dot(a, tl.trans(w), acc)
-            bias = tl.load(B + offs_n, mask=mask_n, other=0.0).to(tl.float32)
+            acc = _preact_tile(X, W, B, rows64, mask_m, offs_n, mask_n, D,
+                               sxn, sxd, swn, swd, BM, BN, BK, IEEE)
             thr = tl.load(THR + offs_n, mask=mask_n, other=0.0).to(tl.float32)
-            acc = acc + bias[None, :]
             hit = (acc > thr[None, :]) & mask_n[None, :] & mask_m[:, None]
             h = hit.to(tl.int64)
             if WRITE:
