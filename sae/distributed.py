@@ -34,7 +34,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
-from sparsecode.core.kernels import sparse_decode, sparse_preact, topk_encode
+from sparsecode.core.kernels import merge_topk, sparse_decode, sparse_preact, topk_encode
 
 from .models import SAE
 
@@ -238,19 +238,15 @@ class _ReduceFromGroup(torch.autograd.Function):
 def _global_topk(
     values: Tensor, indices: Tensor, k: int, group: Any
 ) -> tuple[Tensor, Tensor]:
-    """The k largest of all shards' candidates ``(N, c)`` per row: gathered, sorted by latent
-    index, then stably by value (so the lowest index wins ties). Returns ``(N, k)`` values and
-    global indices."""
+    """The k largest of all shards' candidates ``(N, c)`` per row (gathered, then the core's
+    :func:`~sparsecode.core.kernels.merge_topk`: the lowest index wins ties). Returns ``(N, k)``
+    values and global indices."""
     n = dist.get_world_size(group)
     vs = [torch.empty_like(values) for _ in range(n)]
     ix = [torch.empty_like(indices) for _ in range(n)]
     dist.all_gather(vs, values.contiguous(), group=group)
     dist.all_gather(ix, indices.contiguous(), group=group)
-    v, i = torch.cat(vs, dim=1), torch.cat(ix, dim=1)
-    by_index = i.argsort(dim=1, stable=True)
-    v, i = v.gather(1, by_index), i.gather(1, by_index)
-    by_value = v.argsort(dim=1, descending=True, stable=True)[:, :k]
-    return v.gather(1, by_value), i.gather(1, by_value)
+    return merge_topk(torch.cat(vs, dim=1), torch.cat(ix, dim=1), k)
 
 
 #: Dimension along which each latent-indexed parameter / buffer is split.

@@ -281,3 +281,21 @@ def test_empty_batches():
     assert vals.shape == idx.shape == (0, 2)
     assert all(t.numel() == 0 for t in batch_topk_encode(x, W, b, None, 2))
     assert all(t.numel() == 0 for t in threshold_encode(x, W, b, None))
+
+
+def test_merge_topk_of_slices_equals_topk_of_the_row():
+    """Per-slice top-k results (as latent shards produce) merge into the row's top-k, ties
+    included (small integers make many exact ties; the lowest index wins)."""
+    from sparsecode.core.kernels import merge_topk, topk_rows
+
+    g = torch.Generator().manual_seed(0)
+    pre = torch.randint(0, 6, (50, 30), generator=g).float()
+    k = 7
+    vs, ix = [], []
+    for lo in range(0, 30, 10):
+        v, i = topk_rows(pre[:, lo : lo + 10], k)
+        vs.append(v)
+        ix.append(i + lo)
+    v, i = merge_topk(torch.cat(vs, 1), torch.cat(ix, 1), k)
+    ref_v, ref_i = topk_rows(pre, k)
+    assert torch.equal(v, ref_v) and torch.equal(i, ref_i)

@@ -24,12 +24,13 @@ imports and the kernel covers the dtype / shape, and its torch implementation ot
 """
 
 from .dispatch import triton_available, use_triton
-from .encode import batch_topk_encode, threshold_encode, topk_encode, topk_rows
+from .encode import batch_topk_encode, merge_topk, threshold_encode, topk_encode, topk_rows
 from .torch_ops import bag_sum, gather_preact, preact, row_offsets, sparse_decode, sparse_preact
 
 __all__ = [
     "bag_sum",
     "batch_topk_encode",
+    "merge_topk",
     "gather_preact",
     "preact",
     "row_offsets",

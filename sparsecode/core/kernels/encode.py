@@ -84,6 +84,20 @@ def topk_rows(pre: Tensor, k: int) -> tuple[Tensor, Tensor]:
     return vals[:, :k], idx[:, :k]
 
 
+def merge_topk(values: Tensor, indices: Tensor, k: int) -> tuple[Tensor, Tensor]:
+    """The ``k`` largest of each row's candidate ``(value, index)`` pairs under the tie rule
+    (lowest index first), sorted canonically: how per-slice top-k results (e.g. of latent
+    shards on several processes) combine into the exact top-k of the whole row.
+
+    >>> import torch
+    >>> v, i = merge_topk(torch.tensor([[3.0, 1.0, 3.0, 2.0]]), torch.tensor([[7, 0, 2, 5]]), 2)
+    >>> v.tolist(), i.tolist()
+    ([[3.0, 3.0]], [[2, 7]])
+    """
+    vals, idx = _canonical(values, indices)
+    return vals[:, :k], idx[:, :k]
+
+
 def _select_topk(xc: Tensor, W: Tensor, b_enc: Tensor, k: int, max_bytes: int | None
                  ) -> tuple[Tensor, Tensor]:
     """No-grad selection on centred inputs ``xc`` (already in ``W``'s dtype)."""
