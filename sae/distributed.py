@@ -175,6 +175,13 @@ class RankSlice:
     ``source`` yields global batches of ``B`` rows (its ``batch_size``); rank ``r`` of ``n``
     gets rows ``[r B / n, (r + 1) B / n)``. The stream position is the source's, identical on
     all ranks, which is what makes a checkpoint resumable with another number of ranks.
+
+    >>> import torch
+    >>> from sae.data import ArrayActivations
+    >>> src = ArrayActivations(torch.arange(16.0).reshape(8, 2), batch_size=4, shuffle=False,
+    ...                        epochs=1)
+    >>> [b["activations"][:, 0].tolist() for b in RankSlice(src, rank=1, size=2)]
+    [[4.0, 6.0], [12.0, 14.0]]
     """
 
     def __init__(self, source: Any, rank: int, size: int):

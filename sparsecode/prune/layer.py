@@ -271,6 +271,11 @@ def omp_prune(
     residual) and its weights are the least-squares fit on them. A row whose OMP error exceeds
     that of Wanda's mask keeps Wanda's mask instead. Unstructured sparsity only (a greedy
     selection cannot honour N:M groups): use ``iht`` for N:M.
+
+    >>> import torch
+    >>> W, H = torch.tensor([[4.0, -1.0, 0.5, 3.0]]), torch.eye(4)
+    >>> omp_prune(W, H, sparsity=0.5)[1]
+    tensor([[ True, False, False,  True]])
     """
     if nm is not None:
         raise ValueError("method 'omp' prunes unstructured sparsity only; use 'iht' for N:M")
