@@ -126,12 +126,18 @@ def _svd_init(X: torch.Tensor, n_components: int, randomized: bool, rng) -> torc
     components than the data have: asking it for ``n_components >= n_features`` (the usual
     overcomplete case) costs ~1 s on 30,000 x 64 patches where the exact SVD takes milliseconds.
     """
-    Xn = X.detach().cpu().double().numpy()
-    if randomized and n_components < min(Xn.shape):
-        _, S, V = randomized_svd(Xn, n_components, random_state=rng)
+    Xd = X.detach().cpu().double()
+    if randomized and n_components < min(Xd.shape):
+        _, S, V = randomized_svd(Xd.numpy(), n_components, random_state=rng)
     else:
-        U, S, V = np.linalg.svd(Xn, full_matrices=False)
-        U, V = svd_flip(U, V)
+        if Xd.shape[0] > 2 * Xd.shape[1]:  # tall: SVD of the QR factor R (3x faster, as exact)
+            Q, R = torch.linalg.qr(Xd)
+            U, S, V = torch.linalg.svd(R)
+            U = Q @ U
+        else:
+            U, S, V = torch.linalg.svd(Xd, full_matrices=False)
+        U, V = svd_flip(U.numpy(), V.numpy())
+        S = S.numpy()
     D = S[:, None] * V
     D = D[:n_components]
     if len(D) < n_components:

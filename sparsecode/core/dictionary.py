@@ -36,6 +36,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from .solvers import lipschitz
+
 #: An atom with ``A_kk`` at most this counts as unused (scikit-learn's threshold, for ``A``
 #: averaged over the batch).
 UNUSED_TOL = 1e-6
@@ -85,19 +87,34 @@ def update_dictionary(
                 d = D[k] + (B[k] - A[k] @ D) / A[k, k]
                 D[k] = project_atoms(d[None], positive)[0]
         return D, unused
-    # projected gradient with momentum; restart when the surrogate would increase (monotone)
-    L = float(torch.linalg.matrix_norm(A, ord=2))
+    # projected gradient with momentum; restart when the surrogate would increase (monotone).
+    # A @ D is carried along (A @ Y follows from it by linearity): one product per step.
+    L = lipschitz(A)
     if L <= 0:
         return D, unused
-    keep = ~unused[:, None]
-    Y, t, f = D.clone(), 1.0, surrogate(D, A, B)
+    keep = ~unused[:, None] if bool(unused.any()) else None
+
+    def project(V: Tensor) -> Tensor:
+        P = project_atoms(V, positive)
+        return P if keep is None else torch.where(keep, P, D)
+
+    def value(V: Tensor, AV: Tensor) -> Tensor:
+        return (V * (0.5 * AV - B)).sum()
+
+    AD = A @ D
+    f = value(D, AD)
+    D_prev, AD_prev, t = D, AD, 1.0
     for _ in range(n_iter):
-        D_new = torch.where(keep, project_atoms(Y - (A @ Y - B) / L, positive), D)
-        f_new = surrogate(D_new, A, B)
-        if f_new > f:  # momentum overshot: plain projected-gradient step from D
-            D_new = torch.where(keep, project_atoms(D - (A @ D - B) / L, positive), D)
-            f_new, t = surrogate(D_new, A, B), 1.0
         t_new = 0.5 * (1 + (1 + 4 * t * t) ** 0.5)
-        Y = D_new + ((t - 1) / t_new) * (D_new - D)
-        D, t, f = D_new, t_new, f_new
+        beta = (t - 1) / t_new
+        Y = torch.lerp(D, D_prev, -beta) if beta else D  # D + beta (D - D_prev)
+        AY = torch.lerp(AD, AD_prev, -beta) if beta else AD
+        D_new = project(Y - (AY - B) / L)
+        AD_new = A @ D_new
+        f_new = value(D_new, AD_new)
+        if beta and f_new > f:  # momentum overshot: plain projected-gradient step from D
+            D_new = project(D - (AD - B) / L)
+            AD_new = A @ D_new
+            f_new, t_new = value(D_new, AD_new), 1.0
+        D_prev, AD_prev, D, AD, f, t = D, AD, D_new, AD_new, f_new, t_new
     return D, unused

@@ -41,6 +41,7 @@ import math
 from collections.abc import Sequence
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 Step = float | Tensor
@@ -129,6 +130,8 @@ class L1(Operator):
         t = self.alpha * step
         if self.positive:
             return torch.clamp(z - t, min=0)
+        if isinstance(t, float) and z.dtype in (torch.float32, torch.float64):
+            return F.softshrink(z, t)  # one fused pass
         return torch.sign(z) * torch.clamp(z.abs() - t, min=0)
 
     def value(self, z: Tensor) -> Tensor:
