@@ -83,7 +83,7 @@ def test_dictionary_learning_matches_sklearn_iterates():
     D0 = unit_rows(rng.standard_normal((12, 8)))
     kw = dict(n_components=12, alpha=0.3, max_iter=5, tol=0.0, dict_init=D0,
               code_init=np.zeros((60, 12)), fit_algorithm="lars", random_state=0)
-    ours = DictionaryLearning(**kw).fit(X)
+    ours = DictionaryLearning(**kw, dict_update="bcd").fit(X)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         ref = skd.DictionaryLearning(**kw).fit(X)
@@ -96,7 +96,7 @@ def test_minibatch_matches_sklearn_iterates():
     D0 = unit_rows(rng.standard_normal((12, 8)))
     kw = dict(n_components=12, alpha=0.3, max_iter=1, batch_size=50, shuffle=False, tol=0.0,
               max_no_improvement=None, dict_init=D0, fit_algorithm="lars", random_state=0)
-    ours = MiniBatchDictionaryLearning(**kw).fit(X)
+    ours = MiniBatchDictionaryLearning(**kw, dict_update="bcd").fit(X)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         ref = skd.MiniBatchDictionaryLearning(**kw).fit(X)

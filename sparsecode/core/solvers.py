@@ -243,7 +243,8 @@ def fista(
     A row stops when ``||z_t - z_{t-1}|| <= tol * max(||z_t||, 1)`` (checked every
     ``check_every`` iterations) or after ``max_iter`` iterations.
 
-    * Convex penalties: FISTA with the gradient restart of O'Donoghue & Candes (2015).
+    * Convex penalties: FISTA with the gradient restart of O'Donoghue & Candes (2015), tested
+      every ``_RESTART_EVERY`` iterations.
     * Nonconvex penalties and projections (l0, lq, MCP, SCAD, top-k, N:M ...): every accepted step
       decreases the objective; when the momentum step would increase it, the row restarts from a
       plain proximal-gradient step, so the objective is monotone (ISTA with ``fast=False`` is
@@ -292,6 +293,13 @@ def _check_iter(max_iter: int, tol: float) -> None:
         raise ValueError(f"tol must be >= 0, got {tol!r}")
 
 
+#: FISTA tests the gradient-restart condition every this many iterations: testing it every
+#: iteration costs ~20% of an iteration at sparse-coding sizes (two extra passes over the codes),
+#: and testing every 5th leaves the iteration counts to convergence within ~5% (1e-9 tolerance on
+#: image patches and Gaussian dictionaries).
+_RESTART_EVERY = 5
+
+
 def _fista_chunk(
     prob: LeastSquares,
     penalty: Operator,
@@ -329,7 +337,7 @@ def _fista_chunk(
             F_z = F_new
         diff = z_new - z
         if fast:
-            if not monotone:
+            if not monotone and it % _RESTART_EVERY == 0:
                 # gradient-based adaptive restart
                 since.masked_fill_(torch.linalg.vecdot(y - z_new, diff, dim=1)[:, None] > 0, 0)
             y = torch.addcmul(z_new, coefs[since], diff)
