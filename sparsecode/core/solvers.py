@@ -318,7 +318,7 @@ def _fista_chunk(
     y = z.clone()
     # Nesterov's momentum (t_0 = 1, t_{k+1} = (1 + sqrt(1 + 4 t_k^2)) / 2) as a table indexed by
     # each row's iterations since its last restart: fewer tiny per-iteration ops than updating t.
-    coefs = _momentum_table(max_iter, z.dtype, dev)
+    coefs = fista_momentum(max_iter, z.dtype, dev)
     since = torch.zeros(n, 1, dtype=torch.long, device=dev)
     rows = torch.arange(n, device=dev)
     F_z = prob.loss(z) + penalty.value(z) if monotone else None
@@ -362,8 +362,12 @@ def _fista_chunk(
     return z_out, it_out
 
 
-def _momentum_table(max_iter: int, dtype: torch.dtype, device) -> Tensor:
-    """``(t_k - 1) / t_{k+1}`` for ``k = 0 .. max_iter`` with FISTA's ``t_0 = 1``."""
+def fista_momentum(max_iter: int, dtype: torch.dtype = torch.float64, device=None) -> Tensor:
+    """FISTA's momentum coefficients ``(t_k - 1) / t_{k+1}``, ``k = 0 .. max_iter``, ``t_0 = 1``.
+
+    Step ``k`` (counted from the last restart) extrapolates ``y = z_k + coef[k] (z_k - z_{k-1})``;
+    ``coef[0] = 0``. Used by :func:`fista` and by the momentum layers of :class:`sparsecode.LISTA`.
+    """
     t = [1.0]
     for _ in range(max_iter + 1):
         t.append(0.5 * (1.0 + math.sqrt(1.0 + 4.0 * t[-1] ** 2)))
