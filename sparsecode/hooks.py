@@ -67,7 +67,8 @@ class HookPointError(KeyError, ValueError):
 
 
 class _StopForward(Exception):
-    """Raised from a hook to abort a forward once every requested activation is recorded."""
+    """Raised from a hook to abort a forward once what it needs is recorded (also used by
+    :mod:`sparsecode.prune` to stop calibration forwards after the last block it needs)."""
 
 
 # ----------------------------------------------------------------------------- resolving

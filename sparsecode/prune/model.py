@@ -26,7 +26,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from ..hooks import resolve
+from ..hooks import _StopForward, resolve
 from .layer import check_sparsity, layer_error, parse_pattern, prune_layer
 
 __all__ = [
@@ -87,10 +87,6 @@ class PruneReport:
         )
 
 
-class _Stop(Exception):
-    pass
-
-
 def decoder_layers(model: nn.Module) -> tuple[str, nn.ModuleList]:
     """Path and ``ModuleList`` of the decoder blocks: the longest list of same-type modules,
     preferring one of length ``config.num_hidden_layers``."""
@@ -127,13 +123,13 @@ def _device(model: nn.Module) -> torch.device:
 
 
 def _forward_until_stop(model: nn.Module, batches: list[Tensor]) -> None:
-    """Run every calibration batch through ``model``; a hook raising ``_Stop`` ends a forward
+    """Run every calibration batch through ``model``; a hook raising ``_StopForward`` ends a forward
     early (nothing after the point the hooks need is computed)."""
     dev = _device(model)
     for ids in batches:
         try:
             model(input_ids=ids.to(dev), use_cache=False)
-        except _Stop:
+        except _StopForward:
             pass
 
 
@@ -143,7 +139,7 @@ def _block_inputs(model: nn.Module, first: nn.Module, batches: list[Tensor]) -> 
 
     def grab(module: nn.Module, args: tuple, kwargs: dict) -> None:
         store.append((args, kwargs))
-        raise _Stop
+        raise _StopForward
 
     handle = first.register_forward_pre_hook(grab, with_kwargs=True)
     try:
@@ -352,7 +348,7 @@ def _owl(model, blocks, block_targets, batches, target, m, lam) -> list[float]:
     hooks = _GramHooks(mods, diag_only=True)
 
     def stop(module: nn.Module, args: tuple, output: Any) -> None:
-        raise _Stop  # nothing after the last block is needed
+        raise _StopForward  # nothing after the last block is needed
 
     last = blocks[-1].register_forward_hook(stop)
     try:
