@@ -262,16 +262,8 @@ def test_l0_fvu_plot_errors(tmp_path):
 # ------------------------------------------------------------------ CLI
 
 
-def test_cli_browse_and_plot(tiny_llama, tiny_tokenizer, tmp_path, capsys):
-    model_dir = tmp_path / "tiny-llama"
-    tiny_llama.save_pretrained(model_dir)
-    tiny_tokenizer.save_pretrained(model_dir)
-    texts = tmp_path / "texts"
-    texts.mkdir()
-    gen = torch.Generator().manual_seed(3)
-    for i in range(20):
-        ids = torch.randint(8, 128, (60,), generator=gen).tolist()
-        (texts / f"doc{i:02d}.txt").write_text(" ".join(f"w{j}" for j in ids))
+def test_cli_browse_and_plot(tiny_model_and_texts, tmp_path, capsys):
+    model_dir, texts = tiny_model_and_texts
     run = tmp_path / "run"
     meta = {"model_name": str(model_dir), "hook_name": HOOK, "context_size": 16}
     for name, k in (("topk-k4", 4), ("topk-k8", 8)):
