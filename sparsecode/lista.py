@@ -8,7 +8,7 @@ For a dictionary ``D`` (``n_atoms x n_features``, atoms are rows) and signals ``
 ISTA reaches it by ``z_{t+1} = soft(z_t - (z_t D - x) D^T / L, alpha / L)`` from ``z_0 = 0``
 (``L`` = largest eigenvalue of ``D D^T``). :class:`LISTA` unrolls ``T = n_layers`` such steps into
 a network and learns its parameters on the data, so that ``T`` layers do the work of many more
-ISTA / FISTA iterations on signals like the training ones. Two parametrisations:
+ISTA / FISTA iterations on signals like the training ones. Three parametrisations:
 
 * ``"lista"`` (Gregor & LeCun): shared matrices ``W_e`` (``n_features x n_atoms``), ``S``
   (``n_atoms x n_atoms``) and one threshold per layer,
@@ -99,7 +99,7 @@ class LISTA(DictionaryTransformerMixin, BaseEstimator):
         learned matrices and thresholds without momentum (initialised as ISTA); or learned step
         sizes only.
     max_epochs : int, default=50
-        Passes over the training set (0: keep the ISTA initialisation).
+        Passes over the training set (0: keep the initial ISTA / FISTA values).
     batch_size : int, default=256
         Mini-batch size for Adam.
     learning_rate : float, default=1e-3

@@ -51,9 +51,14 @@ def project_atoms(D: Tensor, positive: bool = False) -> Tensor:
     return D / norms.clamp(min=1.0)
 
 
-def surrogate(D: Tensor, A: Tensor, B: Tensor) -> Tensor:
-    """``0.5 tr(D^T A D) - tr(D^T B)``: the dictionary's part of ``0.5||X - Z D||^2``."""
-    return 0.5 * (D * (A @ D)).sum() - (D * B).sum()
+def surrogate(D: Tensor, A: Tensor, B: Tensor, AD: Tensor | None = None) -> Tensor:
+    """``0.5 tr(D^T A D) - tr(D^T B)``: the dictionary's part of ``0.5||X - Z D||^2``.
+
+    ``AD`` is ``A @ D`` when the caller has it already (the product is the costly part).
+    """
+    if AD is None:
+        AD = A @ D
+    return (D * (0.5 * AD - B)).sum()
 
 
 def update_dictionary(
@@ -98,11 +103,8 @@ def update_dictionary(
         P = project_atoms(V, positive)
         return P if keep is None else torch.where(keep, P, D)
 
-    def value(V: Tensor, AV: Tensor) -> Tensor:
-        return (V * (0.5 * AV - B)).sum()
-
     AD = A @ D
-    f = value(D, AD)
+    f = surrogate(D, A, B, AD)
     D_prev, AD_prev, t = D, AD, 1.0
     for _ in range(n_iter):
         t_new = 0.5 * (1 + (1 + 4 * t * t) ** 0.5)
@@ -111,10 +113,10 @@ def update_dictionary(
         AY = torch.lerp(AD, AD_prev, -beta) if beta else AD
         D_new = project(Y - (AY - B) / L)
         AD_new = A @ D_new
-        f_new = value(D_new, AD_new)
+        f_new = surrogate(D_new, A, B, AD_new)
         if beta and f_new > f:  # momentum overshot: plain projected-gradient step from D
             D_new = project(D - (AD - B) / L)
             AD_new = A @ D_new
-            f_new, t_new = value(D_new, AD_new), 1.0
+            f_new, t_new = surrogate(D_new, A, B, AD_new), 1.0
         D_prev, AD_prev, D, AD, f, t = D, AD, D_new, AD_new, f_new, t_new
     return D, unused

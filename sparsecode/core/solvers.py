@@ -295,8 +295,8 @@ def _check_iter(max_iter: int, tol: float) -> None:
 
 #: FISTA tests the gradient-restart condition every this many iterations: testing it every
 #: iteration costs ~20% of an iteration at sparse-coding sizes (two extra passes over the codes),
-#: and testing every 5th leaves the iteration counts to convergence within ~5% (1e-9 tolerance on
-#: image patches and Gaussian dictionaries).
+#: and testing every 5th raised the iteration counts to convergence by at most 8% (1e-9 tolerance
+#: on image patches and Gaussian dictionaries; no restart at all: 4-9x more iterations).
 _RESTART_EVERY = 5
 
 
@@ -367,6 +367,10 @@ def fista_momentum(max_iter: int, dtype: torch.dtype = torch.float64, device=Non
 
     Step ``k`` (counted from the last restart) extrapolates ``y = z_k + coef[k] (z_k - z_{k-1})``;
     ``coef[0] = 0``. Used by :func:`fista` and by the momentum layers of :class:`sparsecode.LISTA`.
+
+    >>> from sparsecode.core.solvers import fista_momentum
+    >>> fista_momentum(3)
+    tensor([0.0000, 0.2818, 0.4340, 0.5311], dtype=torch.float64)
     """
     t = [1.0]
     for _ in range(max_iter + 1):
