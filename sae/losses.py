@@ -45,10 +45,17 @@ def _rectangle(u: Tensor) -> Tensor:
     return (u.abs() < 0.5).to(u.dtype)
 
 
+def _to_theta(grad: Tensor, theta: Tensor) -> Tensor:
+    """Sum a threshold gradient over the token dimension when ``theta`` was broadcast (dense
+    ``(N, d_sae)`` codes); keep it per entry when ``theta`` is per entry (one per code pair)."""
+    return grad.sum(dim=0) if grad.dim() > theta.dim() else grad
+
+
 class JumpReLUFn(torch.autograd.Function):
     """``z * H(z - theta)`` with the straight-through threshold gradient of Rajamanoharan et
     al. (2024): ``d/dtheta = -(theta / eps) K((z - theta) / eps)`` with a rectangle kernel K of
-    bandwidth ``eps``; ``d/dz = H(z - theta)``."""
+    bandwidth ``eps``; ``d/dz = H(z - theta)``. ``theta`` is one per latent (broadcast over the
+    rows of ``z``) or one per entry of ``z`` (codes stored as pairs)."""
 
     @staticmethod
     def forward(ctx, z, theta, bandwidth):
@@ -61,7 +68,7 @@ class JumpReLUFn(torch.autograd.Function):
         z, theta = ctx.saved_tensors
         eps = ctx.bandwidth
         grad_z = g * (z > theta).to(g.dtype)
-        grad_theta = (-(theta / eps) * _rectangle((z - theta) / eps) * g).sum(dim=0)
+        grad_theta = _to_theta(-(theta / eps) * _rectangle((z - theta) / eps) * g, theta)
         return grad_z, grad_theta, None
 
 
@@ -79,7 +86,7 @@ class StepFn(torch.autograd.Function):
     def backward(ctx, g):
         z, theta = ctx.saved_tensors
         eps = ctx.bandwidth
-        grad_theta = (-(1.0 / eps) * _rectangle((z - theta) / eps) * g).sum(dim=0)
+        grad_theta = _to_theta(-(1.0 / eps) * _rectangle((z - theta) / eps) * g, theta)
         return None, grad_theta, None
 
 

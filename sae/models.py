@@ -48,6 +48,7 @@ from torch import Tensor, nn
 
 from sparsecode.core import operators as ops
 from sparsecode.core.kernels import (
+    batch_topk_encode,
     gather_preact,
     preact,
     sparse_decode,
@@ -367,10 +368,14 @@ class SAE(nn.Module):
         cfg = self.cfg
         N = x.shape[0]
         W_rows = self.W_enc.T  # (d_sae, d_in) view
+        aux_weight = None
         if self.architecture == "topk":
             rows, cols, vals, aux_rows, aux_cols, aux_vals = self._fused_topk(x, matmul_dtype)
-            aux_weight = None
-        else:
+        elif self.architecture != "feature_choice":  # the batch top-k family: fused, two passes
+            rows, cols, vals = batch_topk_encode(x, W_rows, self.b_enc, self.b_dec, cfg.k,
+                                                 matmul_dtype=matmul_dtype)
+            aux_rows, aux_cols, aux_vals, aux_weight = self._encoded_aux(x, matmul_dtype)
+        else:  # feature choice selects per latent (a column top-m): dense pre-activations
             with torch.no_grad():  # kept in the matmul dtype: selection needs no float32 copy
                 W = W_rows if matmul_dtype is None else W_rows.to(matmul_dtype)
                 pre = preact(x, W, self.b_enc, self.b_dec)
@@ -440,41 +445,56 @@ class SAE(nn.Module):
         ar = torch.arange(N, device=x.device)
         rows = ar.repeat_interleave(idx.shape[1])[keep]
         cols, vals = idx.reshape(-1)[keep], v.reshape(-1)[keep]
-        empty = torch.empty(0, dtype=torch.long, device=x.device)
-        dead = self.dead_mask().nonzero(as_tuple=True)[0]
-        if self.cfg.aux_coefficient == 0 or not self.training or dead.numel() == 0:
-            return rows, cols, vals, empty, empty, vals[:0]
-        k_aux = min(self.cfg.aux_k, dead.numel())
-        with torch.no_grad():
-            av, ai = topk_encode(x, W_rows[dead], self.b_enc[dead], self.b_dec, k_aux,
-                                 matmul_dtype=matmul_dtype)
-        keep = (av > 0).reshape(-1)
-        aux_rows = ar.repeat_interleave(k_aux)[keep]
-        aux_cols = dead[ai.reshape(-1)[keep]]
-        aux_vals = sparse_preact(x, W_rows, self.b_enc, self.b_dec, aux_rows, aux_cols,
-                                 av.reshape(-1)[keep])
+        aux_rows, aux_cols, aux_vals, _ = self._encoded_aux(x, matmul_dtype)
         return rows, cols, vals, aux_rows, aux_cols, aux_vals
+
+    def _aux_candidates(self, device: torch.device) -> tuple[Tensor, Tensor | None]:
+        """Latents the auxiliary loss may use and their weights: the dead ones (AuxK, no
+        weights), or the under-used ones weighted by their Zipf shortfall (aux_zipf; a dead
+        latent has weight 1, so aux_zipf generalises AuxK). Empty when the loss is off."""
+        if self.cfg.aux_coefficient == 0 or not self.training:
+            return torch.empty(0, dtype=torch.long, device=device), None
+        if not self._uses_zipf:
+            return self.dead_mask().nonzero(as_tuple=True)[0], None
+        u = losses.underuse(self.fire_rate, self.cfg.k, self.cfg.zipf_exponent)
+        u = torch.where(self.dead_mask(), torch.ones_like(u), u)
+        return (u > 0).nonzero(as_tuple=True)[0], u
+
+    def _encoded_aux(self, x: Tensor, matmul_dtype) -> tuple[Tensor, Tensor, Tensor, Tensor | None]:
+        """Auxiliary pairs ``(rows, cols, values, weights)``: the top ``aux_k`` (weighted)
+        pre-activations per token among the candidate latents, encoded against those latents'
+        encoder rows only (no ``(N, d_sae)`` pre-activations; cheap when they are few)."""
+        empty = torch.empty(0, dtype=torch.long, device=x.device)
+        cand, u = self._aux_candidates(x.device)
+        if cand.numel() == 0:
+            return empty, empty, x.new_empty(0), None
+        W_rows = self.W_enc.T
+        k_aux = min(self.cfg.aux_k, cand.numel())
+        with torch.no_grad():
+            W_c, b_c = W_rows[cand], self.b_enc[cand]
+            if u is not None:  # select on u * pre: scale the rows (u > 0 on candidates)
+                scale = u[cand].to(W_c.dtype)
+                W_c, b_c = W_c * scale[:, None], b_c * scale
+            av, ai = topk_encode(x, W_c, b_c, self.b_dec, k_aux, matmul_dtype=matmul_dtype)
+            keep = (av > 0).reshape(-1)
+            rows = torch.arange(x.shape[0], device=x.device).repeat_interleave(k_aux)[keep]
+            local, v = ai.reshape(-1)[keep], av.reshape(-1)[keep]
+            if u is not None:
+                v = v / scale[local]
+        cols = cand[local]
+        vals = sparse_preact(x, W_rows, self.b_enc, self.b_dec, rows, cols, v)
+        return rows, cols, vals, (None if u is None else u[cols])
 
     @property
     def _uses_zipf(self) -> bool:
         return self.architecture in ("mutual_choice", "feature_choice")
 
     def _aux_support(self, pre: Tensor) -> tuple[Tensor, Tensor, Tensor | None]:
-        """Pairs of the auxiliary loss: the top ``aux_k`` pre-activations per token among dead
-        latents (AuxK), or among under-used latents weighted by their Zipf shortfall
-        (aux_zipf; a dead latent has weight 1, so aux_zipf generalises AuxK)."""
-        empty = torch.empty(0, dtype=torch.long, device=pre.device)
-        if self.cfg.aux_coefficient == 0 or not self.training:
-            return empty, empty, None
-        if self._uses_zipf:
-            u = losses.underuse(self.fire_rate, self.cfg.k, self.cfg.zipf_exponent)
-            u = torch.where(self.dead_mask(), torch.ones_like(u), u)
-            cand = (u > 0).nonzero(as_tuple=True)[0]
-        else:
-            u = None
-            cand = self.dead_mask().nonzero(as_tuple=True)[0]
+        """Auxiliary pairs chosen from dense pre-activations ``pre`` (feature choice, which
+        has them anyway): as :meth:`_encoded_aux`, returning ``(rows, cols, weights)``."""
+        cand, u = self._aux_candidates(pre.device)
         if cand.numel() == 0:
-            return empty, empty, None
+            return cand, cand, None
         sub = pre[:, cand]
         if u is not None:
             sub = sub * u[cand]

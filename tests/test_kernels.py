@@ -275,6 +275,53 @@ def test_sae_topk_fused_path_matches_support_path():
             torch.testing.assert_close(grads[n], p.grad)
 
 
+@pytest.mark.parametrize("arch", ["batchtopk", "mutual_choice"])
+def test_sae_batch_fused_path_matches_dense_reference(arch):
+    """The batch top-k family trains without the ``(N, d_sae)`` pre-activations (two-pass
+    ``batch_topk_encode``; AuxK / aux_zipf encoded against the candidate latents only) and gives
+    the loss, every gradient and the running threshold of the dense reference (pre-activations
+    -> ``BatchTopK`` support -> gather; aux pairs chosen from the same pre-activations)."""
+    from sae import losses
+    from sae.models import SAE, SAEConfig
+
+    torch.manual_seed(1)
+    sae = SAE(SAEConfig(d_in=6, d_sae=24, architecture=arch, k=3, aux_k=4, dead_tokens=5))
+    sae = sae.double()
+    with torch.no_grad():
+        sae.b_enc.normal_(0, 0.1)
+        sae.b_dec.normal_(0, 0.1)
+        sae.tokens_since_fired[::3] = 100  # 8 dead latents
+        sae.fire_rate.copy_(torch.rand(24, dtype=torch.float64) * 0.3)  # some under-used
+    x = torch.randn(10, 6, dtype=torch.float64)
+    W_rows = sae.W_enc.T
+    pre = ((x - sae.b_dec) @ W_rows.T + sae.b_enc).detach()
+    aux_rows, aux_cols, weight = sae._aux_support(pre)  # before the step moves the statistics
+    assert aux_rows.numel() > 0 and (weight is not None) == (arch == "mutual_choice")
+    out = sae.training_forward(x)
+    out.loss.backward()
+    grads = {n: p.grad.clone() for n, p in sae.named_parameters() if p.grad is not None}
+    threshold = sae.threshold.clone()
+    sae.zero_grad()
+
+    rows, cols = ops.BatchTopK(3, positive=True).support(pre)
+    vals = gather_preact(x, W_rows, sae.b_enc, sae.b_dec, rows, cols)
+    x_hat = sparse_decode(vals, rows, cols, sae.W_dec, 10, bias=sae.b_dec)
+    avals = gather_preact(x, W_rows, sae.b_enc, sae.b_dec, aux_rows, aux_cols)
+    if weight is not None:
+        avals = avals * weight
+    e_hat = sparse_decode(avals, aux_rows, aux_cols, sae.W_dec, 10)
+    loss = losses.mse(x, x_hat) + sae.cfg.aux_coefficient * losses.normalized_mse(
+        (x - x_hat).detach(), e_hat)
+    loss.backward()
+    torch.testing.assert_close(out.loss, loss)
+    assert ("aux_zipf" if arch == "mutual_choice" else "auxk") in out.terms
+    assert out.l0 == rows.numel() / 10
+    torch.testing.assert_close(threshold, torch.full_like(threshold, float(vals.detach().min())))
+    for n, p in sae.named_parameters():
+        if n in grads:
+            torch.testing.assert_close(grads[n], p.grad)
+
+
 def test_empty_batches():
     x, W, b = torch.randn(0, 4), torch.randn(6, 4), torch.zeros(6)
     vals, idx = topk_encode(x, W, b, None, 2)
