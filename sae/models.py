@@ -20,9 +20,13 @@ The batch-dependent activations keep a running threshold while training (an expo
 average of the smallest selected value: one global threshold, or one per latent for feature
 choice) so that inference is a per-token JumpReLU, as SAELens does for BatchTopK.
 
-Codes are kept as ``(rows, cols, values)`` pairs while training and decoded by the core's
-sparse decode; the encoder backward is sparse too (:func:`sparsecode.core.kernels.gather_preact`).
-``relu`` and ``jumprelu`` codes are not sparse by construction, so they train densely.
+Codes are kept as ``(rows, cols, values)`` pairs while training, selected by the core's fused
+encoders (``topk_encode``, ``batch_topk_encode``, ``threshold_encode``: no ``(N, d_sae)``
+pre-activations) and decoded by its sparse decode; the encoder backward is sparse too
+(:func:`sparsecode.core.kernels.gather_preact`). ``relu`` and ``jumprelu`` codes are not sparse by
+construction, so they use the pairs only once the last batch's code was sparse
+(``SPARSE_CODE_MAX_DENSITY``), and train densely before that; ``feature_choice`` selects per
+latent from dense pre-activations.
 
 Example
 -------
@@ -53,6 +57,7 @@ from sparsecode.core.kernels import (
     preact,
     sparse_decode,
     sparse_preact,
+    threshold_encode,
     topk_encode,
 )
 
@@ -70,6 +75,10 @@ ARCHITECTURES: dict[str, str] = {
 BATCH_ARCHITECTURES = ("batchtopk", "matryoshka", "mutual_choice", "feature_choice")
 SPARSE_ARCHITECTURES = ("topk", *BATCH_ARCHITECTURES)
 JUMPRELU_MODES = ("step", "tanh", "quadratic")
+#: ReLU / JumpReLU train on sparse pairs when the last batch had at most this fraction of its
+#: ``(N, d_sae)`` code entries above the cut (CPU crossover measured at 0.09 for ReLU and 0.14
+#: for JumpReLU by benchmarks/bench_threshold_paths.py).
+SPARSE_CODE_MAX_DENSITY = 0.08
 
 
 def check_architecture(name: str) -> str:
@@ -212,6 +221,9 @@ class SAE(nn.Module):
         #: Process group over which the firing statistics and the running threshold are reduced
         #: (the data-parallel group; set by the trainer). ``None``: this process's batch only.
         self.stats_group: Any = None
+        #: Fraction of code entries above the cut in the last ReLU / JumpReLU batch (chooses the
+        #: sparse or dense training path; 1.0 until a batch has been seen).
+        self._last_density = 1.0
 
     # ------------------------------------------------------------------ properties
     @property
@@ -303,7 +315,7 @@ class SAE(nn.Module):
         if self.architecture in SPARSE_ARCHITECTURES:
             out = self._sparse_forward(x, matmul_dtype, generator)
         else:
-            out = self._dense_forward(x, sparsity_scale, matmul_dtype)
+            out = self._threshold_forward(x, sparsity_scale, matmul_dtype)
         if self.training:
             self._update_statistics(out.counts, x.shape[0])
         return out
@@ -327,41 +339,62 @@ class SAE(nn.Module):
         self.tokens_since_fired[counts > 0] = 0
         self.tokens_seen += n_tokens
 
-    def _dense_forward(self, x: Tensor, scale: float, matmul_dtype) -> TrainOutput:
-        cfg = self.cfg
-        W = self.W_enc if matmul_dtype is None else self.W_enc.to(matmul_dtype)
-        pre = ((x - self.b_dec).to(W.dtype) @ W).to(x.dtype) + self.b_enc
+    def _code_cut(self) -> Tensor | float:
+        """Pre-activations above this take part in the ReLU / JumpReLU loss or its gradient:
+        ``0`` for ReLU; for JumpReLU ``theta - bandwidth / 2``, where the straight-through
+        estimator's window starts (entries below it have no value and no gradient)."""
+        if self.architecture == "relu":
+            return 0.0
+        return self.threshold.detach() - self.cfg.bandwidth / 2
+
+    def _threshold_forward(self, x: Tensor, scale: float, matmul_dtype) -> TrainOutput:
+        """ReLU / JumpReLU loss on a batch, sparse or dense, the same loss and gradients.
+
+        When the last batch's code was sparse (at most ``SPARSE_CODE_MAX_DENSITY`` of the
+        ``(N, d_sae)`` entries above :meth:`_code_cut`) the code is encoded as pairs by
+        :func:`~sparsecode.core.kernels.threshold_encode` (no dense pre-activations, sparse
+        decode and backward); otherwise (early training, or the first batch) densely."""
+        cfg, N = self.cfg, x.shape[0]
+        if self._last_density > SPARSE_CODE_MAX_DENSITY:
+            pre = self._pre(x, matmul_dtype)
+            rows, cols = None, None
+            self._last_density = float((pre.detach() > self._code_cut()).float().mean())
+        else:
+            rows, cols, pre = threshold_encode(x, self.W_enc.T, self.b_enc, self.b_dec,
+                                               self._code_cut(), matmul_dtype=matmul_dtype)
+            self._last_density = rows.numel() / max(1, N * cfg.d_sae)
+        dn = self.W_dec.norm(dim=1)
+        if cols is not None:
+            dn = dn[cols]
         terms: dict[str, Tensor] = {}
         if self.architecture == "relu":
             z = pre.relu()
-            x_hat = z @ self.W_dec + self.b_dec
-            terms["mse"] = losses.mse(x, x_hat)
-            sparsity = (z * self.W_dec.norm(dim=1)).sum(dim=-1).mean()
+            sparsity = (z * dn).sum() / N
             terms["l1"] = cfg.l1_coefficient * scale * sparsity
-            active = z > 0
         else:  # jumprelu
-            theta = self.threshold
+            theta = self.threshold if cols is None else self.threshold[cols]
             z = losses.JumpReLUFn.apply(pre, theta, cfg.bandwidth)
-            x_hat = z @ self.W_dec + self.b_dec
-            terms["mse"] = losses.mse(x, x_hat)
             if cfg.jumprelu_mode == "tanh":
-                dn = self.W_dec.norm(dim=1)
-                l0 = torch.tanh(cfg.tanh_scale * z * dn).sum(dim=-1).mean()
+                l0 = torch.tanh(cfg.tanh_scale * z * dn).sum() / N
             else:
-                l0 = losses.StepFn.apply(pre, theta, cfg.bandwidth).sum(dim=-1).mean()
+                l0 = losses.StepFn.apply(pre, theta, cfg.bandwidth).sum() / N
             if cfg.jumprelu_mode == "quadratic":
-                sparsity = (l0 / cfg.target_l0 - 1).pow(2)
+                terms["l0_loss"] = cfg.l0_coefficient * scale * (l0 / cfg.target_l0 - 1).pow(2)
             else:
-                sparsity = l0
-            terms["l0_loss"] = cfg.l0_coefficient * scale * sparsity
-            active = z > 0
-        loss = sum(terms.values())
+                terms["l0_loss"] = cfg.l0_coefficient * scale * l0
+        if cols is None:
+            x_hat = z @ self.W_dec + self.b_dec
+            counts = (z > 0).sum(dim=0)
+        else:
+            x_hat = sparse_decode(z, rows, cols, self.W_dec, N, bias=self.b_dec)
+            counts = torch.bincount(cols[z.detach() > 0], minlength=cfg.d_sae)
+        terms = {"mse": losses.mse(x, x_hat), **terms}
         return TrainOutput(
-            loss=loss,
+            loss=sum(terms.values()),
             x_hat=x_hat,
             terms={k: float(v.detach()) for k, v in terms.items()},
-            l0=float(active.sum(dim=-1).float().mean()),
-            counts=active.sum(dim=0),
+            l0=float(counts.sum()) / max(N, 1),
+            counts=counts,
         )
 
     def _sparse_forward(self, x: Tensor, matmul_dtype, generator) -> TrainOutput:

@@ -92,6 +92,76 @@ def test_topk_training_gradients_equal_dense_reference():
         torch.testing.assert_close(a, e)
 
 
+def _dense_threshold_loss(sae, x):
+    """ReLU + L1 / JumpReLU loss written densely from the papers' formulas (the STE of
+    ``losses`` applied to the whole ``(N, d_sae)`` matrix)."""
+    from sae import losses
+
+    cfg, N = sae.cfg, x.shape[0]
+    pre = (x - sae.b_dec) @ sae.W_enc + sae.b_enc
+    dn = sae.W_dec.norm(dim=1)
+    if cfg.architecture == "relu":
+        z = pre.relu()
+        reg = cfg.l1_coefficient * (z * dn).sum() / N
+    else:
+        z = losses.JumpReLUFn.apply(pre, sae.threshold, cfg.bandwidth)
+        if cfg.jumprelu_mode == "tanh":
+            l0 = torch.tanh(cfg.tanh_scale * z * dn).sum() / N
+        else:
+            l0 = losses.StepFn.apply(pre, sae.threshold, cfg.bandwidth).sum() / N
+        if cfg.jumprelu_mode == "quadratic":
+            l0 = (l0 / cfg.target_l0 - 1) ** 2
+        reg = cfg.l0_coefficient * l0
+    x_hat = z @ sae.W_dec + sae.b_dec
+    return (x - x_hat).pow(2).sum(dim=-1).mean() + reg, (z > 0).sum(dim=0)
+
+
+@pytest.mark.parametrize("arch,mode", [("relu", None), ("jumprelu", "step"),
+                                       ("jumprelu", "tanh"), ("jumprelu", "quadratic")])
+@pytest.mark.parametrize("density", [1.0, 0.0])  # last batch dense -> dense path, else pairs
+def test_relu_and_jumprelu_sparse_and_dense_paths_equal_dense_formula(arch, mode, density):
+    kw = {} if mode is None else {"jumprelu_mode": mode, "bandwidth": 0.2}
+    sae = _sae(arch, **kw).double()
+    if arch == "jumprelu":  # thresholds spread so that many entries sit in the STE window
+        with torch.no_grad():
+            sae.threshold.copy_(torch.linspace(-0.3, 0.6, 40, dtype=torch.float64))
+    x = torch.randn(32, 12, dtype=torch.float64, generator=torch.Generator().manual_seed(3))
+    ref, counts = _dense_threshold_loss(sae, x)
+    params = [p for _, p in sae.named_parameters()]
+    want = torch.autograd.grad(ref, params)
+    sae._last_density = density
+    out = sae.training_forward(x)
+    torch.testing.assert_close(out.loss, ref)
+    torch.testing.assert_close(out.counts, counts)
+    assert out.l0 == pytest.approx(float(counts.sum()) / 32)
+    got = torch.autograd.grad(out.loss, params)
+    for (name, _), a, e in zip(sae.named_parameters(), got, want, strict=True):
+        assert e.abs().sum() > 0, name  # every parameter (threshold too) has a gradient here
+        torch.testing.assert_close(a, e, msg=name)
+    # the path for the next batch follows the fraction of entries above the cut in this one
+    pre = (x - sae.b_dec) @ sae.W_enc + sae.b_enc
+    assert sae._last_density == pytest.approx(float((pre > sae._code_cut()).double().mean()))
+
+
+def test_relu_switches_to_the_sparse_path_once_the_code_is_sparse(monkeypatch):
+    from sae import models
+
+    sae = _sae("relu")
+    calls = []
+    encode = models.threshold_encode
+    monkeypatch.setattr(models, "threshold_encode",
+                        lambda *a, **k: calls.append(1) or encode(*a, **k))
+    x = torch.randn(16, 12)
+    sae.training_forward(x)  # first batch: dense, measures a density of about one half
+    assert calls == [] and 0.2 < sae._last_density < 0.8
+    with torch.no_grad():
+        sae.b_enc.fill_(-2.0)  # almost nothing fires any more
+    sae.training_forward(x)
+    assert calls == [] and sae._last_density <= models.SPARSE_CODE_MAX_DENSITY
+    sae.training_forward(x)
+    assert calls == [1]
+
+
 @pytest.mark.parametrize("arch", list(ARCHITECTURES))
 def test_every_architecture_trains_one_step_and_encodes(arch):
     sae = _sae(arch)

@@ -262,7 +262,8 @@ def threshold_encode(
     two-pass Triton kernel on GPU; row chunks within ``max_bytes`` in the torch fallback).
 
     Values carry the sparse encoder backward (to ``x``, ``W_enc``, ``b_enc``, ``b_dec``; there is
-    no gradient for ``threshold``: JumpReLU training uses its straight-through estimator).
+    no gradient for ``threshold``: the JumpReLU SAE encodes above ``theta - bandwidth / 2`` and
+    applies its straight-through estimator to the pairs).
 
     >>> import torch
     >>> x, W, b = torch.randn(5, 3), torch.randn(8, 3), torch.zeros(8)
