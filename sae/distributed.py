@@ -321,9 +321,11 @@ class LatentShardedSAE(SAE):
         self.load_state_dict({k: self.local_tensor(k, v) for k, v in state.items()})
 
     def gather(self) -> SAE:
-        """The whole SAE (a new module, on every shard)."""
-        full = SAE(self.cfg).to(self.W_dec.device)
-        full.load_state_dict(self.full_state_dict())
+        """The whole SAE (a new module, on every shard; built on the meta device and given the
+        gathered tensors, so no throwaway initialisation is computed)."""
+        with torch.device("meta"):
+            full = SAE(self.cfg)
+        full.load_state_dict(self.full_state_dict(), assign=True)
         return full
 
     # ------------------------------------------------------------------ training

@@ -25,8 +25,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
+
+from .kernels import sparse_decode
 
 
 @dataclass
@@ -68,13 +69,15 @@ class SparseCodes:
     def decode(self, dictionary: Tensor, bias: Tensor | None = None) -> Tensor:
         """``to_dense() @ dictionary (+ bias)`` computed as a gather of k atoms per row.
 
-        Uses ``embedding_bag`` (sum mode with per-sample weights), which never materialises the
-        dense code and is differentiable in both ``values`` and ``dictionary``.
+        Goes through :func:`sparsecode.core.kernels.sparse_decode` (the Triton bag-sum on GPU,
+        ``embedding_bag`` elsewhere): never materialises the dense code, differentiable in
+        ``values`` and ``dictionary``.
         """
         if dictionary.shape[0] != self.n_atoms:
             raise ValueError(
                 f"dictionary has {dictionary.shape[0]} atoms but the codes index {self.n_atoms}"
             )
-        weights = self.values.to(dictionary.dtype)
-        out = F.embedding_bag(self.indices, dictionary, per_sample_weights=weights, mode="sum")
-        return out if bias is None else out + bias
+        N, k = self.values.shape
+        rows = torch.arange(N, device=self.values.device).repeat_interleave(k)
+        return sparse_decode(self.values.reshape(-1), rows, self.indices.reshape(-1), dictionary,
+                             N, bias=bias)
