@@ -11,9 +11,10 @@ One ``SAE.training_forward`` + backward step (no optimizer step) per setting:
   ``(N, d_sae)`` matrix through autograd). The module picks between them by the last batch's
   density against ``sae.models.SPARSE_CODE_MAX_DENSITY``; this sweep is where that constant's
   crossover comes from.
-* ``batchtopk``: the module's two-pass ``batch_topk_encode`` path against the dense reference
-  (dense pre-activations -> ``BatchTopK`` support -> gather with the sparse backward), which is
-  what the module ran before the fused path.
+* ``batchtopk`` and ``feature_choice`` (auxiliary loss off): the module's fused paths
+  (``batch_topk_encode``, two passes; ``feature_choice_encode``, the transposed top-m) against
+  the dense reference (dense pre-activations -> ``BatchTopK`` / ``FeatureChoice`` support ->
+  gather with the sparse backward), which is what the module ran before the fused paths.
 
 Both ways give the same loss and gradients (tests/test_sae_models.py, tests/test_kernels.py);
 the loss of each pair is printed as a check. Reported: median seconds per step, the ratio
@@ -37,6 +38,7 @@ HERE = Path(__file__).resolve().parent
 sys.path[:0] = [str(HERE), str(HERE.parent)]
 
 import argparse
+import math
 
 import torch
 from bench_kernels import device_slug, measure
@@ -59,14 +61,14 @@ def module_step(sae, x):
     return step
 
 
-def dense_batchtopk_step(sae, x):
-    """The reference: dense pre-activations, BatchTopK support, sparse gather and decode."""
+def dense_support_step(sae, x, op):
+    """The reference: dense pre-activations, ``op``'s support, sparse gather and decode."""
     def step():
         sae.zero_grad(set_to_none=True)
         W_rows = sae.W_enc.T
         with torch.no_grad():
             pre = preact(x, W_rows, sae.b_enc, sae.b_dec)
-        rows, cols = ops.BatchTopK(sae.cfg.k, positive=True).support(pre)
+        rows, cols = op.support(pre)
         vals = gather_preact(x, W_rows, sae.b_enc, sae.b_dec, rows, cols, pre)
         x_hat = sparse_decode(vals, rows, cols, sae.W_dec, x.shape[0], bias=sae.b_dec)
         loss = (x - x_hat).pow(2).sum(dim=-1).mean()
@@ -138,9 +140,12 @@ def main(argv=None) -> int:
             set_density(sae, x, density)
             step = module_step(sae, x)
             record(arch, f"density {density:g}", sae, forced(2.0, step), forced(-1.0, step))
-    sae = SAE(SAEConfig(d_in=args.d_in, d_sae=args.d_sae, architecture="batchtopk",
-                        k=args.k, aux_coefficient=0.0)).to(dev)
-    record("batchtopk", f"k {args.k}", sae, module_step(sae, x), dense_batchtopk_step(sae, x))
+    m = math.ceil(args.k * args.tokens / args.d_sae)
+    for arch, op in (("batchtopk", ops.BatchTopK(args.k, positive=True)),
+                     ("feature_choice", ops.FeatureChoice(m, positive=True))):
+        sae = SAE(SAEConfig(d_in=args.d_in, d_sae=args.d_sae, architecture=arch, k=args.k,
+                            aux_coefficient=0.0)).to(dev)
+        record(arch, f"k {args.k}", sae, module_step(sae, x), dense_support_step(sae, x, op))
 
     def mib(r):
         b = r.get("peak_bytes")

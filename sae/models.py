@@ -53,7 +53,7 @@ from torch import Tensor, nn
 from sparsecode.core import operators as ops
 from sparsecode.core.kernels import (
     batch_topk_encode,
-    gather_preact,
+    feature_choice_encode,
     preact,
     sparse_decode,
     sparse_preact,
@@ -286,15 +286,6 @@ class SAE(nn.Module):
         return rows, cols, pre[rows, cols]
 
     # ------------------------------------------------------------------ training
-    def _training_operator(self, n_tokens: int) -> ops.Projection:
-        a, k = self.architecture, self.cfg.k
-        if a == "topk":
-            return ops.TopK(k, positive=True)
-        if a == "feature_choice":
-            m = max(1, math.ceil(k * n_tokens / self.cfg.d_sae))
-            return ops.FeatureChoice(m, positive=True)
-        return ops.BatchTopK(k, positive=True)
-
     def training_forward(
         self,
         x: Tensor,
@@ -404,20 +395,15 @@ class SAE(nn.Module):
         aux_weight = None
         if self.architecture == "topk":
             rows, cols, vals, aux_rows, aux_cols, aux_vals = self._fused_topk(x, matmul_dtype)
-        elif self.architecture != "feature_choice":  # the batch top-k family: fused, two passes
-            rows, cols, vals = batch_topk_encode(x, W_rows, self.b_enc, self.b_dec, cfg.k,
-                                                 matmul_dtype=matmul_dtype)
+        else:
+            if self.architecture == "feature_choice":  # each latent picks its top m tokens
+                m = max(1, math.ceil(cfg.k * N / cfg.d_sae))
+                rows, cols, vals = feature_choice_encode(x, W_rows, self.b_enc, self.b_dec, m,
+                                                         matmul_dtype=matmul_dtype)
+            else:  # the batch top-k family: k * N winners over the batch, two passes
+                rows, cols, vals = batch_topk_encode(x, W_rows, self.b_enc, self.b_dec, cfg.k,
+                                                     matmul_dtype=matmul_dtype)
             aux_rows, aux_cols, aux_vals, aux_weight = self._encoded_aux(x, matmul_dtype)
-        else:  # feature choice selects per latent (a column top-m): dense pre-activations
-            with torch.no_grad():  # kept in the matmul dtype: selection needs no float32 copy
-                W = W_rows if matmul_dtype is None else W_rows.to(matmul_dtype)
-                pre = preact(x, W, self.b_enc, self.b_dec)
-            rows, cols = self._training_operator(N).support(pre)
-            aux_rows, aux_cols, aux_weight = self._aux_support(pre)
-            all_rows = torch.cat([rows, aux_rows])
-            all_cols = torch.cat([cols, aux_cols])
-            values = gather_preact(x, W_rows, self.b_enc, self.b_dec, all_rows, all_cols, pre)
-            vals, aux_vals = values[: rows.numel()], values[rows.numel() :]
 
         terms: dict[str, Tensor] = {}
         if self.architecture == "matryoshka":
@@ -521,21 +507,6 @@ class SAE(nn.Module):
     @property
     def _uses_zipf(self) -> bool:
         return self.architecture in ("mutual_choice", "feature_choice")
-
-    def _aux_support(self, pre: Tensor) -> tuple[Tensor, Tensor, Tensor | None]:
-        """Auxiliary pairs chosen from dense pre-activations ``pre`` (feature choice, which
-        has them anyway): as :meth:`_encoded_aux`, returning ``(rows, cols, weights)``."""
-        cand, u = self._aux_candidates(pre.device)
-        if cand.numel() == 0:
-            return cand, cand, None
-        sub = pre[:, cand]
-        if u is not None:
-            sub = sub * u[cand]
-        k_aux = min(self.cfg.aux_k, cand.numel())
-        rows, local = ops.TopK(k_aux, positive=True).support(sub)
-        cols = cand[local]
-        weight = None if u is None else u[cols]
-        return rows, cols, weight
 
     def _groups(self, generator, device) -> Tensor:
         cfg = self.cfg

@@ -15,6 +15,7 @@ from sparsecode.core.kernels import (
     batch_topk_encode,
     dispatch,
     encode,
+    feature_choice_encode,
     gather_preact,
     sparse_decode,
     sparse_preact,
@@ -131,6 +132,36 @@ def test_topk_encode_rejects_bad_input():
         topk_encode(x, W, b, bd, 0)
     with pytest.raises(ValueError):
         topk_encode(x[:, :3], W, b, bd, 2)
+
+
+# ------------------------------------------------------------------ feature choice (torch path)
+@pytest.mark.parametrize("m,max_bytes", [(1, None), (4, None), (4, 64), (50, None)])
+def test_feature_choice_encode_matches_featurechoice_support(m, max_bytes):
+    x, W, b, bd = _problem(N=12, d=5, n=17, seed=4)
+    pre = _dense(x, W, b, bd)
+    rows, cols, vals = feature_choice_encode(x, W, b, bd, m, max_bytes=max_bytes)
+    rr, cc = ops.FeatureChoice(m, positive=True).support(pre)
+    assert torch.equal(rows, rr) and torch.equal(cols, cc)
+    torch.testing.assert_close(vals, pre[rr, cc])
+    r2, c2, v2 = feature_choice_encode(x, W, b, bd, m, relu=False, max_bytes=max_bytes)
+    r3, c3 = ops.FeatureChoice(m, positive=True).support(pre + 100)  # the m largest per column
+    assert torch.equal(r2, r3) and torch.equal(c2, c3)
+    assert torch.equal(torch.bincount(c2, minlength=17), torch.full((17,), min(m, 12)))
+
+
+def test_feature_choice_encode_ties_and_gradcheck():
+    g = torch.Generator().manual_seed(5)
+    x = torch.randint(-2, 3, (10, 4), generator=g).double()
+    W = torch.randint(-2, 3, (7, 4), generator=g).double()
+    rows, cols, _ = feature_choice_encode(x, W, torch.zeros(7, dtype=torch.float64), None, 3,
+                                          relu=False)
+    _, ref_rows = topk_rows((x @ W.T).T, 3)  # per atom: lowest row index first among ties
+    assert torch.equal(rows[cols.argsort(stable=True)].reshape(7, 3).sort(1).values,
+                       ref_rows.sort(1).values)
+    x, W, b, bd = _problem(N=6, d=3, n=5, seed=6)
+    leaves = [t.clone().requires_grad_() for t in (x, W, b, bd)]
+    assert torch.autograd.gradcheck(
+        lambda *a: feature_choice_encode(*a, 2, relu=False)[2], leaves)
 
 
 # ------------------------------------------------------------------ batch top-k (torch path)
@@ -275,12 +306,15 @@ def test_sae_topk_fused_path_matches_support_path():
             torch.testing.assert_close(grads[n], p.grad)
 
 
-@pytest.mark.parametrize("arch", ["batchtopk", "mutual_choice"])
+@pytest.mark.parametrize("arch", ["batchtopk", "mutual_choice", "feature_choice"])
 def test_sae_batch_fused_path_matches_dense_reference(arch):
-    """The batch top-k family trains without the ``(N, d_sae)`` pre-activations (two-pass
-    ``batch_topk_encode``; AuxK / aux_zipf encoded against the candidate latents only) and gives
-    the loss, every gradient and the running threshold of the dense reference (pre-activations
-    -> ``BatchTopK`` support -> gather; aux pairs chosen from the same pre-activations)."""
+    """The batch architectures train without the ``(N, d_sae)`` pre-activations
+    (``batch_topk_encode`` / ``feature_choice_encode``; AuxK / aux_zipf encoded against the
+    candidate latents only) and give the loss, every gradient and the running threshold of the
+    dense reference (pre-activations -> ``BatchTopK`` / ``FeatureChoice`` support -> gather; aux
+    pairs: the top ``aux_k`` of the (weighted) candidates' columns of the same matrix)."""
+    import math
+
     from sae import losses
     from sae.models import SAE, SAEConfig
 
@@ -295,28 +329,41 @@ def test_sae_batch_fused_path_matches_dense_reference(arch):
     x = torch.randn(10, 6, dtype=torch.float64)
     W_rows = sae.W_enc.T
     pre = ((x - sae.b_dec) @ W_rows.T + sae.b_enc).detach()
-    aux_rows, aux_cols, weight = sae._aux_support(pre)  # before the step moves the statistics
-    assert aux_rows.numel() > 0 and (weight is not None) == (arch == "mutual_choice")
+    cand, u = sae._aux_candidates(x.device)  # before the step moves the statistics
+    assert cand.numel() > 0 and (u is not None) == (arch != "batchtopk")
+    sub = pre[:, cand] if u is None else pre[:, cand] * u[cand]
+    aux_rows, local = ops.TopK(4, positive=True).support(sub)
+    aux_cols = cand[local]
     out = sae.training_forward(x)
     out.loss.backward()
     grads = {n: p.grad.clone() for n, p in sae.named_parameters() if p.grad is not None}
     threshold = sae.threshold.clone()
     sae.zero_grad()
 
-    rows, cols = ops.BatchTopK(3, positive=True).support(pre)
+    if arch == "feature_choice":
+        op = ops.FeatureChoice(math.ceil(3 * 10 / 24), positive=True)
+    else:
+        op = ops.BatchTopK(3, positive=True)
+    rows, cols = op.support(pre)
     vals = gather_preact(x, W_rows, sae.b_enc, sae.b_dec, rows, cols)
     x_hat = sparse_decode(vals, rows, cols, sae.W_dec, 10, bias=sae.b_dec)
     avals = gather_preact(x, W_rows, sae.b_enc, sae.b_dec, aux_rows, aux_cols)
-    if weight is not None:
-        avals = avals * weight
+    if u is not None:
+        avals = avals * u[aux_cols]
     e_hat = sparse_decode(avals, aux_rows, aux_cols, sae.W_dec, 10)
     loss = losses.mse(x, x_hat) + sae.cfg.aux_coefficient * losses.normalized_mse(
         (x - x_hat).detach(), e_hat)
     loss.backward()
     torch.testing.assert_close(out.loss, loss)
-    assert ("aux_zipf" if arch == "mutual_choice" else "auxk") in out.terms
+    assert ("auxk" if arch == "batchtopk" else "aux_zipf") in out.terms
     assert out.l0 == rows.numel() / 10
-    torch.testing.assert_close(threshold, torch.full_like(threshold, float(vals.detach().min())))
+    v = vals.detach()
+    if arch == "feature_choice":  # per latent: the smallest value it selected
+        low = torch.full((24,), torch.inf, dtype=v.dtype).scatter_reduce(0, cols, v, "amin")
+        want = torch.where(torch.isfinite(low), low, 0.0)
+    else:
+        want = torch.full_like(threshold, float(v.min()))
+    torch.testing.assert_close(threshold, want)
     for n, p in sae.named_parameters():
         if n in grads:
             torch.testing.assert_close(grads[n], p.grad)

@@ -182,7 +182,7 @@ def test_sparse_decode_float32_matches_torch(monkeypatch):
     torch.testing.assert_close(gW, rW)
 
 
-@pytest.mark.parametrize("arch", ["topk", "batchtopk", "jumprelu"])
+@pytest.mark.parametrize("arch", ["topk", "batchtopk", "feature_choice", "jumprelu"])
 def test_sae_training_step_on_kernels_matches_torch_path(monkeypatch, arch):
     """A whole SAE step (fused encode -> Triton sparse decode -> sparse backward, AuxK for the
     top-k family, the JumpReLU pairs path with its straight-through threshold gradient) gives
@@ -208,6 +208,6 @@ def test_sae_training_step_on_kernels_matches_torch_path(monkeypatch, arch):
     ref, ref_grads = _torch_path(monkeypatch, step)
     torch.testing.assert_close(out.loss, ref.loss, rtol=1e-5, atol=1e-5)
     assert out.terms.keys() == ref.terms.keys() and out.l0 == ref.l0
-    assert arch == "jumprelu" or "auxk" in out.terms
+    assert arch == "jumprelu" or {"auxk", "aux_zipf"} & out.terms.keys()
     for n, g in grads.items():
         torch.testing.assert_close(g, ref_grads[n], rtol=1e-4, atol=1e-4, msg=n)

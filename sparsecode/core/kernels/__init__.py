@@ -13,9 +13,10 @@ O(N * n_atoms * d), forward and backward:
 * :func:`topk_encode` selects the k largest pre-activations per row without ever holding the
   ``(N, n_atoms)`` pre-activation matrix (fused Triton kernel on GPU; row chunks within a memory
   budget in the torch fallback); :func:`batch_topk_encode` does the same for a batch-wide budget
-  of ``k * N`` (two passes). Their values carry the sparse backward of :func:`gather_preact`
-  (:func:`sparse_preact` attaches it to values computed elsewhere). :func:`threshold_encode`
-  gives the ReLU / JumpReLU code (pre-activation above a per-atom threshold) the same way.
+  of ``k * N`` (two passes), and :func:`feature_choice_encode` the per-atom top-m over the
+  rows (the same selection on the transposed problem). Their values carry the sparse backward
+  of :func:`gather_preact` (:func:`sparse_preact` attaches it to values computed elsewhere).
+  :func:`threshold_encode` gives the ReLU / JumpReLU code (pre-activation above a per-atom threshold) the same way.
 
 A code is a set of ``(rows, cols)`` pairs sorted by row (what ``Projection.support`` returns)
 with one value per pair. Each function runs a Triton kernel on CUDA tensors when ``triton``
@@ -24,12 +25,20 @@ imports and the kernel covers the dtype / shape, and its torch implementation ot
 """
 
 from .dispatch import triton_available, use_triton
-from .encode import batch_topk_encode, merge_topk, threshold_encode, topk_encode, topk_rows
+from .encode import (
+    batch_topk_encode,
+    feature_choice_encode,
+    merge_topk,
+    threshold_encode,
+    topk_encode,
+    topk_rows,
+)
 from .torch_ops import bag_sum, gather_preact, preact, row_offsets, sparse_decode, sparse_preact
 
 __all__ = [
     "bag_sum",
     "batch_topk_encode",
+    "feature_choice_encode",
     "merge_topk",
     "gather_preact",
     "preact",

@@ -246,6 +246,59 @@ def batch_topk_encode(
     return rows, cols, vals
 
 
+def feature_choice_encode(
+    x: Tensor,
+    W_enc: Tensor,
+    b_enc: Tensor,
+    b_dec: Tensor | None,
+    m: int,
+    *,
+    relu: bool = True,
+    matmul_dtype: torch.dtype | None = None,
+    max_bytes: int | None = None,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Feature choice without the dense pre-activations: every atom keeps the ``m`` rows of a
+    2-D ``x`` where its pre-activation ``(x - b_dec) @ W_enc^T + b_enc`` is largest, as
+    ``(rows, cols, values)`` sorted by row then atom (what ``FeatureChoice(m, positive=relu)
+    .support`` selects; with ``relu`` only positive values are kept). ``m`` is clipped to ``N``.
+
+    It is :func:`topk_encode`'s selection on the transposed problem (atoms as rows, the centred
+    inputs as atoms: fused on GPU, row chunks elsewhere); ``b_enc`` is constant along each
+    transposed row, so it is added after the selection. Ties: the lowest row index first. Values
+    carry the sparse encoder backward.
+
+    >>> import torch
+    >>> x, W, b = torch.randn(9, 4), torch.randn(6, 4), torch.zeros(6)
+    >>> rows, cols, v = feature_choice_encode(x, W, b, None, 2, relu=False)
+    >>> torch.equal(torch.bincount(cols), torch.full((6,), 2))
+    True
+    """
+    _check_shapes(x, W_enc)
+    _check_k(m)
+    N, n = x.shape[0], W_enc.shape[0]
+    dev = x.device
+    if N == 0 or n == 0:
+        e = torch.empty(0, dtype=torch.long, device=dev)
+        return e, e, torch.empty(0, dtype=W_enc.dtype, device=dev)
+    m = min(m, N)
+    with torch.no_grad():
+        W = W_enc.detach() if matmul_dtype is None else W_enc.detach().to(matmul_dtype)
+        xc = _centred(x.detach(), W, b_dec)
+        v, tok = _select_topk(W, xc, torch.zeros(N, dtype=W.dtype, device=dev), m, max_bytes)
+        vals = (v + b_enc.detach().to(W.dtype)[:, None]).reshape(-1)
+        rows = tok.reshape(-1)
+        cols = torch.arange(n, device=dev).repeat_interleave(m)
+        if relu:
+            keep = vals > 0
+            rows, cols, vals = rows[keep], cols[keep], vals[keep]
+        order = (rows * n + cols).argsort()
+        rows, cols, vals = rows[order], cols[order], vals[order]
+    vals = vals.to(W_enc.dtype)
+    if _needs_grad(x, W_enc, b_enc, b_dec):
+        vals = sparse_preact(x, W_enc, b_enc, b_dec, rows, cols, vals)
+    return rows, cols, vals
+
+
 def threshold_encode(
     x: Tensor,
     W_enc: Tensor,
