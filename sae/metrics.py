@@ -76,13 +76,13 @@ def evaluate(sae, x: Tensor, batch_size: int = 8192) -> dict[str, float]:
     var = (x.double() - mean).pow(2).sum()
     for start in range(0, x.shape[0], batch_size):
         xb = x[start : start + batch_size]
-        z = sae.encode(xb)
-        x_hat = sae.decode(z)
+        rows, cols, vals = sae.encode_pairs(xb)  # no (batch, d_sae) matrix
+        x_hat = sae.decode_pairs(rows, cols, vals, xb.shape[0]).to(xb.dtype)
         err += (xb - x_hat).double().pow(2).sum()
         cos += torch.nn.functional.cosine_similarity(xb, x_hat, dim=-1).double().sum()
-        active = z != 0
-        nnz += active.sum()
-        counts += active.sum(dim=0).double()
+        active = cols[vals != 0]
+        nnz += active.numel()
+        counts += torch.bincount(active, minlength=sae.cfg.d_sae).double().cpu()
     if was_training:
         sae.train()
     n = x.shape[0]

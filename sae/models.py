@@ -276,14 +276,24 @@ class SAE(nn.Module):
         return self.decode(self.encode(x))
 
     def encode_pairs(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        """Inference code of a 2-D ``x`` as ``(rows, cols, values)`` sorted by row."""
-        pre = self._pre(x)
-        op = self._inference_operator()
-        if op is None:
-            rows, cols = (pre > 0).nonzero(as_tuple=True)
-        else:
-            rows, cols = op.support(pre)
-        return rows, cols, pre[rows, cols]
+        """Inference code of a 2-D ``x`` as ``(rows, cols, values)`` sorted by row then latent,
+        without the ``(N, d_sae)`` pre-activations (the core's fused encoders: top-k for
+        ``topk``, a threshold of 0 / ``max(theta, 0)`` for the others)."""
+        W_rows = self.W_enc.T
+        if self.architecture != "topk":
+            theta = 0.0 if self.architecture == "relu" else self.threshold.detach().clamp_min(0)
+            return threshold_encode(x, W_rows, self.b_enc, self.b_dec, theta)
+        v, idx = topk_encode(x, W_rows, self.b_enc, self.b_dec, self.cfg.k)
+        rows = torch.arange(x.shape[0], device=x.device).repeat_interleave(idx.shape[1])
+        keep = (v > 0).reshape(-1)
+        rows, cols, vals = rows[keep], idx.reshape(-1)[keep], v.reshape(-1)[keep]
+        order = (rows * self.cfg.d_sae + cols).argsort()
+        return rows[order], cols[order], vals[order]
+
+    def decode_pairs(self, rows: Tensor, cols: Tensor, values: Tensor, n_rows: int) -> Tensor:
+        """``x_hat (n_rows, d_in)`` of a code given as pairs (what :meth:`encode_pairs` returns):
+        the core's sparse decode, ``k`` decoder rows gathered per token."""
+        return sparse_decode(values, rows, cols, self.W_dec, n_rows, bias=self.b_dec)
 
     # ------------------------------------------------------------------ training
     def training_forward(

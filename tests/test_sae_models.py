@@ -177,6 +177,29 @@ def test_every_architecture_trains_one_step_and_encodes(arch):
     torch.testing.assert_close(torch.zeros_like(z).index_put((rows, cols), vals), z)
 
 
+@pytest.mark.parametrize("arch", list(ARCHITECTURES))
+def test_evaluate_on_pairs_equals_dense_metrics(arch):
+    """``metrics.evaluate`` encodes and decodes pairs; its figures equal the dense
+    ``encode`` / ``decode`` formulas (several batches, so the accumulation is checked too)."""
+    from sae.metrics import evaluate
+
+    sae = _sae(arch).eval()
+    with torch.no_grad():
+        sae.threshold.copy_(torch.linspace(-0.1, 0.4, 40))  # negative ones clamp to 0
+    x = torch.randn(70, 12, generator=torch.Generator().manual_seed(4))
+    z = sae.encode(x).detach()
+    x_hat = sae.decode(z).detach()
+    m = evaluate(sae, x, batch_size=32)
+    err = (x - x_hat).double().pow(2).sum()
+    assert m["fvu"] == pytest.approx(float(err / (x.double() - x.double().mean(0)).pow(2).sum()))
+    assert m["mse"] == pytest.approx(float(err / 70))
+    assert m["l0"] == pytest.approx(float((z != 0).sum()) / 70)
+    assert m["dead_fraction"] == pytest.approx(float(((z != 0).sum(0) == 0).double().mean()))
+    cos = torch.nn.functional.cosine_similarity(x, x_hat, dim=-1).mean()
+    assert m["cosine"] == pytest.approx(float(cos), rel=1e-6)
+    assert 0 < m["l0"] < 40
+
+
 def test_training_l0_matches_budget():
     x = torch.randn(50, 12)
     for arch in ("topk", "batchtopk", "mutual_choice", "matryoshka"):

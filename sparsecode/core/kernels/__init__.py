@@ -16,7 +16,8 @@ O(N * n_atoms * d), forward and backward:
   of ``k * N`` (two passes), and :func:`feature_choice_encode` the per-atom top-m over the
   rows (the same selection on the transposed problem). Their values carry the sparse backward
   of :func:`gather_preact` (:func:`sparse_preact` attaches it to values computed elsewhere).
-  :func:`threshold_encode` gives the ReLU / JumpReLU code (pre-activation above a per-atom threshold) the same way.
+  :func:`threshold_encode` gives the ReLU / JumpReLU code (pre-activation above a per-atom
+  threshold) the same way.
 
 A code is a set of ``(rows, cols)`` pairs sorted by row (what ``Projection.support`` returns)
 with one value per pair. Each function runs a Triton kernel on CUDA tensors when ``triton``
