@@ -21,12 +21,11 @@ average of the smallest selected value: one global threshold, or one per latent 
 choice) so that inference is a per-token JumpReLU, as SAELens does for BatchTopK.
 
 Codes are kept as ``(rows, cols, values)`` pairs while training, selected by the core's fused
-encoders (``topk_encode``, ``batch_topk_encode``, ``threshold_encode``: no ``(N, d_sae)``
-pre-activations) and decoded by its sparse decode; the encoder backward is sparse too
-(:func:`sparsecode.core.kernels.gather_preact`). ``relu`` and ``jumprelu`` codes are not sparse by
-construction, so they use the pairs only once the last batch's code was sparse
-(``SPARSE_CODE_MAX_DENSITY``), and train densely before that; ``feature_choice`` selects per
-latent from dense pre-activations.
+encoders (``topk_encode``, ``batch_topk_encode``, ``feature_choice_encode``, ``threshold_encode``:
+no ``(N, d_sae)`` pre-activations) and decoded by its sparse decode; the encoder backward is
+sparse too (:func:`sparsecode.core.kernels.gather_preact`). ``relu`` and ``jumprelu`` codes are
+not sparse by construction, so they use the pairs only once the last batch's code was sparse
+(``SPARSE_CODE_MAX_DENSITY``), and train densely before that.
 
 Example
 -------
@@ -77,7 +76,7 @@ SPARSE_ARCHITECTURES = ("topk", *BATCH_ARCHITECTURES)
 JUMPRELU_MODES = ("step", "tanh", "quadratic")
 #: ReLU / JumpReLU train on sparse pairs when the last batch had at most this fraction of its
 #: ``(N, d_sae)`` code entries above the cut (CPU crossover measured at 0.09 for ReLU and 0.14
-#: for JumpReLU by benchmarks/bench_threshold_paths.py).
+#: for JumpReLU by benchmarks/bench_sae_paths.py).
 SPARSE_CODE_MAX_DENSITY = 0.08
 
 
