@@ -491,7 +491,9 @@ class SAE(nn.Module):
     def _encoded_aux(self, x: Tensor, matmul_dtype) -> tuple[Tensor, Tensor, Tensor, Tensor | None]:
         """Auxiliary pairs ``(rows, cols, values, weights)``: the top ``aux_k`` (weighted)
         pre-activations per token among the candidate latents, encoded against those latents'
-        encoder rows only (no ``(N, d_sae)`` pre-activations; cheap when they are few)."""
+        encoder rows only (no ``(N, d_sae)`` pre-activations; cheap when they are few). When
+        more than half the latents are dead, AuxK encodes against all rows with the live ones
+        masked instead of copying the dead rows."""
         empty = torch.empty(0, dtype=torch.long, device=x.device)
         cand, u = self._aux_candidates(x.device)
         if cand.numel() == 0:
@@ -499,7 +501,13 @@ class SAE(nn.Module):
         W_rows = self.W_enc.T
         k_aux = min(self.cfg.aux_k, cand.numel())
         with torch.no_grad():
-            W_c, b_c = W_rows[cand], self.b_enc[cand]
+            if u is None and 2 * cand.numel() > self.cfg.d_sae:
+                # many dead latents: all rows, the others masked by a -inf bias (no row copy)
+                cand = torch.arange(self.cfg.d_sae, device=x.device)
+                W_c = W_rows
+                b_c = self.b_enc.masked_fill(~self.dead_mask(), -math.inf)
+            else:
+                W_c, b_c = W_rows[cand], self.b_enc[cand]
             if u is not None:  # select on u * pre: scale the rows (u > 0 on candidates)
                 scale = u[cand].to(W_c.dtype)
                 W_c, b_c = W_c * scale[:, None], b_c * scale
