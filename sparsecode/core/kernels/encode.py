@@ -139,6 +139,30 @@ def _needs_grad(*ts: Tensor | None) -> bool:
     return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in ts)
 
 
+def _no_pairs(W_enc: Tensor, device: torch.device) -> tuple[Tensor, Tensor, Tensor]:
+    e = torch.empty(0, dtype=torch.long, device=device)
+    return e, e, torch.empty(0, dtype=W_enc.dtype, device=device)
+
+
+def _sorted_pairs(rows: Tensor, cols: Tensor, vals: Tensor, n: int, relu: bool
+                  ) -> tuple[Tensor, Tensor, Tensor]:
+    """Keep the positive values (with ``relu``) and sort the pairs by row, then atom."""
+    if relu:
+        keep = vals > 0
+        rows, cols, vals = rows[keep], cols[keep], vals[keep]
+    order = (rows * n + cols).argsort()
+    return rows[order], cols[order], vals[order]
+
+
+def _with_backward(x: Tensor, W_enc: Tensor, b_enc: Tensor, b_dec: Tensor | None, rows: Tensor,
+                   cols: Tensor, vals: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """The pairs, their values in ``W_enc``'s dtype carrying the sparse encoder backward."""
+    vals = vals.to(W_enc.dtype)
+    if _needs_grad(x, W_enc, b_enc, b_dec):
+        vals = sparse_preact(x, W_enc, b_enc, b_dec, rows, cols, vals)
+    return rows, cols, vals
+
+
 def topk_encode(
     x: Tensor,
     W_enc: Tensor,
@@ -210,8 +234,7 @@ def batch_topk_encode(
     N, n = x.shape[0], W_enc.shape[0]
     dev = x.device
     if N == 0 or n == 0:
-        e = torch.empty(0, dtype=torch.long, device=dev)
-        return e, e, torch.empty(0, dtype=W_enc.dtype, device=dev)
+        return _no_pairs(W_enc, dev)
     budget = min(k * N, N * n)
     cap = min(n, row_cap if row_cap is not None else 4 * k)
     with torch.no_grad():
@@ -234,16 +257,8 @@ def batch_topk_encode(
             pending, cap = pending[sat], min(n, 4 * cap)
         rows, cols, vals = torch.cat(done_r), torch.cat(done_c), torch.cat(done_v)
         top = vals.topk(min(budget, vals.numel()), sorted=False).indices
-        rows, cols, vals = rows[top], cols[top], vals[top]
-        if relu:
-            keep = vals > 0
-            rows, cols, vals = rows[keep], cols[keep], vals[keep]
-        order = (rows * n + cols).argsort()
-        rows, cols, vals = rows[order], cols[order], vals[order]
-    vals = vals.to(W_enc.dtype)
-    if _needs_grad(x, W_enc, b_enc, b_dec):
-        vals = sparse_preact(x, W_enc, b_enc, b_dec, rows, cols, vals)
-    return rows, cols, vals
+        rows, cols, vals = _sorted_pairs(rows[top], cols[top], vals[top], n, relu)
+    return _with_backward(x, W_enc, b_enc, b_dec, rows, cols, vals)
 
 
 def feature_choice_encode(
@@ -278,25 +293,16 @@ def feature_choice_encode(
     N, n = x.shape[0], W_enc.shape[0]
     dev = x.device
     if N == 0 or n == 0:
-        e = torch.empty(0, dtype=torch.long, device=dev)
-        return e, e, torch.empty(0, dtype=W_enc.dtype, device=dev)
+        return _no_pairs(W_enc, dev)
     m = min(m, N)
     with torch.no_grad():
         W = W_enc.detach() if matmul_dtype is None else W_enc.detach().to(matmul_dtype)
         xc = _centred(x.detach(), W, b_dec)
         v, tok = _select_topk(W, xc, torch.zeros(N, dtype=W.dtype, device=dev), m, max_bytes)
         vals = (v + b_enc.detach().to(W.dtype)[:, None]).reshape(-1)
-        rows = tok.reshape(-1)
         cols = torch.arange(n, device=dev).repeat_interleave(m)
-        if relu:
-            keep = vals > 0
-            rows, cols, vals = rows[keep], cols[keep], vals[keep]
-        order = (rows * n + cols).argsort()
-        rows, cols, vals = rows[order], cols[order], vals[order]
-    vals = vals.to(W_enc.dtype)
-    if _needs_grad(x, W_enc, b_enc, b_dec):
-        vals = sparse_preact(x, W_enc, b_enc, b_dec, rows, cols, vals)
-    return rows, cols, vals
+        rows, cols, vals = _sorted_pairs(tok.reshape(-1), cols, vals, n, relu)
+    return _with_backward(x, W_enc, b_enc, b_dec, rows, cols, vals)
 
 
 def threshold_encode(
@@ -348,10 +354,6 @@ def threshold_encode(
             if parts:
                 out = tuple(torch.cat(p) for p in zip(*parts, strict=True))
             else:
-                e = torch.empty(0, dtype=torch.long, device=x.device)
-                out = (e, e, torch.empty(0, dtype=W.dtype, device=x.device))
+                out = _no_pairs(W, x.device)
         rows, cols, vals = out
-    vals = vals.to(W_enc.dtype)
-    if _needs_grad(x, W_enc, b_enc, b_dec):
-        vals = sparse_preact(x, W_enc, b_enc, b_dec, rows, cols, vals)
-    return rows, cols, vals
+    return _with_backward(x, W_enc, b_enc, b_dec, rows, cols, vals)
