@@ -36,6 +36,9 @@ How to run
     python benchmarks/bench_kernels.py --smoke    # tiny sizes (also runs on CPU)
 
 Without a GPU (and without ``--smoke``) it prints that there is nothing to measure and exits 0.
+On the same GPU, ``python benchmarks/bench_sae_paths.py --d-in 2304 --d-sae 65536 --tokens 8192``
+measures the other architectures' fused paths (BatchTopK, feature choice, ReLU / JumpReLU
+pairs) against their dense paths, and where the ReLU / JumpReLU crossover lies on the GPU.
 Results go to ``benchmarks/results/kernels-<device>.json`` and ``.md`` (``-smoke`` added).
 """
 
