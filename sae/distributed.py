@@ -34,7 +34,13 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
-from sparsecode.core.kernels import merge_topk, sparse_decode, sparse_preact, topk_encode
+from sparsecode.core.kernels import (
+    merge_topk,
+    row_pairs,
+    sparse_decode,
+    sparse_preact,
+    topk_encode,
+)
 
 from .models import SAE
 
@@ -350,9 +356,7 @@ class LatentShardedSAE(SAE):
             win_i = torch.where(win_v > 0, win_i, torch.full_like(win_i, -1))
             mine = ((local + self.offset).unsqueeze(2) == win_i.unsqueeze(1)).any(dim=2)
             mine &= v.detach() > 0
-        keep = mine.reshape(-1)
-        rows = torch.arange(N, device=x.device).repeat_interleave(v.shape[1])[keep]
-        return rows, local.reshape(-1)[keep], v.reshape(-1)[keep]
+        return row_pairs(v, local, keep=mine)
 
     def _fused_topk(self, x: Tensor, matmul_dtype) -> tuple[Tensor, ...]:
         W_rows = self.W_enc.T

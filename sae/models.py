@@ -54,6 +54,7 @@ from sparsecode.core.kernels import (
     batch_topk_encode,
     feature_choice_encode,
     preact,
+    row_pairs,
     sparse_decode,
     sparse_preact,
     threshold_encode,
@@ -283,9 +284,7 @@ class SAE(nn.Module):
             theta = 0.0 if self.architecture == "relu" else self.threshold.detach().clamp_min(0)
             return threshold_encode(x, W_rows, self.b_enc, self.b_dec, theta)
         v, idx = topk_encode(x, W_rows, self.b_enc, self.b_dec, self.cfg.k)
-        rows = torch.arange(x.shape[0], device=x.device).repeat_interleave(idx.shape[1])
-        keep = (v > 0).reshape(-1)
-        rows, cols, vals = rows[keep], idx.reshape(-1)[keep], v.reshape(-1)[keep]
+        rows, cols, vals = row_pairs(v, idx, keep=v > 0)
         order = (rows * self.cfg.d_sae + cols).argsort()
         return rows[order], cols[order], vals[order]
 
@@ -466,13 +465,9 @@ class SAE(nn.Module):
         """TopK codes (and AuxK pairs) without the ``(N, d_sae)`` pre-activations: the fused
         :func:`~sparsecode.core.kernels.topk_encode` (Triton on GPU, row chunks on CPU); AuxK
         encodes against the dead latents' rows only. Pairs are sorted by row."""
-        N, W_rows = x.shape[0], self.W_enc.T
-        v, idx = topk_encode(x, W_rows, self.b_enc, self.b_dec, self.cfg.k,
+        v, idx = topk_encode(x, self.W_enc.T, self.b_enc, self.b_dec, self.cfg.k,
                              matmul_dtype=matmul_dtype)
-        keep = (v > 0).reshape(-1)
-        ar = torch.arange(N, device=x.device)
-        rows = ar.repeat_interleave(idx.shape[1])[keep]
-        cols, vals = idx.reshape(-1)[keep], v.reshape(-1)[keep]
+        rows, cols, vals = row_pairs(v, idx, keep=v > 0)
         aux_rows, aux_cols, aux_vals, _ = self._encoded_aux(x, matmul_dtype)
         return rows, cols, vals, aux_rows, aux_cols, aux_vals
 
@@ -512,9 +507,7 @@ class SAE(nn.Module):
                 scale = u[cand].to(W_c.dtype)
                 W_c, b_c = W_c * scale[:, None], b_c * scale
             av, ai = topk_encode(x, W_c, b_c, self.b_dec, k_aux, matmul_dtype=matmul_dtype)
-            keep = (av > 0).reshape(-1)
-            rows = torch.arange(x.shape[0], device=x.device).repeat_interleave(k_aux)[keep]
-            local, v = ai.reshape(-1)[keep], av.reshape(-1)[keep]
+            rows, local, v = row_pairs(av, ai, keep=av > 0)
             if u is not None:
                 v = v / scale[local]
         cols = cand[local]

@@ -27,7 +27,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from .kernels import sparse_decode
+from .kernels import row_pairs, sparse_decode
 
 
 @dataclass
@@ -77,7 +77,5 @@ class SparseCodes:
             raise ValueError(
                 f"dictionary has {dictionary.shape[0]} atoms but the codes index {self.n_atoms}"
             )
-        N, k = self.values.shape
-        rows = torch.arange(N, device=self.values.device).repeat_interleave(k)
-        return sparse_decode(self.values.reshape(-1), rows, self.indices.reshape(-1), dictionary,
-                             N, bias=bias)
+        rows, cols, vals = row_pairs(self.values, self.indices)
+        return sparse_decode(vals, rows, cols, dictionary, self.values.shape[0], bias=bias)

@@ -34,7 +34,15 @@ from .encode import (
     topk_encode,
     topk_rows,
 )
-from .torch_ops import bag_sum, gather_preact, preact, row_offsets, sparse_decode, sparse_preact
+from .torch_ops import (
+    bag_sum,
+    gather_preact,
+    preact,
+    row_offsets,
+    row_pairs,
+    sparse_decode,
+    sparse_preact,
+)
 
 __all__ = [
     "bag_sum",
@@ -44,6 +52,7 @@ __all__ = [
     "gather_preact",
     "preact",
     "row_offsets",
+    "row_pairs",
     "sparse_decode",
     "sparse_preact",
     "threshold_encode",

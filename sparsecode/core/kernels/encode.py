@@ -19,7 +19,7 @@ import torch
 from torch import Tensor
 
 from .dispatch import use_triton
-from .torch_ops import preact, sparse_preact
+from .torch_ops import preact, row_pairs, sparse_preact
 
 #: Default memory budget of the torch fallback for one chunk of pre-activations and the
 #: selection temporaries (``SPARSECODE_ENCODE_CHUNK_BYTES`` overrides it).
@@ -199,10 +199,7 @@ def topk_encode(
         vals, idx = _select_topk(_centred(x.detach(), W, b_dec), W, b, k, max_bytes)
     vals = vals.to(W_enc.dtype)
     if _needs_grad(x, W_enc, b_enc, b_dec):
-        N = x.shape[0]
-        rows = torch.arange(N, device=x.device).repeat_interleave(k)
-        vals = sparse_preact(x, W_enc, b_enc, b_dec, rows, idx.reshape(-1), vals.reshape(-1))
-        vals = vals.reshape(N, k)
+        vals = sparse_preact(x, W_enc, b_enc, b_dec, *row_pairs(vals, idx)).reshape(vals.shape)
     return (vals.relu() if relu else vals), idx
 
 
@@ -299,9 +296,8 @@ def feature_choice_encode(
         W = W_enc.detach() if matmul_dtype is None else W_enc.detach().to(matmul_dtype)
         xc = _centred(x.detach(), W, b_dec)
         v, tok = _select_topk(W, xc, torch.zeros(N, dtype=W.dtype, device=dev), m, max_bytes)
-        vals = (v + b_enc.detach().to(W.dtype)[:, None]).reshape(-1)
-        cols = torch.arange(n, device=dev).repeat_interleave(m)
-        rows, cols, vals = _sorted_pairs(tok.reshape(-1), cols, vals, n, relu)
+        cols, rows, vals = row_pairs(v + b_enc.detach().to(W.dtype)[:, None], tok)  # transposed
+        rows, cols, vals = _sorted_pairs(rows, cols, vals, n, relu)
     return _with_backward(x, W_enc, b_enc, b_dec, rows, cols, vals)
 
 
