@@ -278,7 +278,14 @@ class SAE(nn.Module):
     def encode_pairs(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         """Inference code of a 2-D ``x`` as ``(rows, cols, values)`` sorted by row then latent,
         without the ``(N, d_sae)`` pre-activations (the core's fused encoders: top-k for
-        ``topk``, a threshold of 0 / ``max(theta, 0)`` for the others)."""
+        ``topk``, a threshold of 0 / ``max(theta, 0)`` for the others).
+
+        >>> sae = SAE(SAEConfig(d_in=8, d_sae=32, architecture="topk", k=4)).eval()
+        >>> x = torch.randn(5, 8)
+        >>> rows, cols, vals = sae.encode_pairs(x)
+        >>> torch.allclose(sae.decode_pairs(rows, cols, vals, 5), sae(x), atol=1e-6)
+        True
+        """
         W_rows = self.W_enc.T
         if self.architecture != "topk":
             theta = 0.0 if self.architecture == "relu" else self.threshold.detach().clamp_min(0)

@@ -126,12 +126,13 @@ def test_topk_encode_gradients_match_dense_and_gradcheck():
     assert torch.autograd.gradcheck(f, [t.clone().requires_grad_() for t in (x, W, b, bd)])
 
 
-def test_topk_encode_rejects_bad_input():
+@pytest.mark.parametrize("encoder", [topk_encode, batch_topk_encode, feature_choice_encode])
+def test_encoders_reject_bad_input(encoder):
     x, W, b, bd = _problem()
-    with pytest.raises(ValueError):
-        topk_encode(x, W, b, bd, 0)
-    with pytest.raises(ValueError):
-        topk_encode(x[:, :3], W, b, bd, 2)
+    with pytest.raises(ValueError, match="k must be an integer >= 1"):
+        encoder(x, W, b, bd, 0)
+    with pytest.raises(ValueError, match=r"expected x \(N, d\) and W_enc \(n_atoms, d\)"):
+        encoder(x[:, :3], W, b, bd, 2)
 
 
 # ------------------------------------------------------------------ feature choice (torch path)
