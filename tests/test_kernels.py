@@ -17,6 +17,7 @@ from sparsecode.core.kernels import (
     encode,
     feature_choice_encode,
     gather_preact,
+    preact,
     sparse_decode,
     sparse_preact,
     threshold_encode,
@@ -235,6 +236,121 @@ def test_sparse_decode_grouped_gradcheck():
     torch.testing.assert_close(out, ref)
     assert torch.autograd.gradcheck(
         lambda v, w: sparse_decode(v, rows, cols, w, 4, groups=groups), [vals, W])
+
+
+def test_sparse_decode_gradcheck_and_chunked_pair_dot(monkeypatch):
+    from sparsecode.core.kernels import torch_ops
+
+    g = torch.Generator().manual_seed(6)
+    W = torch.randn(7, 5, dtype=torch.float64, generator=g, requires_grad=True)
+    rows, cols = torch.tensor([0, 0, 1, 3, 3, 3]), torch.tensor([6, 2, 2, 0, 2, 5])
+    vals = torch.randn(6, dtype=torch.float64, generator=g, requires_grad=True)
+    dense = torch.zeros(4, 7, dtype=torch.float64).index_put((rows, cols), vals)
+    torch.testing.assert_close(sparse_decode(vals, rows, cols, W, 4), dense @ W)
+    monkeypatch.setattr(torch_ops, "PAIR_CHUNK_BYTES", 1)  # one pair per chunk
+    assert torch.autograd.gradcheck(lambda v, w: sparse_decode(v, rows, cols, w, 4), [vals, W])
+
+
+# ------------------------------------------------------------------ bf16 / fp16 inputs
+LOW = pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+
+
+def _low_and_ref(dtype, *ts):
+    """Leaves in ``dtype`` and float64 leaves holding exactly the same (rounded) values."""
+    low = [t.to(dtype).requires_grad_() for t in ts]
+    return low, [t.detach().double().requires_grad_() for t in low]
+
+
+def _assert_fp32_accurate(got, ref, dtype, what):
+    """Within a few roundings to ``dtype`` of the float64 result: what fp32 accumulation gives
+    (sums accumulated in ``dtype`` itself are off by far more on these long sums)."""
+    assert got.dtype == dtype, what
+    err = float((got.detach().double() - ref.detach()).abs().max())
+    tol = 2 * torch.finfo(dtype).eps * float(ref.detach().abs().max())
+    assert err <= tol, f"{what}: max error {err:.4g} > {tol:.4g}"
+
+
+@LOW
+def test_low_precision_sparse_decode_accumulates_in_fp32(dtype):
+    # 4096 tokens all use atom 0: its gradient row sums 4096 terms (a bf16 sum of 4096 ones
+    # stalls at 256, an fp16 one at 2048)
+    N, d, n = 4096, 16, 9
+    g = torch.Generator().manual_seed(0)
+    rows = torch.arange(N).repeat_interleave(2)
+    cols = torch.stack([torch.zeros(N, dtype=torch.long),
+                        torch.randint(1, n, (N,), generator=g)], 1).reshape(-1)
+    (vals, W), (vals64, W64) = _low_and_ref(
+        dtype, torch.rand(2 * N, generator=g) + 0.5, torch.randn(n, d, generator=g))
+    G = torch.randn(N, d, generator=g).to(dtype)
+    out = sparse_decode(vals, rows, cols, W, N)
+    ref = sparse_decode(vals64, rows, cols, W64, N)
+    _assert_fp32_accurate(out, ref, dtype, "forward")
+    (out * G).sum().backward()
+    (ref * G.double()).sum().backward()
+    _assert_fp32_accurate(vals.grad, vals64.grad, dtype, "grad values")
+    _assert_fp32_accurate(W.grad, W64.grad, dtype, "grad W_dec")
+    W.grad = None
+    sparse_decode(torch.ones(2 * N, dtype=dtype), rows, cols, W, N).sum().backward()
+    assert W.grad[0].tolist() == [float(N)] * d
+
+
+@LOW
+def test_low_precision_encoder_backward_accumulates_in_fp32(dtype):
+    N, d, n = 4096, 16, 9
+    g = torch.Generator().manual_seed(1)
+    rows = torch.arange(N).repeat_interleave(2)
+    cols = torch.stack([torch.zeros(N, dtype=torch.long),
+                        torch.randint(1, n, (N,), generator=g)], 1).reshape(-1)
+    leaves, refs = _low_and_ref(dtype, torch.randn(N, d, generator=g),
+                                torch.randn(n, d, generator=g), torch.randn(n, generator=g),
+                                0.1 * torch.randn(d, generator=g))
+    gv = torch.randn(2 * N, generator=g).to(dtype)
+    v = gather_preact(*leaves, rows, cols)
+    (v * gv).sum().backward()
+    x64, W64, b64, bd64 = refs
+    ((_dense(x64, W64, b64, bd64)[rows, cols]) * gv.double()).sum().backward()
+    # x - b_dec is formed in dtype (as a bf16 forward would): one more rounding, so compare
+    # W_enc's gradient against the float64 sum over the same rounded differences
+    xc = (leaves[0] - leaves[3]).detach().double()
+    grad_W_ref = torch.zeros_like(W64).index_add_(0, cols, gv.double()[:, None] * xc[rows])
+    _assert_fp32_accurate(leaves[1].grad, grad_W_ref, dtype, "grad W_enc")
+    for name, leaf, ref in zip(["x", "W_enc", "b_enc", "b_dec"], leaves, refs, strict=True):
+        if name != "W_enc":
+            _assert_fp32_accurate(leaf.grad, ref.grad, dtype, f"grad {name}")
+    b = leaves[2].detach().requires_grad_()
+    gather_preact(leaves[0].detach(), leaves[1].detach(), b, None, rows, cols).sum().backward()
+    assert b.grad[0].item() == N
+
+
+@LOW
+@pytest.mark.parametrize("encoder", ["topk", "batch_topk", "feature_choice", "threshold"])
+def test_low_precision_encoders_select_on_their_own_matmul(dtype, encoder):
+    # bf16 / fp16 weights: each encoder selects on the pre-activations computed in that dtype,
+    # ties (frequent with 8 significant bits) broken by the shared rule: the same pairs and
+    # values as the dense operator on those pre-activations
+    x, W, b, bd = (t.to(dtype) for t in _problem(N=40, d=12, n=50, seed=3))
+    pre = preact(x, W, b, bd)  # the encoders' matmul (bias fused), in dtype
+    if encoder == "topk":
+        v, i = topk_encode(x, W, b, bd, 5, relu=False)
+        rv, ri = topk_rows(pre, 5)
+        assert torch.equal(i, ri) and torch.equal(v, rv) and v.dtype == dtype
+        return
+    if encoder == "batch_topk":
+        if dtype == torch.bfloat16:  # a tie at the cut: the rule decides
+            assert (pre == pre.flatten().topk(160).values[-1]).sum() > 1
+        rows, cols, v = batch_topk_encode(x, W, b, bd, 4)
+        ref = ops.BatchTopK(4, positive=True).support(pre)
+    elif encoder == "feature_choice":
+        # selects on W @ (x - b_dec)^T (b_enc is constant per atom and added afterwards)
+        s = torch.nn.functional.linear(W, x - bd).T
+        rows, cols, v = feature_choice_encode(x, W, b, bd, 3)
+        ref = ops.FeatureChoice(3, positive=True).support(s + b)
+        pre = s + b
+    else:
+        rows, cols, v = threshold_encode(x, W, b, bd, 0.25)
+        ref = (pre > 0.25).nonzero(as_tuple=True)
+    assert torch.equal(rows, ref[0]) and torch.equal(cols, ref[1])
+    assert v.dtype == dtype and torch.equal(v, pre[rows, cols])
 
 
 # ------------------------------------------------------------------ dispatch rules

@@ -353,6 +353,44 @@ def test_batch_topk_exact_count_with_ties_and_budget_is_global() -> None:
     assert torch.isinf(BatchTopK(k=3).value(z)).all()
 
 
+def _lowest_index_top(key: torch.Tensor, k: int) -> torch.Tensor:
+    """Brute-force tie rule: a stable sort by decreasing key, the first k (1-D positions)."""
+    return torch.sort(-key, stable=True).indices[:k].sort().values
+
+
+@pytest.mark.parametrize("positive", [False, True])
+def test_selections_break_ties_by_lowest_index(positive: bool) -> None:
+    # one rule shared with the fused encoders (sparsecode.core.select): lowest index first
+    from sparsecode.core.select import top_budget
+
+    z = tie_heavy_rows(12, 10, seed=3)[:12]  # integers in [-3, 3]: ties everywhere
+    key = z if positive else z.abs()
+
+    def kept(rows, cols):
+        v = z[rows, cols]
+        keep = v > 0 if positive else v != 0
+        return rows[keep], cols[keep]
+
+    rows, cols = TopK(4, positive=positive).support(z)
+    ref = [(r, int(c)) for r in range(12) for c in _lowest_index_top(key[r], 4)]
+    r_ref, c_ref = kept(*map(torch.tensor, zip(*ref, strict=True)))
+    assert torch.equal(rows, r_ref) and torch.equal(cols, c_ref)
+
+    rows, cols = BatchTopK(3, positive=positive).support(z)
+    flat = _lowest_index_top(key.reshape(-1), 36)
+    assert torch.equal(torch.stack([rows, cols]), torch.stack(kept(flat // 10, flat % 10)))
+
+    rows, cols = FeatureChoice(2, positive=positive).support(z)
+    per_col = [(int(r), c) for c in range(10) for r in _lowest_index_top(key[:, c], 2)]
+    r_ref, c_ref = map(torch.tensor, zip(*sorted(per_col), strict=True))
+    assert torch.equal(torch.stack([rows, cols]), torch.stack(kept(r_ref, c_ref)))
+
+    order = torch.randperm(120, generator=torch.Generator().manual_seed(0))
+    got = top_budget(key.reshape(-1), 30, order=order)  # ties by the smallest order instead
+    ref = torch.sort(-key.reshape(-1)[order.argsort()], stable=True).indices[:30]
+    assert torch.equal(got.sort().values, order.argsort()[ref].sort().values)
+
+
 @pytest.mark.parametrize("positive", [False, True])
 @pytest.mark.parametrize("m", [1, 2])
 def test_feature_choice_is_the_projection(m: int, positive: bool) -> None:

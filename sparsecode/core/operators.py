@@ -44,6 +44,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from .select import top_budget, topk_rows
+
 Step = float | Tensor
 
 
@@ -167,7 +169,8 @@ class TopK(Projection):
     """Projection onto ``{u : ||u||_0 <= k}`` per row: keep the k entries largest in magnitude.
 
     With ``positive=True`` the set is ``{u >= 0, ||u||_0 <= k}``: keep the k largest values and
-    clamp them at zero (the TopK SAE activation).
+    clamp them at zero (the TopK SAE activation). Ties at the cut: the lowest index wins (the
+    rule of :mod:`sparsecode.core.select`, shared with the fused encoders).
     """
 
     separable = False
@@ -184,9 +187,8 @@ class TopK(Projection):
         z2 = z.reshape(-1, z.shape[-1])
         k = min(self.k, z2.shape[-1])
         key = z2 if self.positive else z2.abs()
-        cols = key.topk(k, dim=-1, sorted=False).indices
+        cols = topk_rows(key, k)[1].sort(dim=1).values.reshape(-1)  # ties: lowest index
         rows = torch.arange(z2.shape[0], device=z.device).repeat_interleave(k)
-        cols = cols.reshape(-1)
         keep = _kept(z2[rows, cols], self.positive)
         return rows[keep], cols[keep]
 
@@ -605,8 +607,8 @@ class BatchTopK(Projection):
     dimensions flattened): keep the ``k B`` entries largest in magnitude across the whole batch
     (Bussmann et al. 2024). ``positive=True``: the ``k B`` largest values, clamped at zero.
 
-    Membership is a property of the batch: ``contains`` / ``value`` give every row the batch's
-    answer.
+    Ties at the cut: the lowest ``(row, column)`` wins (row-major). Membership is a property
+    of the batch: ``contains`` / ``value`` give every row the batch's answer.
     """
 
     separable = False
@@ -627,7 +629,7 @@ class BatchTopK(Projection):
         rows = flat.numel() // width if width else 0
         budget = min(self.k * rows, flat.numel())
         key = flat if self.positive else flat.abs()
-        idx = key.topk(budget, sorted=False).indices.sort().values
+        idx = top_budget(key, budget).sort().values  # ties: lowest (row, column)
         idx = idx[_kept(flat[idx], self.positive)]
         return idx // width, idx % width
 
@@ -643,7 +645,8 @@ class FeatureChoice(Projection):
     """Projection onto ``{U : every column of U has at most m nonzeros}``: each feature (last
     dimension index) keeps its ``m`` largest-magnitude entries over the rows (leading dimensions
     flattened; a 1-D ``z`` is one row). ``positive=True``: the ``m`` largest values, clamped
-    at zero. ``contains`` / ``value`` give every row the batch's answer.
+    at zero. Ties: the lowest row wins. ``contains`` / ``value`` give every row the batch's
+    answer.
     """
 
     separable = False
@@ -662,7 +665,7 @@ class FeatureChoice(Projection):
         z2 = z.reshape(-1, z.shape[-1])
         m = min(self.m, z2.shape[0])
         key = z2 if self.positive else z2.abs()
-        rows = key.topk(m, dim=0, sorted=False).indices  # (m, n_features)
+        rows = topk_rows(key.T, m)[1].T  # (m, n_features); ties: lowest row
         flat = (rows * z2.shape[1] + torch.arange(z2.shape[1], device=z.device)).reshape(-1)
         flat = flat.sort().values
         rows, cols = flat // z2.shape[1], flat % z2.shape[1]

@@ -25,18 +25,13 @@ imports and the kernel covers the dtype / shape, and its torch implementation ot
 ``SPARSECODE_DISABLE_TRITON=1`` forces the torch path (rules in :mod:`.dispatch`; docs/core.md).
 """
 
+from ..select import merge_topk, topk_rows
 from .dispatch import triton_available, use_triton
-from .encode import (
-    batch_topk_encode,
-    feature_choice_encode,
-    merge_topk,
-    threshold_encode,
-    topk_encode,
-    topk_rows,
-)
+from .encode import batch_topk_encode, feature_choice_encode, threshold_encode, topk_encode
 from .torch_ops import (
     bag_sum,
     gather_preact,
+    pair_dot,
     preact,
     row_offsets,
     row_pairs,
@@ -50,6 +45,7 @@ __all__ = [
     "feature_choice_encode",
     "merge_topk",
     "gather_preact",
+    "pair_dot",
     "preact",
     "row_offsets",
     "row_pairs",

@@ -6,9 +6,11 @@ On CUDA tensors with ``triton`` installed the selection runs in one fused kernel
 per-slice candidates). Elsewhere the torch fallback computes the pre-activations a chunk of rows
 at a time, so that no more than ``max_bytes`` of them (plus selection temporaries) exist at once.
 
-Tie rule (both paths): among equal values the lowest atom index is selected first, and each row
-is returned sorted by value (descending), equal values by atom index (ascending). So both paths
-return identical ``(values, indices)`` whenever they compute bit-identical pre-activations.
+Tie rule (both paths, and the projection operators: :mod:`sparsecode.core.select`): among equal
+values the lowest atom index is selected first (batch top-k: the lowest ``(row, atom)``; feature
+choice: the lowest row), and each row of a top-k is returned sorted by value (descending), equal
+values by atom index (ascending). So both paths return identical results whenever they compute
+bit-identical pre-activations.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ import os
 import torch
 from torch import Tensor
 
+from ..select import top_budget, topk_rows
 from .dispatch import use_triton
 from .torch_ops import preact, row_pairs, sparse_preact
 
@@ -31,71 +34,6 @@ def _budget(max_bytes: int | None) -> int:
         return max(1, int(max_bytes))
     env = os.environ.get("SPARSECODE_ENCODE_CHUNK_BYTES")
     return int(env) if env else DEFAULT_CHUNK_BYTES
-
-
-def _canonical(vals: Tensor, idx: Tensor) -> tuple[Tensor, Tensor]:
-    """Sort each row by value descending, equal values by index ascending."""
-    idx, o = idx.sort(dim=1)
-    vals = vals.gather(1, o)
-    vals, o = vals.sort(dim=1, descending=True, stable=True)
-    return vals, idx.gather(1, o)
-
-
-#: extra values taken by the torch top-k so that ties at the cut resolve without a row scan
-_TIE_WINDOW = 8
-
-
-def _full_tie_rows(pre: Tensor, vals: Tensor, idx: Tensor, k: int) -> Tensor:
-    """Indices of the top-k of rows whose ties at the k-th value ``t`` go beyond the window:
-    the entries above ``t`` plus the lowest-index entries equal to ``t`` (one row scan)."""
-    tt = vals[:, k - 1 : k]
-    er, ec = (pre == tt).nonzero(as_tuple=True)  # sorted by row, then atom
-    gt = vals[:, :k] > tt
-    need = k - gt.sum(dim=1)
-    counts = torch.bincount(er, minlength=pre.shape[0])
-    rank = torch.arange(er.numel(), device=pre.device) - (torch.cumsum(counts, 0) - counts)[er]
-    pick = rank < need[er]
-    gr, gc = gt.nonzero(as_tuple=True)
-    r_all = torch.cat([gr, er[pick]])
-    c_all = torch.cat([idx[:, :k][gr, gc], ec[pick]])
-    return c_all[r_all.argsort(stable=True)].reshape(-1, k)
-
-
-def topk_rows(pre: Tensor, k: int) -> tuple[Tensor, Tensor]:
-    """Top-``k`` of each row of a 2-D ``pre`` with the tie rule (lowest index first), sorted
-    canonically: the torch selection used by the fallback (``k <= pre.shape[1]``).
-
-    It takes ``k + 8`` values per row and sorts that window canonically; when the window's last
-    value is below the k-th value every tie at the cut is inside the window, so the first ``k``
-    are exact. Rows with more ties than that (rare, even in bf16) are resolved by a row scan."""
-    n = pre.shape[1]
-    w = min(n, k + _TIE_WINDOW)
-    top = pre.topk(w, dim=1, sorted=True)
-    vals, idx = _canonical(top.values, top.indices)
-    if k == 0 or pre.shape[0] == 0:
-        return vals[:, :k], idx[:, :k]
-    if w < n:
-        bad = (top.values[:, w - 1] == top.values[:, k - 1]).nonzero(as_tuple=True)[0]
-        if bad.numel():
-            idx = idx.clone()
-            idx[bad, :k] = _full_tie_rows(pre[bad], vals[bad], idx[bad], k)
-            vals = vals.clone()
-            vals[bad, :k] = pre[bad].gather(1, idx[bad, :k])
-    return vals[:, :k], idx[:, :k]
-
-
-def merge_topk(values: Tensor, indices: Tensor, k: int) -> tuple[Tensor, Tensor]:
-    """The ``k`` largest of each row's candidate ``(value, index)`` pairs under the tie rule
-    (lowest index first), sorted canonically: how per-slice top-k results (e.g. of latent
-    shards on several processes) combine into the exact top-k of the whole row.
-
-    >>> import torch
-    >>> v, i = merge_topk(torch.tensor([[3.0, 1.0, 3.0, 2.0]]), torch.tensor([[7, 0, 2, 5]]), 2)
-    >>> v.tolist(), i.tolist()
-    ([[3.0, 3.0]], [[2, 7]])
-    """
-    vals, idx = _canonical(values, indices)
-    return vals[:, :k], idx[:, :k]
 
 
 def _select_topk(xc: Tensor, W: Tensor, b_enc: Tensor, k: int, max_bytes: int | None
@@ -224,7 +162,8 @@ def batch_topk_encode(
     candidate pool and its ``kN``-th largest value ``t``; every row whose ``row_cap``-th candidate
     is below ``t`` cannot hold more winners than its candidates, so the pool's top ``kN`` is exact
     for it. (2) Rows that saturate are re-encoded with a 4x larger cap (up to ``n_atoms``) and
-    the threshold is recomputed; ``t`` only grows, so finished rows stay exact.
+    the threshold is recomputed; ``t`` only grows, so finished rows stay exact. Ties at the cut:
+    the lowest ``(row, atom)`` first, as ``BatchTopK``.
     """
     _check_shapes(x, W_enc)
     _check_k(k)
@@ -253,7 +192,7 @@ def batch_topk_encode(
                 break
             pending, cap = pending[sat], min(n, 4 * cap)
         rows, cols, vals = torch.cat(done_r), torch.cat(done_c), torch.cat(done_v)
-        top = vals.topk(min(budget, vals.numel()), sorted=False).indices
+        top = top_budget(vals, budget, order=rows * n + cols)  # ties: lowest (row, atom)
         rows, cols, vals = _sorted_pairs(rows[top], cols[top], vals[top], n, relu)
     return _with_backward(x, W_enc, b_enc, b_dec, rows, cols, vals)
 

@@ -69,6 +69,7 @@ class _GatherPreact(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, W_enc, b_enc, b_dec, rows, cols, values):  # noqa: D401
         ctx.save_for_backward(x, W_enc, b_dec, rows, cols)
+        ctx.b_enc_dtype = b_enc.dtype
         return values
 
     @staticmethod
@@ -77,10 +78,12 @@ class _GatherPreact(torch.autograd.Function):
         n_atoms = W_enc.shape[0]
         g = g.to(W_enc.dtype)
         grad_x = grad_W = grad_b_enc = grad_b_dec = None
-        # gradient per atom: sum of g over the pairs that selected it
-        atom_sum = torch.zeros(n_atoms, dtype=g.dtype, device=g.device).index_add_(0, cols, g)
+        # gradient per atom: sum of g over the pairs that selected it, accumulated in fp32 at
+        # least (a bf16 index_add_ stalls at 256 ones: an atom chosen by 4096 tokens got 256)
+        acc = torch.promote_types(g.dtype, torch.float32)
+        atom_sum = torch.zeros(n_atoms, dtype=acc, device=g.device).index_add_(0, cols, g.to(acc))
         if ctx.needs_input_grad[2]:
-            grad_b_enc = atom_sum
+            grad_b_enc = atom_sum.to(ctx.b_enc_dtype)
         if ctx.needs_input_grad[1]:
             # dL/dW_enc[j] = sum over pairs (i, j) of g * (x_i - b_dec): bags grouped by atom
             xc = x if b_dec is None else x - b_dec
@@ -88,7 +91,7 @@ class _GatherPreact(torch.autograd.Function):
             grad_W = bag_sum(rows[order], xc.to(g.dtype), offsets, g[order])
         if b_dec is not None and ctx.needs_input_grad[3]:
             # d/db_dec of (x - b_dec) @ W^T: minus the atoms' gradient pushed through W
-            grad_b_dec = -(atom_sum @ W_enc)
+            grad_b_dec = -(atom_sum.to(W_enc.dtype) @ W_enc).to(b_dec.dtype)
         if ctx.needs_input_grad[0]:
             grad_x = bag_sum(cols, W_enc, row_offsets(rows, x.shape[0]), g).to(x.dtype)
         return grad_x, grad_W, grad_b_enc, grad_b_dec, None, None, None
@@ -140,41 +143,66 @@ def sparse_preact(
     return _GatherPreact.apply(x, W_enc, b_enc, b_dec, rows, cols, values.to(W_enc.dtype))
 
 
-class _BagDecode(torch.autograd.Function):
-    """Triton sparse decode: ``out[b] = sum over pairs p of bag b of w[p] * W[idx[p]]`` with the
-    pairs already grouped by bag. Backward: ``grad w[p] = <g[bag[p]], W[idx[p]]>`` (one dot
-    product per pair) and ``grad W[j] = sum over pairs with idx = j of w * g[bag]`` (pairs sorted
-    by atom, each gradient row written once: deterministic, no float atomics)."""
+#: Memory budget of one chunk of the torch :func:`pair_dot` (two gathered ``(chunk, d)`` rows).
+PAIR_CHUNK_BYTES = 64 * 2**20
 
-    @staticmethod
-    def forward(ctx, weights, W, idx, bag, csr):  # noqa: D401
+
+def _acc_dtype(*ts: Tensor) -> torch.dtype:
+    """Accumulation dtype: float32 for bf16 / fp16 / fp32 inputs, float64 if any is float64."""
+    acc = torch.float32
+    for t in ts:
+        acc = torch.promote_types(acc, t.dtype)
+    return acc
+
+
+def pair_dot(A: Tensor, ra: Tensor, B: Tensor, rb: Tensor, out_dtype: torch.dtype) -> Tensor:
+    """``out[p] = <A[ra[p]], B[rb[p]]>`` for a list of pairs, accumulated in fp32 at least (the
+    gradient of decoded values: k dot products per token). Triton kernel where the dispatch
+    selects it, else chunks of pairs within ``PAIR_CHUNK_BYTES``.
+
+    >>> import torch
+    >>> A, B = torch.eye(2), torch.tensor([[1.0, 2.0], [3.0, 4.0]])
+    >>> pair_dot(A, torch.tensor([0, 1]), B, torch.tensor([1, 1]), torch.float32).tolist()
+    [3.0, 4.0]
+    """
+    if use_triton(A, ra, B, rb) and interpreter_dtype_ok(A, B):
         from . import triton_ops
 
+        return triton_ops.pair_dot(A, ra, B, rb, out_dtype)
+    acc = _acc_dtype(A, B)
+    P, D = ra.numel(), A.shape[1]
+    out = torch.empty(P, dtype=out_dtype, device=A.device)
+    chunk = max(1, PAIR_CHUNK_BYTES // max(1, 2 * D * acc.itemsize))
+    for s in range(0, P, chunk):
+        a = A[ra[s : s + chunk]].to(acc)
+        out[s : s + chunk] = (a * B[rb[s : s + chunk]].to(acc)).sum(dim=1)
+    return out
+
+
+class _BagDecode(torch.autograd.Function):
+    """Sparse decode ``out[b] = sum over pairs p of bag b of w[p] * W[idx[p]]`` with the pairs
+    already grouped by bag (:func:`bag_sum`). Backward: ``grad w[p] = <g[bag[p]], W[idx[p]]>``
+    (:func:`pair_dot`) and ``grad W[j] = sum over pairs with idx = j of w * g[bag]`` (the pairs
+    sorted by atom, one more :func:`bag_sum`: each gradient row written once, deterministic, no
+    float atomics). Both sums accumulate in fp32 at least, also for bf16 / fp16 ``W`` (the
+    autograd of ``embedding_bag`` sums a bf16 gradient in bf16: 4096 ones gave 256)."""
+
+    @staticmethod
+    def forward(ctx, weights, W, idx, bag, starts):  # noqa: D401
         ctx.save_for_backward(weights, W, idx, bag)
-        return triton_ops.bag_sum(idx, W, csr, weights)
+        return bag_sum(idx, W, starts, weights)
 
     @staticmethod
     def backward(ctx, g):
-        from . import triton_ops
-
         weights, W, idx, bag = ctx.saved_tensors
         g = g.contiguous()
         grad_w = grad_W = None
         if ctx.needs_input_grad[0]:
-            grad_w = triton_ops.pair_dot(g, bag, W, idx, weights.dtype)
+            grad_w = pair_dot(g, bag, W, idx, weights.dtype)
         if ctx.needs_input_grad[1]:
             order, starts = _bags_by(idx, W.shape[0])
-            grad_W = triton_ops.bag_sum(
-                bag[order], g, _csr(starts, idx.numel()), weights[order].to(g.dtype),
-                out_dtype=W.dtype,
-            )
+            grad_W = bag_sum(bag[order], g, starts, weights[order].to(g.dtype)).to(W.dtype)
         return grad_w, grad_W, None, None, None
-
-
-def _decode_bags(weights: Tensor, idx: Tensor, bag: Tensor, starts: Tensor, W: Tensor) -> Tensor:
-    if use_triton(weights, idx, W) and interpreter_dtype_ok(weights, W) and W.dim() == 2:
-        return _BagDecode.apply(weights, W, idx, bag, _csr(starts, idx.numel()))
-    return F.embedding_bag(idx, W, starts, per_sample_weights=weights, mode="sum")
 
 
 def sparse_decode(
@@ -189,7 +217,8 @@ def sparse_decode(
     """``sum over pairs (i, j) of values * W_dec[j]`` into row ``i``: a ragged gather of atoms.
 
     ``rows`` must be sorted (as returned by ``Projection.support``). Differentiable in
-    ``values`` and ``W_dec`` (``embedding_bag``); never forms the dense code. With ``groups``
+    ``values`` and ``W_dec`` (a sparse backward, fp32 accumulation also for bf16 / fp16
+    ``W_dec``; see :class:`_BagDecode`); never forms the dense code. With ``groups``
     (a group id per atom, ``0 .. G-1``, nondecreasing in the atom index) the result is
     ``(n_rows, G, d)``: the contribution of each group of atoms separately, so that a cumulative
     sum over ``G`` gives every Matryoshka prefix reconstruction in one pass. ``bias`` is added to
@@ -204,10 +233,10 @@ def sparse_decode(
     """
     weights = values.to(W_dec.dtype)
     if groups is None:
-        out = _decode_bags(weights, cols, rows, row_offsets(rows, n_rows), W_dec)
+        out = _BagDecode.apply(weights, W_dec, cols, rows, row_offsets(rows, n_rows))
         return out if bias is None else out + bias
     n_groups = int(groups.max().item()) + 1 if groups.numel() else 1
     bag = rows * n_groups + groups[cols]  # sorted by row; group order within a row is fixed below
     order, offsets = _bags_by(bag, n_rows * n_groups)
-    out = _decode_bags(weights[order], cols[order], bag[order], offsets, W_dec)
+    out = _BagDecode.apply(weights[order], W_dec, cols[order], bag[order], offsets)
     return out.reshape(n_rows, n_groups, W_dec.shape[1])
