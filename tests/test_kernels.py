@@ -17,6 +17,7 @@ from sparsecode.core.kernels import (
     encode,
     feature_choice_encode,
     gather_preact,
+    pair_dot,
     preact,
     sparse_decode,
     sparse_preact,
@@ -238,17 +239,18 @@ def test_sparse_decode_grouped_gradcheck():
         lambda v, w: sparse_decode(v, rows, cols, w, 4, groups=groups), [vals, W])
 
 
-def test_sparse_decode_gradcheck_and_chunked_pair_dot(monkeypatch):
-    from sparsecode.core.kernels import torch_ops
-
+def test_sparse_decode_gradcheck_and_pair_dot():
     g = torch.Generator().manual_seed(6)
     W = torch.randn(7, 5, dtype=torch.float64, generator=g, requires_grad=True)
     rows, cols = torch.tensor([0, 0, 1, 3, 3, 3]), torch.tensor([6, 2, 2, 0, 2, 5])
     vals = torch.randn(6, dtype=torch.float64, generator=g, requires_grad=True)
     dense = torch.zeros(4, 7, dtype=torch.float64).index_put((rows, cols), vals)
     torch.testing.assert_close(sparse_decode(vals, rows, cols, W, 4), dense @ W)
-    monkeypatch.setattr(torch_ops, "PAIR_CHUNK_BYTES", 1)  # one pair per chunk
     assert torch.autograd.gradcheck(lambda v, w: sparse_decode(v, rows, cols, w, 4), [vals, W])
+    A = torch.randn(4, 5, dtype=torch.float64, generator=g)
+    got = pair_dot(A, rows, W.detach(), cols, torch.float64)
+    torch.testing.assert_close(got, torch.stack([A[r] @ W[c] for r, c in zip(rows, cols, strict=True)]))
+    assert pair_dot(A, rows[:0], W, cols[:0], torch.float32).shape == (0,)
 
 
 # ------------------------------------------------------------------ bf16 / fp16 inputs

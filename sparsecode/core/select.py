@@ -12,9 +12,6 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-#: extra values taken by the per-row top-k so that ties at the cut resolve without a row scan
-_TIE_WINDOW = 8
-
 
 def _canonical(vals: Tensor, idx: Tensor) -> tuple[Tensor, Tensor]:
     """Sort each row by value descending, equal values by index ascending."""
@@ -25,8 +22,9 @@ def _canonical(vals: Tensor, idx: Tensor) -> tuple[Tensor, Tensor]:
 
 
 def _full_tie_rows(pre: Tensor, vals: Tensor, idx: Tensor, k: int) -> Tensor:
-    """Indices of the top-k of rows whose ties at the k-th value ``t`` go beyond the window:
-    the entries above ``t`` plus the lowest-index entries equal to ``t`` (one row scan)."""
+    """Indices of the top-k of rows with a tie at the k-th value ``t`` (``vals`` / ``idx``: a
+    sorted top-k of each row): the entries above ``t`` plus the lowest-index entries equal to
+    ``t`` (one row scan)."""
     tt = vals[:, k - 1 : k]
     er, ec = (pre == tt).nonzero(as_tuple=True)  # sorted by row, then atom
     gt = vals[:, :k] > tt
@@ -44,9 +42,10 @@ def topk_rows(pre: Tensor, k: int) -> tuple[Tensor, Tensor]:
     """Top-``k`` of each row of a 2-D ``pre`` with the tie rule (lowest index first), sorted
     canonically (value descending, equal values by index ascending); ``k <= pre.shape[1]``.
 
-    It takes ``k + 8`` values per row and sorts that window canonically; when the window's last
-    value is below the k-th value every tie at the cut is inside the window, so the first ``k``
-    are exact. Rows with more ties than that (rare, even in bf16) are resolved by a row scan.
+    One sorted ``topk`` of ``k + 1`` values per row decides almost every row: where the k-th
+    value is above the (k+1)-th the selected set is unique, and where no two selected values
+    are equal the order is canonical already. Only the rows with a tie at the cut are resolved
+    by a scan of the row, and rows with equal selected values re-sorted.
 
     >>> import torch
     >>> v, i = topk_rows(torch.tensor([[1.0, 3.0, 3.0, 3.0, 0.0]]), 2)
@@ -54,19 +53,24 @@ def topk_rows(pre: Tensor, k: int) -> tuple[Tensor, Tensor]:
     ([[3.0, 3.0]], [[1, 2]])
     """
     n = pre.shape[1]
-    w = min(n, k + _TIE_WINDOW)
+    w = min(n, k + 1)
     top = pre.topk(w, dim=1, sorted=True)
-    vals, idx = _canonical(top.values, top.indices)
+    vals, idx = top.values[:, :k], top.indices[:, :k]
     if k == 0 or pre.shape[0] == 0:
-        return vals[:, :k], idx[:, :k]
-    if w < n:
-        bad = (top.values[:, w - 1] == top.values[:, k - 1]).nonzero(as_tuple=True)[0]
-        if bad.numel():
-            idx = idx.clone()
-            idx[bad, :k] = _full_tie_rows(pre[bad], vals[bad], idx[bad], k)
-            vals = vals.clone()
-            vals[bad, :k] = pre[bad].gather(1, idx[bad, :k])
-    return vals[:, :k], idx[:, :k]
+        return vals, idx
+    fix = (vals[:, 1:] == vals[:, :-1]).any(dim=1)
+    cut = top.values[:, k] == top.values[:, k - 1] if w > k else torch.zeros_like(fix)
+    rows = (fix | cut).nonzero(as_tuple=True)[0]
+    if rows.numel():
+        v, i = vals[rows], idx[rows]
+        c = cut[rows].nonzero(as_tuple=True)[0]
+        if c.numel():
+            full = pre[rows[c]]
+            i[c] = _full_tie_rows(full, v[c], i[c], k)
+            v[c] = full.gather(1, i[c])
+        vals, idx = vals.clone(), idx.clone()
+        vals[rows], idx[rows] = _canonical(v, i)
+    return vals, idx
 
 
 def merge_topk(values: Tensor, indices: Tensor, k: int) -> tuple[Tensor, Tensor]:

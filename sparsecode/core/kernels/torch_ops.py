@@ -143,22 +143,11 @@ def sparse_preact(
     return _GatherPreact.apply(x, W_enc, b_enc, b_dec, rows, cols, values.to(W_enc.dtype))
 
 
-#: Memory budget of one chunk of the torch :func:`pair_dot` (two gathered ``(chunk, d)`` rows).
-PAIR_CHUNK_BYTES = 64 * 2**20
-
-
-def _acc_dtype(*ts: Tensor) -> torch.dtype:
-    """Accumulation dtype: float32 for bf16 / fp16 / fp32 inputs, float64 if any is float64."""
-    acc = torch.float32
-    for t in ts:
-        acc = torch.promote_types(acc, t.dtype)
-    return acc
-
-
 def pair_dot(A: Tensor, ra: Tensor, B: Tensor, rb: Tensor, out_dtype: torch.dtype) -> Tensor:
-    """``out[p] = <A[ra[p]], B[rb[p]]>`` for a list of pairs, accumulated in fp32 at least (the
-    gradient of decoded values: k dot products per token). Triton kernel where the dispatch
-    selects it, else chunks of pairs within ``PAIR_CHUNK_BYTES``.
+    """``out[p] = <A[ra[p]], B[rb[p]]>`` for pairs grouped by ``ra`` (nondecreasing), accumulated
+    in fp32 at least: the gradient of decoded values (k dot products per token). Triton kernel
+    where the dispatch selects it; otherwise ``embedding_bag``'s per-sample-weight gradient
+    (bags = rows of ``A``), which takes the dot products without gathering the pairs' rows.
 
     >>> import torch
     >>> A, B = torch.eye(2), torch.tensor([[1.0, 2.0], [3.0, 4.0]])
@@ -169,14 +158,14 @@ def pair_dot(A: Tensor, ra: Tensor, B: Tensor, rb: Tensor, out_dtype: torch.dtyp
         from . import triton_ops
 
         return triton_ops.pair_dot(A, ra, B, rb, out_dtype)
-    acc = _acc_dtype(A, B)
-    P, D = ra.numel(), A.shape[1]
-    out = torch.empty(P, dtype=out_dtype, device=A.device)
-    chunk = max(1, PAIR_CHUNK_BYTES // max(1, 2 * D * acc.itemsize))
-    for s in range(0, P, chunk):
-        a = A[ra[s : s + chunk]].to(acc)
-        out[s : s + chunk] = (a * B[rb[s : s + chunk]].to(acc)).sum(dim=1)
-    return out
+    if ra.numel() == 0:
+        return torch.empty(0, dtype=out_dtype, device=A.device)
+    w = torch.ones(ra.numel(), dtype=B.dtype, device=B.device, requires_grad=True)
+    with torch.enable_grad():
+        out = F.embedding_bag(rb, B.detach(), row_offsets(ra, A.shape[0]), per_sample_weights=w,
+                              mode="sum")
+        (grad,) = torch.autograd.grad(out, w, A.to(out.dtype))
+    return grad.to(out_dtype)
 
 
 class _BagDecode(torch.autograd.Function):
@@ -184,8 +173,8 @@ class _BagDecode(torch.autograd.Function):
     already grouped by bag (:func:`bag_sum`). Backward: ``grad w[p] = <g[bag[p]], W[idx[p]]>``
     (:func:`pair_dot`) and ``grad W[j] = sum over pairs with idx = j of w * g[bag]`` (the pairs
     sorted by atom, one more :func:`bag_sum`: each gradient row written once, deterministic, no
-    float atomics). Both sums accumulate in fp32 at least, also for bf16 / fp16 ``W`` (the
-    autograd of ``embedding_bag`` sums a bf16 gradient in bf16: 4096 ones gave 256)."""
+    float atomics). Both accumulate in fp32 at least, also for bf16 / fp16 ``W``
+    (``embedding_bag``'s own ``W`` gradient sums a bf16 gradient in bf16: 4096 ones gave 256)."""
 
     @staticmethod
     def forward(ctx, weights, W, idx, bag, starts):  # noqa: D401
