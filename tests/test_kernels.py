@@ -249,7 +249,8 @@ def test_sparse_decode_gradcheck_and_pair_dot():
     assert torch.autograd.gradcheck(lambda v, w: sparse_decode(v, rows, cols, w, 4), [vals, W])
     A = torch.randn(4, 5, dtype=torch.float64, generator=g)
     got = pair_dot(A, rows, W.detach(), cols, torch.float64)
-    torch.testing.assert_close(got, torch.stack([A[r] @ W[c] for r, c in zip(rows, cols, strict=True)]))
+    ref = torch.stack([A[r] @ W[c] for r, c in zip(rows, cols, strict=True)])
+    torch.testing.assert_close(got, ref)
     assert pair_dot(A, rows[:0], W, cols[:0], torch.float32).shape == (0,)
 
 
