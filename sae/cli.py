@@ -239,9 +239,12 @@ def cmd_train(args: argparse.Namespace) -> int:
         raise SystemExit("error: --latent-shards needs several processes: launch with "
                          "torchrun --nproc-per-node N -m sae train ...")
     try:
-        return _train(args, out, device, d)
-    finally:
-        distributed.shutdown()
+        rc = _train(args, out, device, d)
+    except BaseException:
+        distributed.shutdown(synchronize=False)
+        raise
+    distributed.shutdown()
+    return rc
 
 
 def _train(args: argparse.Namespace, out: Path, device: torch.device, d) -> int:
