@@ -225,7 +225,7 @@ def test_sparse_preact_is_gather_preact():
                                     [t.clone().requires_grad_() for t in (x, W, b, bd)])
 
 
-def test_sparse_decode_grouped_gradcheck():
+def test_sparse_decode_gradcheck_with_and_without_groups():
     g = torch.Generator().manual_seed(5)
     W = torch.randn(6, 3, dtype=torch.float64, generator=g, requires_grad=True)
     rows, cols = torch.tensor([0, 0, 0, 2, 3, 3]), torch.tensor([5, 0, 3, 1, 4, 2])
@@ -233,25 +233,21 @@ def test_sparse_decode_grouped_gradcheck():
     groups = torch.tensor([0, 0, 1, 1, 1, 2])
     out = sparse_decode(vals, rows, cols, W, 4, groups=groups)
     dense = torch.zeros(4, 6, dtype=torch.float64).index_put((rows, cols), vals)
+    torch.testing.assert_close(sparse_decode(vals, rows, cols, W, 4), dense @ W)
+    assert torch.autograd.gradcheck(lambda v, w: sparse_decode(v, rows, cols, w, 4), [vals, W])
     ref = torch.stack([dense[:, groups == j] @ W[groups == j] for j in range(3)], dim=1)
     torch.testing.assert_close(out, ref)
     assert torch.autograd.gradcheck(
         lambda v, w: sparse_decode(v, rows, cols, w, 4, groups=groups), [vals, W])
 
 
-def test_sparse_decode_gradcheck_and_pair_dot():
+def test_pair_dot_is_one_dot_product_per_pair():
     g = torch.Generator().manual_seed(6)
-    W = torch.randn(7, 5, dtype=torch.float64, generator=g, requires_grad=True)
+    A, B = (torch.randn(n, 5, dtype=torch.float64, generator=g) for n in (4, 7))
     rows, cols = torch.tensor([0, 0, 1, 3, 3, 3]), torch.tensor([6, 2, 2, 0, 2, 5])
-    vals = torch.randn(6, dtype=torch.float64, generator=g, requires_grad=True)
-    dense = torch.zeros(4, 7, dtype=torch.float64).index_put((rows, cols), vals)
-    torch.testing.assert_close(sparse_decode(vals, rows, cols, W, 4), dense @ W)
-    assert torch.autograd.gradcheck(lambda v, w: sparse_decode(v, rows, cols, w, 4), [vals, W])
-    A = torch.randn(4, 5, dtype=torch.float64, generator=g)
-    got = pair_dot(A, rows, W.detach(), cols, torch.float64)
-    ref = torch.stack([A[r] @ W[c] for r, c in zip(rows, cols, strict=True)])
-    torch.testing.assert_close(got, ref)
-    assert pair_dot(A, rows[:0], W, cols[:0], torch.float32).shape == (0,)
+    ref = torch.stack([A[r] @ B[c] for r, c in zip(rows, cols, strict=True)])
+    torch.testing.assert_close(pair_dot(A, rows, B, cols, torch.float64), ref)
+    assert pair_dot(A, rows[:0], B, cols[:0], torch.float32).shape == (0,)
 
 
 # ------------------------------------------------------------------ bf16 / fp16 inputs
@@ -273,15 +269,21 @@ def _assert_fp32_accurate(got, ref, dtype, what):
     assert err <= tol, f"{what}: max error {err:.4g} > {tol:.4g}"
 
 
+def _atom_zero_everywhere(N: int, n: int, seed: int):
+    """Two pairs per row, sorted by row: atom 0 and a random other atom (a long sum for atom 0)."""
+    g = torch.Generator().manual_seed(seed)
+    rows = torch.arange(N).repeat_interleave(2)
+    cols = torch.stack([torch.zeros(N, dtype=torch.long),
+                        torch.randint(1, n, (N,), generator=g)], 1).reshape(-1)
+    return g, rows, cols
+
+
 @LOW
 def test_low_precision_sparse_decode_accumulates_in_fp32(dtype):
     # 4096 tokens all use atom 0: its gradient row sums 4096 terms (a bf16 sum of 4096 ones
     # stalls at 256, an fp16 one at 2048)
     N, d, n = 4096, 16, 9
-    g = torch.Generator().manual_seed(0)
-    rows = torch.arange(N).repeat_interleave(2)
-    cols = torch.stack([torch.zeros(N, dtype=torch.long),
-                        torch.randint(1, n, (N,), generator=g)], 1).reshape(-1)
+    g, rows, cols = _atom_zero_everywhere(N, n, seed=0)
     (vals, W), (vals64, W64) = _low_and_ref(
         dtype, torch.rand(2 * N, generator=g) + 0.5, torch.randn(n, d, generator=g))
     G = torch.randn(N, d, generator=g).to(dtype)
@@ -300,10 +302,7 @@ def test_low_precision_sparse_decode_accumulates_in_fp32(dtype):
 @LOW
 def test_low_precision_encoder_backward_accumulates_in_fp32(dtype):
     N, d, n = 4096, 16, 9
-    g = torch.Generator().manual_seed(1)
-    rows = torch.arange(N).repeat_interleave(2)
-    cols = torch.stack([torch.zeros(N, dtype=torch.long),
-                        torch.randint(1, n, (N,), generator=g)], 1).reshape(-1)
+    g, rows, cols = _atom_zero_everywhere(N, n, seed=1)
     leaves, refs = _low_and_ref(dtype, torch.randn(N, d, generator=g),
                                 torch.randn(n, d, generator=g), torch.randn(n, generator=g),
                                 0.1 * torch.randn(d, generator=g))
