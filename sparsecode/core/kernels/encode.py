@@ -155,8 +155,9 @@ def batch_topk_encode(
 ) -> tuple[Tensor, Tensor, Tensor]:
     """Batch top-k without the dense pre-activations: the ``k * N`` largest entries of the
     ``(N, n_atoms)`` pre-activations over the whole batch, as ``(rows, cols, values)`` sorted by
-    row then atom (what ``BatchTopK(k, positive=relu).support`` selects; with ``relu`` only
-    positive values are kept). Values carry the sparse encoder backward.
+    row then atom (the largest values, not magnitudes; with ``relu`` the positive ones are kept:
+    what ``BatchTopK(k, positive=True).support`` selects). Values carry the sparse encoder
+    backward.
 
     Two passes: (1) a fused per-row top-``row_cap`` (default ``min(n_atoms, 4k)``) gives a
     candidate pool and its ``kN``-th largest value ``t``; every row whose ``row_cap``-th candidate
@@ -210,8 +211,9 @@ def feature_choice_encode(
 ) -> tuple[Tensor, Tensor, Tensor]:
     """Feature choice without the dense pre-activations: every atom keeps the ``m`` rows of a
     2-D ``x`` where its pre-activation ``(x - b_dec) @ W_enc^T + b_enc`` is largest, as
-    ``(rows, cols, values)`` sorted by row then atom (what ``FeatureChoice(m, positive=relu)
-    .support`` selects; with ``relu`` only positive values are kept). ``m`` is clipped to ``N``.
+    ``(rows, cols, values)`` sorted by row then atom (the largest values, not magnitudes; with
+    ``relu`` the positive ones are kept: what ``FeatureChoice(m, positive=True).support``
+    selects). ``m`` is clipped to ``N``.
 
     It is :func:`topk_encode`'s selection on the transposed problem (atoms as rows, the centred
     inputs as atoms: fused on GPU, row chunks elsewhere); ``b_enc`` is constant along each
