@@ -302,12 +302,11 @@ def topk_select(xc: Tensor, W: Tensor, b: Tensor, k: int, splits: int | None = N
     return decode_keys(top)
 
 
-def bag_sum(idx: Tensor, table: Tensor, offsets: Tensor, weights: Tensor | None,
-            out_dtype: torch.dtype | None = None) -> Tensor:
+def bag_sum(idx: Tensor, table: Tensor, offsets: Tensor, weights: Tensor | None) -> Tensor:
     """``out[b] = sum_{p in [offsets[b], offsets[b+1])} weights[p] * table[idx[p]]``."""
     n_bags = offsets.numel() - 1
     D = table.shape[1]
-    out = torch.empty((n_bags, D), dtype=out_dtype or table.dtype, device=table.device)
+    out = torch.empty((n_bags, D), dtype=table.dtype, device=table.device)
     if n_bags == 0 or D == 0:
         return out.zero_()
     BD = min(1024, triton.next_power_of_2(D))
