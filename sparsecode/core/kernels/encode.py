@@ -57,6 +57,13 @@ def _select_topk(xc: Tensor, W: Tensor, b_enc: Tensor, k: int, max_bytes: int | 
     return vals, idx
 
 
+def _selection_weights(W_enc: Tensor, matmul_dtype: torch.dtype | None) -> Tensor:
+    """``W_enc`` without gradient, in ``matmul_dtype`` when given: what the selection multiplies
+    with (a new copy on every call when the dtype differs)."""
+    W = W_enc.detach()
+    return W if matmul_dtype is None else W.to(matmul_dtype)
+
+
 def _centred(x: Tensor, W: Tensor, b_dec: Tensor | None) -> Tensor:
     xc = x if b_dec is None else x - b_dec.to(x.dtype)
     return xc.to(W.dtype)
@@ -132,7 +139,7 @@ def topk_encode(
     _check_k(k)
     k = min(k, W_enc.shape[0])
     with torch.no_grad():
-        W = W_enc.detach() if matmul_dtype is None else W_enc.detach().to(matmul_dtype)
+        W = _selection_weights(W_enc, matmul_dtype)
         b = b_enc.detach().to(W.dtype)
         vals, idx = _select_topk(_centred(x.detach(), W, b_dec), W, b, k, max_bytes)
     vals = vals.to(W_enc.dtype)
@@ -175,7 +182,7 @@ def batch_topk_encode(
     budget = min(k * N, N * n)
     cap = min(n, row_cap if row_cap is not None else 4 * k)
     with torch.no_grad():
-        W = W_enc.detach() if matmul_dtype is None else W_enc.detach().to(matmul_dtype)
+        W = _selection_weights(W_enc, matmul_dtype)
         b = b_enc.detach().to(W.dtype)
         xc = _centred(x.detach(), W, b_dec)
         done_r, done_c, done_v = [], [], []
@@ -234,7 +241,7 @@ def feature_choice_encode(
         return _no_pairs(W_enc, dev)
     m = min(m, N)
     with torch.no_grad():
-        W = W_enc.detach() if matmul_dtype is None else W_enc.detach().to(matmul_dtype)
+        W = _selection_weights(W_enc, matmul_dtype)
         xc = _centred(x.detach(), W, b_dec)
         v, tok = _select_topk(W, xc, torch.zeros(N, dtype=W.dtype, device=dev), m, max_bytes)
         cols, rows, vals = row_pairs(v + b_enc.detach().to(W.dtype)[:, None], tok)  # transposed
@@ -271,7 +278,7 @@ def threshold_encode(
     _check_shapes(x, W_enc)
     N, n = x.shape[0], W_enc.shape[0]
     with torch.no_grad():
-        W = W_enc.detach() if matmul_dtype is None else W_enc.detach().to(matmul_dtype)
+        W = _selection_weights(W_enc, matmul_dtype)
         b = b_enc.detach().to(W.dtype)
         thr = torch.as_tensor(threshold, device=x.device).detach().expand(n)
         xc = _centred(x.detach(), W, b_dec)
