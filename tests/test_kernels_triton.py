@@ -61,7 +61,9 @@ def test_dispatch_picks_triton_for_cpu_tensors_under_interpreter():
 
 @pytest.mark.parametrize("N,d,n,k,splits", [(19, 40, 150, 5, 1), (19, 40, 150, 5, 3),
                                             (3, 5, 7, 7, None), (17, 33, 20, 1, None),
-                                            (5, 8, 70, 12, 2), (4, 6, 90, 40, 1)])
+                                            (5, 8, 70, 12, 2), (4, 6, 90, 40, 1),
+                                            # many merges into a full running top-k
+                                            (7, 12, 700, 16, 1), (6, 10, 600, 100, 1)])
 def test_fused_topk_matches_torch(N, d, n, k, splits):
     x, W, b, _ = _problem(N, d, n)
     vals, idx = triton_ops.topk_select(x, W, b, k, splits=splits)

@@ -8,7 +8,9 @@ Kernels
     ``s``-th slice of the atoms; it streams that slice in tiles of ``BN`` atoms, computes the tile
     ``x_blk @ W_tile^T + b`` with fp32 accumulation (``tl.dot``) and merges it into a running
     top-``KP`` kept in registers (``KP`` = ``k`` rounded up to a power of two). A tile is merged
-    only when some row of the block has an entry above its current ``KP``-th best. Each
+    only when some row of the block has an entry above its current ``KP``-th best; the merge is
+    the tile's own top-``KP`` (``tl.topk``) folded into the sorted running one by a single
+    bitonic merge (``_merge_sorted``: ``log2(KP)`` compare-exchange rounds). Each
     (value, atom) pair is one int64 key: the float's order-preserving bits in the high word and
     ``2^32 - 1 - atom`` in the low word, so sorting keys sorts by value and, among equal values,
     puts the lowest atom index first (the tie rule). The kernel writes ``KP`` candidate keys per
@@ -17,8 +19,9 @@ Kernels
 ``_threshold_kernel``
     Fused encoder matmul + bias + per-atom threshold (ReLU: 0, JumpReLU: ``theta``) with a
     variable number of outputs: a counting pass, then a pass that recomputes the tiles and writes
-    each row's pairs at its offset (``tl.cumsum`` within a tile, a running count across tiles),
-    sorted by row then atom. Two encoder matmuls, no ``(N, n_atoms)`` matrix, no atomics.
+    each row's (atom, value) pairs at its offset (``tl.cumsum`` within a tile, a running count
+    across tiles), sorted by row then atom; the row of each pair follows from the counts. Two
+    encoder matmuls, no ``(N, n_atoms)`` matrix, no atomics.
 ``_bag_sum_kernel``
     ``out[b] = sum over p in bag b of w[p] * table[idx[p]]``: ``embedding_bag(mode="sum")`` with
     CSR offsets, one program per (bag, block of columns), accumulation in fp32 (fp64 for fp64
@@ -79,6 +82,37 @@ if triton is not None:
         return acc + bias[None, :]
 
     @triton.jit
+    def _xor(a, b):
+        return a ^ b
+
+    @triton.jit
+    def _upper_half(NDIM: tl.constexpr, AXIS: tl.constexpr):
+        """``[0, 1]`` along axis ``AXIS`` of an ``NDIM``-d broadcast shape, as booleans."""
+        return tl.reshape(tl.arange(0, 2), [1] * AXIS + [2] + [1] * (NDIM - 1 - AXIS)) == 1
+
+    @triton.jit
+    def _merge_sorted(a, b, BM: tl.constexpr, KP: tl.constexpr):
+        """Top ``KP`` of two rows-wise descending ``(BM, KP)`` key blocks, descending.
+
+        ``max(a[i], b[KP-1-i])`` holds the top ``KP`` of the union and is bitonic (it falls,
+        then rises), so one bitonic merge sorts it: ``log2(KP)`` compare-exchange rounds instead
+        of sorting the ``2 * KP`` concatenation from scratch. The block is viewed as a hypercube
+        ``(BM, 2, ..., 2)``; round ``i`` pairs the entries that differ in axis ``i`` (stride
+        ``KP / 2^i``), and a partner is read as ``h ^ xor-reduce(h over that axis)``, which keeps
+        every value in its thread (no layout conversion).
+        """
+        h = tl.maximum(a, tl.flip(b, 1))
+        if KP > 1:
+            LOG: tl.constexpr = KP.bit_length() - 1
+            h = tl.reshape(h, [BM] + [2] * LOG)
+            for i in tl.static_range(LOG):
+                partner = h ^ tl.reduce(h, 1 + i, _xor, keep_dims=True)
+                upper = _upper_half(1 + LOG, 1 + i)
+                h = tl.where(upper, tl.minimum(h, partner), tl.maximum(h, partner))
+            h = tl.reshape(h, (BM, KP))
+        return h
+
+    @triton.jit
     def _topk_candidates_kernel(
         X, W, B, OUT,
         N, D, NA, span,
@@ -107,16 +141,14 @@ if triton is not None:
             # merge only if some row has an entry above its current KP-th best
             gain = tl.max((tl.max(key, axis=1) > tl.min(best, axis=1)).to(tl.int32), axis=0)
             if gain > 0:
-                tile_top = tl.topk(key, KP, dim=1)
-                merged = tl.reshape(tl.join(best, tile_top), (BM, 2 * KP))
-                best = tl.topk(merged, KP, dim=1)
+                best = _merge_sorted(best, tl.topk(key, KP, dim=1), BM, KP)
         offs_c = tl.arange(0, KP)
         tl.store(OUT + rows64[:, None] * son + pid_s * sos + offs_c[None, :], best,
                  mask=mask_m[:, None])
 
     @triton.jit
     def _threshold_kernel(
-        X, W, B, THR, COUNT, OFFS, ROWS, COLS, VALS,
+        X, W, B, THR, COUNT, OFFS, COLS, VALS,
         N, D, NA,
         sxn, sxd, swn, swd,
         WRITE: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
@@ -137,13 +169,13 @@ if triton is not None:
                                sxn, sxd, swn, swd, BM, BN, BK, IEEE)
             thr = tl.load(THR + offs_n, mask=mask_n, other=0.0).to(tl.float32)
             hit = (acc > thr[None, :]) & mask_n[None, :] & mask_m[:, None]
-            h = hit.to(tl.int64)
+            h = hit.to(tl.int32)
             if WRITE:
-                pos = cnt[:, None] + tl.cumsum(h, axis=1) - h
-                tl.store(ROWS + pos, rows64[:, None] + 0 * atoms64[None, :], mask=hit)
-                tl.store(COLS + pos, atoms64[None, :] + 0 * rows64[:, None], mask=hit)
+                # rank within the row's pairs of this tile (int32: at most BN), then global
+                pos = cnt[:, None] + (tl.cumsum(h, axis=1) - h).to(tl.int64)
+                tl.store(COLS + pos, tl.broadcast_to(atoms64[None, :], (BM, BN)), mask=hit)
                 tl.store(VALS + pos, acc, mask=hit)
-            cnt += tl.sum(h, axis=1)
+            cnt += tl.sum(h, axis=1).to(tl.int64)
         if not WRITE:
             tl.store(COUNT + offs_m, cnt, mask=mask_m)
 
@@ -201,6 +233,11 @@ if triton is not None:
 # host wrappers
 # ------------------------------------------------------------------------------------------
 
+#: Compiler options of every launch: fused multiply-add on (Triton 3.9 warns that its default
+#: turns off in 3.10; the accumulations here want one rounding per multiply-add).
+_OPTIONS = dict(enable_fp_fusion=True)
+
+
 def topk_supported(xc: Tensor, W: Tensor, k: int) -> bool:
     """Shapes / dtypes the fused top-k kernel covers (otherwise the torch fallback runs)."""
     from .dispatch import interpreter
@@ -216,35 +253,56 @@ def topk_supported(xc: Tensor, W: Tensor, k: int) -> bool:
             and xc.shape[1] >= 1 and xc.shape[0] >= 1)
 
 
-def _config(N: int, n_atoms: int, kp: int, device: torch.device) -> tuple[int, int, int, int, int]:
-    """(BM, BN, BK, n_splits, num_warps)."""
+def blocks_for(kp: int) -> tuple[int, int, int, int]:
+    """Block sizes ``(BM, BN, BK, num_warps)`` of the fused encoders for a running top-``kp``,
+    on the GPU Triton compiles for.
+
+    Chosen on the compiled kernels' resources (``python -m sparsecode.core.kernels.aot``), not
+    yet on timings (``bench_kernels.py --sweep`` measures them on a GPU): the running top-k
+    lives in registers, so rows per program shrink as ``kp`` grows, down to where nothing
+    spills. On Hopper (sm_90) ``BM = 64`` also keeps the encoder matmul on the warp-group
+    tensor-core instruction (it needs 64 rows) up to ``kp = 128``; on older GPUs ``kp = 128``
+    spills at 64 rows and takes 32.
+    """
     from .dispatch import interpreter
 
     if interpreter():
-        BM, BN, BK, warps = 16, max(32, kp), 32, 4
-    else:
-        # the running top-k lives in registers: fewer rows per program for large k
-        BM = 64 if kp <= 64 else (32 if kp <= 128 else 16)
-        BN, BK, warps = max(128, kp), 64, 8
+        return 16, max(32, kp), 32, 4
+    from triton.runtime import driver
+
+    arch = driver.active.get_current_target().arch  # an int on NVIDIA (90: H100)
+    hopper = isinstance(arch, int) and arch >= 90
+    BM = 64 if kp <= (128 if hopper else 64) else (32 if kp <= 128 else 16)
+    return BM, max(128, kp), 64, 8
+
+
+def _splits(N: int, n_atoms: int, BM: int, BN: int, device: torch.device) -> int:
+    """Slices of the atoms per row block: enough programs to fill the GPU twice over, each slice
+    at least a few tiles long (one slice under the interpreter)."""
+    from .dispatch import interpreter
+
+    if interpreter():
+        return 1
     n_sms = 132
     if device.type == "cuda":
         n_sms = torch.cuda.get_device_properties(device).multi_processor_count
-    row_blocks = triton.cdiv(N, BM)
-    tiles = triton.cdiv(n_atoms, BN)
-    # enough programs to fill the GPU twice over, but each slice at least a few tiles long
-    fill = triton.cdiv(2 * n_sms, row_blocks)
-    splits = 1 if interpreter() else max(1, min(tiles // 4 or 1, fill))
-    return BM, BN, BK, splits, warps
+    fill = triton.cdiv(2 * n_sms, triton.cdiv(N, BM))
+    return max(1, min(triton.cdiv(n_atoms, BN) // 4 or 1, fill))
 
 
-def topk_candidates(xc: Tensor, W: Tensor, b: Tensor, k: int, splits: int | None = None) -> Tensor:
-    """Packed int64 keys of each token's top-``k`` atoms per slice, ``(N, S * KP)``."""
+def topk_candidates(xc: Tensor, W: Tensor, b: Tensor, k: int, splits: int | None = None,
+                    blocks: tuple[int, int, int, int] | None = None) -> Tensor:
+    """Packed int64 keys of each token's top-``k`` atoms per slice, ``(N, S * KP)``.
+
+    ``blocks`` overrides :func:`blocks_for` (``BN`` must be at least ``KP``): for timing sweeps.
+    """
     N, D = xc.shape
     NA = W.shape[0]
     kp = _next_pow2(k)
-    BM, BN, BK, S, warps = _config(N, NA, kp, xc.device)
-    if splits is not None:
-        S = max(1, int(splits))
+    BM, BN, BK, warps = blocks or blocks_for(kp)
+    if BN < kp:
+        raise ValueError(f"block of {BN} atoms cannot hold a top-{kp}")
+    S = max(1, int(splits)) if splits is not None else _splits(N, NA, BM, BN, xc.device)
     span = triton.cdiv(triton.cdiv(NA, S), BN) * BN
     S = triton.cdiv(NA, span)
     out = torch.empty((N, S, kp), dtype=torch.int64, device=xc.device)
@@ -253,7 +311,7 @@ def topk_candidates(xc: Tensor, W: Tensor, b: Tensor, k: int, splits: int | None
     _topk_candidates_kernel[grid](
         xc, W, b, out, N, D, NA, span,
         xc.stride(0), xc.stride(1), W.stride(0), W.stride(1), out.stride(0), out.stride(1),
-        KP=kp, BM=BM, BN=BN, BK=BK, IEEE=W.dtype == torch.float32, num_warps=warps,
+        KP=kp, BM=BM, BN=BN, BK=BK, IEEE=W.dtype == torch.float32, num_warps=warps, **_OPTIONS,
     )
     return out.reshape(N, S * kp)
 
@@ -265,23 +323,23 @@ def threshold_select(xc: Tensor, W: Tensor, b: Tensor, thr: Tensor
     offset (two encoder matmuls, no ``(N, n_atoms)`` matrix, no atomics)."""
     N, D = xc.shape
     NA = W.shape[0]
-    BM, BN, BK, _, warps = _config(N, NA, 1, xc.device)
+    BM, BN, BK, warps = blocks_for(1)
     dev = xc.device
     b = b.to(torch.float32).contiguous()
     thr = thr.to(torch.float32).contiguous()
     counts = torch.empty(N, dtype=torch.int64, device=dev)
     grid = (triton.cdiv(N, BM),)
     args = (N, D, NA, xc.stride(0), xc.stride(1), W.stride(0), W.stride(1))
-    meta = dict(BM=BM, BN=BN, BK=BK, IEEE=W.dtype == torch.float32, num_warps=warps)
-    _threshold_kernel[grid](xc, W, b, thr, counts, counts, counts, counts, counts, *args,
+    meta = dict(BM=BM, BN=BN, BK=BK, IEEE=W.dtype == torch.float32, num_warps=warps, **_OPTIONS)
+    _threshold_kernel[grid](xc, W, b, thr, counts, counts, counts, counts, *args,
                             WRITE=False, **meta)
     offs = torch.cumsum(counts, 0) - counts
     nnz = int(counts.sum())
-    rows = torch.empty(nnz, dtype=torch.int64, device=dev)
+    rows = torch.repeat_interleave(torch.arange(N, device=dev), counts, output_size=nnz)
     cols = torch.empty(nnz, dtype=torch.int64, device=dev)
     vals = torch.empty(nnz, dtype=torch.float32, device=dev)
     if nnz:
-        _threshold_kernel[grid](xc, W, b, thr, counts, offs, rows, cols, vals, *args,
+        _threshold_kernel[grid](xc, W, b, thr, counts, offs, cols, vals, *args,
                                 WRITE=True, **meta)
     return rows, cols, vals
 
@@ -316,7 +374,7 @@ def bag_sum(idx: Tensor, table: Tensor, offsets: Tensor, weights: Tensor | None)
     _bag_sum_kernel[grid](
         idx.contiguous(), w, offsets.contiguous(), table, out, D,
         table.stride(0), table.stride(1), out.stride(0), out.stride(1),
-        HAS_W=weights is not None, BD=BD, ACC64=acc64, num_warps=4,
+        HAS_W=weights is not None, BD=BD, ACC64=acc64, num_warps=4, **_OPTIONS,
     )
     return out
 
@@ -333,6 +391,6 @@ def pair_dot(A: Tensor, ra: Tensor, B: Tensor, rb: Tensor, out_dtype: torch.dtyp
     _pair_dot_kernel[(triton.cdiv(P, BP),)](
         A, ra.contiguous(), B, rb.contiguous(), out, P, D,
         A.stride(0), A.stride(1), B.stride(0), B.stride(1),
-        BP=BP, BD=BD, ACC64=acc64, num_warps=4,
+        BP=BP, BD=BD, ACC64=acc64, num_warps=4, **_OPTIONS,
     )
     return out
