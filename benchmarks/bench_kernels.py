@@ -302,6 +302,61 @@ def run_omp(args, dev) -> dict:
     return out
 
 
+# ------------------------------------------------------------------ block-size sweep
+#: (BM, BN, BK, num_warps) tried by ``--sweep`` for the fused top-k encoder, besides the default
+SWEEP_BLOCKS = [(64, 128, 64, 8), (64, 128, 64, 4), (64, 64, 64, 8), (64, 128, 32, 8),
+                (64, 256, 64, 8), (128, 128, 64, 8), (128, 128, 64, 16), (32, 128, 64, 8)]
+
+
+def run_sweep(args, dev, dtype) -> list[dict]:
+    """Time the fused top-k encode forward (kernel + the final ``topk`` over its candidates) for
+    each block configuration, with the compiled kernel's static resources beside it."""
+    from sparsecode.core.kernels import aot, triton_ops
+
+    N, d_in, d_sae, k = args.tokens, args.d_in, args.d_sae, args.k
+    g = torch.Generator(device="cpu").manual_seed(1)
+    x = torch.randn(N, d_in, generator=g).to(dev, dtype)
+    p = make_params(d_in, d_sae, dev, dtype)
+    W, b = p["W_enc"].detach(), p["b_enc"].detach()
+    kp = triton_ops._next_pow2(k)
+    try:
+        default = triton_ops.blocks_for(kp)
+    except RuntimeError:  # no GPU driver (a CPU smoke run): the blocks an H100 would get
+        with aot.compile_only(90):
+            default = triton_ops.blocks_for(kp)
+    arch = torch.cuda.get_device_capability(dev) if dev.type == "cuda" else (9, 0)
+    arch = 10 * arch[0] + arch[1]
+    ref = None
+    rows = []
+    for blocks in [default] + [c for c in SWEEP_BLOCKS if c != default and c[1] >= kp]:
+        row = {"blocks": list(blocks), "default": blocks == default}
+        try:
+            with aot.compile_only(arch) as compiled:
+                triton_ops.topk_candidates(x[:64].cpu(), W[:512].cpu(), b[:512].cpu(), k,
+                                           blocks=blocks)
+            c = compiled[0]
+            row.update(registers=c.registers, spill_bytes=c.spill_bytes,
+                       shared_kib=c.shared_bytes / 1024)
+        except Exception as e:  # noqa: BLE001 - e.g. under the interpreter
+            row["static_error"] = f"{type(e).__name__}: {e}"[:200]
+        try:
+            def fwd(blocks=blocks):
+                keys = triton_ops.topk_candidates(x, W, b, k, blocks=blocks)
+                return keys.topk(k, dim=1, sorted=True).values
+
+            keys = fwd()
+            ref = keys if ref is None else ref
+            row["same_selection"] = bool(torch.equal(keys, ref))
+            r = measure(fwd, dev, args.repeats)
+            row.update(time_s=r["time_s"], tokens_per_s=N / r["time_s"],
+                       tflops=2.0 * N * d_in * d_sae / r["time_s"] / 1e12)
+        except Exception as e:  # noqa: BLE001 - a configuration that fails is a result too
+            row["error"] = f"{type(e).__name__}: {e}"[:300]
+        rows.append(row)
+        print(f"  {blocks}: {row.get('tokens_per_s') or row.get('error')}", flush=True)
+    return rows
+
+
 # ------------------------------------------------------------------ main
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
@@ -318,6 +373,8 @@ def main(argv=None) -> int:
     ap.add_argument("--skip-dense", action="store_true")
     ap.add_argument("--skip-module", action="store_true")
     ap.add_argument("--skip-omp", action="store_true")
+    ap.add_argument("--sweep", action="store_true",
+                    help="time the fused top-k encoder's block sizes instead (needs a GPU)")
     ap.add_argument("--out", type=Path, default=HERE / "results")
     args = ap.parse_args(argv)
 
@@ -338,6 +395,9 @@ def main(argv=None) -> int:
     print(f"device: {torch.cuda.get_device_name(dev) if has_gpu else 'cpu'}; triton available: "
           f"{triton_available()}; tokens={args.tokens} d_in={args.d_in} d_sae={args.d_sae} "
           f"k={args.k} dtype={dtype}", flush=True)
+
+    if args.sweep:
+        return write_sweep(args, dev, run_sweep(args, dev, dtype), dtype)
 
     sae_rows, sae_info = run_sae(args, dev, dtype)
     omp_info = None if args.skip_omp else run_omp(args, dev)
@@ -394,6 +454,31 @@ def main(argv=None) -> int:
         md += ["omp: `" + json.dumps(omp_info, default=str) + "`", ""]
     (args.out / f"kernels-{device}.md").write_text("\n".join(md))
     print(f"wrote {args.out / f'kernels-{device}.json'} and .md")
+    return 0
+
+
+def write_sweep(args, dev, rows: list[dict], dtype) -> int:
+    table = format_table(
+        ["BM, BN, BK, warps", "default", "tokens/s", "TFLOP/s", "registers", "spill B",
+         "shared KiB", "same selection", "error"],
+        [[", ".join(map(str, r["blocks"])), "yes" if r["default"] else "",
+          f"{r['tokens_per_s']:,.0f}" if r.get("tokens_per_s") else "-",
+          f"{r['tflops']:.0f}" if r.get("tflops") else "-", str(r.get("registers", "-")),
+          str(r.get("spill_bytes", "-")), f"{r['shared_kib']:.0f}" if "shared_kib" in r else "-",
+          str(r.get("same_selection", "-")), r.get("error", r.get("static_error", ""))]
+         for r in rows])
+    print(table)
+    device = device_slug(dev) + ("-smoke" if args.smoke else "")
+    meta = {"date": now_iso(), "device": torch.cuda.get_device_name(dev) if dev.type == "cuda"
+            else "cpu", "command": " ".join(sys.argv), "git": git_commit(HERE.parent),
+            "config": {"tokens": args.tokens, "d_in": args.d_in, "d_sae": args.d_sae,
+                       "k": args.k, "dtype": str(dtype), "repeats": args.repeats}}
+    write_json(args.out / f"kernels-sweep-{device}.json", {**meta, "results": rows})
+    (args.out / f"kernels-sweep-{device}.md").write_text("\n".join(
+        [f"# Fused top-k encoder block sizes on {meta['device']}", "",
+         f"{meta['date']}, git {meta['git']}, config {meta['config']}", "", "```", table, "```",
+         ""]))
+    print(f"wrote {args.out / f'kernels-sweep-{device}.json'} and .md")
     return 0
 
 
