@@ -368,6 +368,22 @@ def test_dispatch_rules(monkeypatch):
     assert not dispatch.triton_available() and not use_triton(t)
 
 
+@pytest.mark.parametrize("version,ok", [("3.2.0", False), ("3.3.1", False), ("3.4.0", True),
+                                        ("3.9.0+git1a2b", True), ("4.0", True)])
+def test_triton_older_than_the_kernels_need_falls_back(monkeypatch, version, ok):
+    """Triton < 3.4 has no ``tl.topk``: the kernels would fail to compile on the GPU, so the
+    dispatch treats such a Triton as absent and the torch fallback runs."""
+    triton = pytest.importorskip("triton")
+    monkeypatch.delenv(dispatch.DISABLE_ENV, raising=False)
+    monkeypatch.setattr(triton, "__version__", version)
+    dispatch._triton_imports.cache_clear()
+    try:
+        assert dispatch.triton_available() is ok
+    finally:
+        monkeypatch.undo()
+        dispatch._triton_imports.cache_clear()
+
+
 # ------------------------------------------------------------------ Triton kernels (interpreter)
 @pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="triton not installed")
 def test_triton_kernels_under_interpreter():

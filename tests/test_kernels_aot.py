@@ -64,10 +64,10 @@ def test_encoder_matmul_is_a_pipelined_tensor_core_loop(report):
 
 
 def test_compile_only_leaves_triton_as_it_found_it():
-    from triton.runtime import driver
     from triton.runtime.jit import JITFunction
 
-    before_driver, before_run = driver._active, JITFunction.run
+    before_driver, before_run = aot._active_driver(), JITFunction.run
     with pytest.raises(KeyError), aot.compile_only(90):
+        assert aot._active_driver() is not before_driver
         raise KeyError("raised inside the block")
-    assert driver._active is before_driver and JITFunction.run is before_run
+    assert aot._active_driver() is before_driver and JITFunction.run is before_run

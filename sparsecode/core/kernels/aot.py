@@ -120,6 +120,23 @@ class _CompileOnlyDriver:
         return 0
 
 
+def _active_driver():
+    """Triton's active driver as stored, without creating one (there is none without a GPU)."""
+    from triton.runtime import driver
+
+    # Triton >= 3.5 creates it lazily behind a property; older versions hold a lazy proxy
+    return driver._active if "_active" in vars(driver) else driver.active
+
+
+def _restore_driver(previous) -> None:
+    from triton.runtime import driver
+
+    if "_active" in vars(driver):
+        driver._active = previous
+    else:
+        driver.active = previous
+
+
 @contextlib.contextmanager
 def compile_only(arch: int = 90, on_launch: Callable[[str, tuple, dict], None] | None = None
                  ) -> Iterator[list[Compiled]]:
@@ -151,14 +168,14 @@ def compile_only(arch: int = 90, on_launch: Callable[[str, tuple, dict], None] |
             on_launch(self.__name__, args, kwargs)
         return kernel
 
-    previous = driver._active
+    previous = _active_driver()
     driver.set_active(_CompileOnlyDriver(arch))
     JITFunction.run = record
     try:
         yield launches
     finally:
         JITFunction.run = run
-        driver._active = previous
+        _restore_driver(previous)
 
 
 def _count_one_pair_per_row(name: str, args: tuple, kwargs: dict) -> None:
