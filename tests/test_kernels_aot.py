@@ -8,6 +8,8 @@ host wrappers launch is compiled by Triton's own just-in-time path for the named
 against the hardware's limits. Each compile takes seconds, hence ``slow``.
 """
 
+import re
+
 import pytest
 import torch
 
@@ -61,6 +63,24 @@ def test_encoder_matmul_is_a_pipelined_tensor_core_loop(report):
     # float32 inputs take the exact (IEEE) product: no tensor cores, by design
     if dtype == torch.float32:
         assert not any(c.wgmma for c in fused)
+
+
+def test_16_bit_inputs_accumulate_in_float32(report):
+    """bf16 / fp16 inputs, fp32 accumulation, read off the generated PTX: every tensor-core
+    product accumulates in f32, and no add / multiply / fma runs in 16 bits (the 16-bit values
+    are only converted to f32 on load and back on the final store)."""
+    arch, dtype, ks, launches = report
+    if dtype == torch.float32:
+        pytest.skip("float32 inputs")
+    half = "bf16" if dtype == torch.bfloat16 else "f16"
+    for c in launches:
+        assert not re.findall(r"\b(?:fma|add|mul|sub)(?:\.rn)?(?:\.ftz)?\.(?:bf16|f16)", c.ptx), c
+        products = re.findall(r"\b(?:wgmma\.mma_async|mma)\.sync\.aligned\.\S+", c.ptx)
+        assert all(f".f32.{half}.{half}" in p for p in products), (c, set(products))
+        if c.name in ("_topk_candidates_kernel", "_threshold_kernel"):
+            assert products, c
+        if c.name in ("_bag_sum_kernel", "_pair_dot_kernel"):
+            assert f"cvt.f32.{half}" in c.ptx and "fma.rn.f32" in c.ptx, c
 
 
 def test_compile_only_leaves_triton_as_it_found_it():
