@@ -65,13 +65,16 @@ def test_encoder_matmul_is_a_pipelined_tensor_core_loop(report):
         assert not any(c.wgmma for c in fused)
 
 
-def test_16_bit_inputs_accumulate_in_float32(report):
-    """bf16 / fp16 inputs, fp32 accumulation, read off the generated PTX: every tensor-core
-    product accumulates in f32, and no add / multiply / fma runs in 16 bits (the 16-bit values
-    are only converted to f32 on load and back on the final store)."""
+def test_products_and_sums_keep_their_precision(report):
+    """Read off the generated PTX. bf16 / fp16 inputs: every tensor-core product accumulates in
+    f32, and no add / multiply / fma runs in 16 bits (the 16-bit values are only converted to
+    f32 on load and back on the final store). float32 inputs: no TF32 and no 16-bit rounding
+    anywhere (the exact product the torch reference computes)."""
     arch, dtype, ks, launches = report
     if dtype == torch.float32:
-        pytest.skip("float32 inputs")
+        for c in launches:
+            assert "tf32" not in c.ptx and not re.findall(r"\bcvt\.\S*(?:bf16|f16)", c.ptx), c
+        return
     half = "bf16" if dtype == torch.bfloat16 else "f16"
     for c in launches:
         assert not re.findall(r"\b(?:fma|add|mul|sub)(?:\.rn)?(?:\.ftz)?\.(?:bf16|f16)", c.ptx), c
