@@ -55,6 +55,7 @@ from sparsecode.core.kernels import (
     feature_choice_encode,
     preact,
     row_pairs,
+    sorted_pairs,
     sparse_decode,
     sparse_preact,
     threshold_encode,
@@ -291,9 +292,7 @@ class SAE(nn.Module):
             theta = 0.0 if self.architecture == "relu" else self.threshold.detach().clamp_min(0)
             return threshold_encode(x, W_rows, self.b_enc, self.b_dec, theta)
         v, idx = topk_encode(x, W_rows, self.b_enc, self.b_dec, self.cfg.k)
-        rows, cols, vals = row_pairs(v, idx, keep=v > 0)
-        order = (rows * self.cfg.d_sae + cols).argsort()
-        return rows[order], cols[order], vals[order]
+        return sorted_pairs(*row_pairs(v, idx), self.cfg.d_sae, positive=True)
 
     def decode_pairs(self, rows: Tensor, cols: Tensor, values: Tensor, n_rows: int) -> Tensor:
         """``x_hat (n_rows, d_in)`` of a code given as pairs (what :meth:`encode_pairs` returns):

@@ -44,7 +44,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .select import top_budget, topk_rows
+from .select import row_pairs, top_budget, topk_rows
 
 Step = float | Tensor
 
@@ -187,10 +187,10 @@ class TopK(Projection):
         z2 = z.reshape(-1, z.shape[-1])
         k = min(self.k, z2.shape[-1])
         key = z2 if self.positive else z2.abs()
-        cols = topk_rows(key, k)[1].sort(dim=1).values.reshape(-1)  # ties: lowest index
-        rows = torch.arange(z2.shape[0], device=z.device).repeat_interleave(k)
-        keep = _kept(z2[rows, cols], self.positive)
-        return rows[keep], cols[keep]
+        idx = topk_rows(key, k)[1].sort(dim=1).values  # ties: lowest index
+        vals = z2.gather(1, idx)
+        rows, cols, _ = row_pairs(vals, idx, keep=_kept(vals, self.positive))
+        return rows, cols
 
     def contains(self, z: Tensor) -> Tensor:
         ok = (z != 0).sum(dim=-1) <= self.k

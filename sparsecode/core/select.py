@@ -111,3 +111,39 @@ def top_budget(key: Tensor, budget: int, order: Tensor | None = None) -> Tensor:
     if at.numel() > need:
         at = at[:need] if order is None else at[order[at].topk(need, largest=False).indices]
     return torch.cat([above, at])
+
+
+def row_pairs(values: Tensor, indices: Tensor, keep: Tensor | None = None
+              ) -> tuple[Tensor, Tensor, Tensor]:
+    """Per-row ``(N, k)`` values and indices (a top-k result) as ``(rows, cols, values)`` pairs
+    sorted by row; only the entries where ``keep`` (same shape) is true, when given.
+
+    >>> import torch
+    >>> v, i = torch.tensor([[2.0, 0.0], [1.0, 3.0]]), torch.tensor([[4, 1], [0, 2]])
+    >>> [t.tolist() for t in row_pairs(v, i, keep=v > 0)]
+    [[0, 1, 1], [4, 0, 2], [2.0, 1.0, 3.0]]
+    """
+    N, k = values.shape
+    rows = torch.arange(N, device=values.device).repeat_interleave(k)
+    cols, vals = indices.reshape(-1), values.reshape(-1)
+    if keep is None:
+        return rows, cols, vals
+    keep = keep.reshape(-1)
+    return rows[keep], cols[keep], vals[keep]
+
+
+def sorted_pairs(rows: Tensor, cols: Tensor, vals: Tensor, n_cols: int, positive: bool = False
+                 ) -> tuple[Tensor, Tensor, Tensor]:
+    """``(rows, cols, values)`` pairs sorted by row, then column; with ``positive``, only the
+    pairs whose value is > 0 (a ReLU'd code keeps no zeros).
+
+    >>> import torch
+    >>> r, c, v = torch.tensor([1, 0, 0]), torch.tensor([0, 3, 1]), torch.tensor([1.0, 0.0, 2.0])
+    >>> [t.tolist() for t in sorted_pairs(r, c, v, 4, positive=True)]
+    [[0, 1], [1, 0], [2.0, 1.0]]
+    """
+    if positive:
+        keep = vals > 0
+        rows, cols, vals = rows[keep], cols[keep], vals[keep]
+    order = (rows * n_cols + cols).argsort()
+    return rows[order], cols[order], vals[order]

@@ -25,7 +25,7 @@ imports and the kernel covers the dtype / shape, and its torch implementation ot
 ``SPARSECODE_DISABLE_TRITON=1`` forces the torch path (rules in :mod:`.dispatch`; docs/core.md).
 """
 
-from ..select import merge_topk, topk_rows
+from ..select import merge_topk, row_pairs, sorted_pairs, topk_rows
 from .dispatch import triton_available, use_triton
 from .encode import batch_topk_encode, feature_choice_encode, threshold_encode, topk_encode
 from .torch_ops import (
@@ -34,7 +34,6 @@ from .torch_ops import (
     pair_dot,
     preact,
     row_offsets,
-    row_pairs,
     sparse_decode,
     sparse_preact,
 )
@@ -49,6 +48,7 @@ __all__ = [
     "preact",
     "row_offsets",
     "row_pairs",
+    "sorted_pairs",
     "sparse_decode",
     "sparse_preact",
     "threshold_encode",

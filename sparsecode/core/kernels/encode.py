@@ -20,9 +20,9 @@ import os
 import torch
 from torch import Tensor
 
-from ..select import top_budget, topk_rows
+from ..select import row_pairs, sorted_pairs, top_budget, topk_rows
 from .dispatch import use_triton
-from .torch_ops import preact, row_pairs, sparse_preact
+from .torch_ops import preact, sparse_preact
 
 #: Default memory budget of the torch fallback for one chunk of pre-activations and the
 #: selection temporaries (``SPARSECODE_ENCODE_CHUNK_BYTES`` overrides it).
@@ -87,16 +87,6 @@ def _needs_grad(*ts: Tensor | None) -> bool:
 def _no_pairs(W_enc: Tensor, device: torch.device) -> tuple[Tensor, Tensor, Tensor]:
     e = torch.empty(0, dtype=torch.long, device=device)
     return e, e, torch.empty(0, dtype=W_enc.dtype, device=device)
-
-
-def _sorted_pairs(rows: Tensor, cols: Tensor, vals: Tensor, n: int, relu: bool
-                  ) -> tuple[Tensor, Tensor, Tensor]:
-    """Keep the positive values (with ``relu``) and sort the pairs by row, then atom."""
-    if relu:
-        keep = vals > 0
-        rows, cols, vals = rows[keep], cols[keep], vals[keep]
-    order = (rows * n + cols).argsort()
-    return rows[order], cols[order], vals[order]
 
 
 def _with_backward(x: Tensor, W_enc: Tensor, b_enc: Tensor, b_dec: Tensor | None, rows: Tensor,
@@ -201,7 +191,7 @@ def batch_topk_encode(
             pending, cap = pending[sat], min(n, 4 * cap)
         rows, cols, vals = torch.cat(done_r), torch.cat(done_c), torch.cat(done_v)
         top = top_budget(vals, budget, order=rows * n + cols)  # ties: lowest (row, atom)
-        rows, cols, vals = _sorted_pairs(rows[top], cols[top], vals[top], n, relu)
+        rows, cols, vals = sorted_pairs(rows[top], cols[top], vals[top], n, relu)
     return _with_backward(x, W_enc, b_enc, b_dec, rows, cols, vals)
 
 
@@ -245,7 +235,7 @@ def feature_choice_encode(
         xc = _centred(x.detach(), W, b_dec)
         v, tok = _select_topk(W, xc, torch.zeros(N, dtype=W.dtype, device=dev), m, max_bytes)
         cols, rows, vals = row_pairs(v + b_enc.detach().to(W.dtype)[:, None], tok)  # transposed
-        rows, cols, vals = _sorted_pairs(rows, cols, vals, n, relu)
+        rows, cols, vals = sorted_pairs(rows, cols, vals, n, relu)
     return _with_backward(x, W_enc, b_enc, b_dec, rows, cols, vals)
 
 

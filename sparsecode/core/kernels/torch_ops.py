@@ -24,25 +24,6 @@ def row_offsets(rows: Tensor, n_rows: int) -> Tensor:
     return torch.cumsum(counts, 0) - counts
 
 
-def row_pairs(values: Tensor, indices: Tensor, keep: Tensor | None = None
-              ) -> tuple[Tensor, Tensor, Tensor]:
-    """Per-row ``(N, k)`` values and indices (a top-k result) as ``(rows, cols, values)`` pairs
-    sorted by row; only the entries where ``keep`` (same shape) is true, when given.
-
-    >>> import torch
-    >>> v, i = torch.tensor([[2.0, 0.0], [1.0, 3.0]]), torch.tensor([[4, 1], [0, 2]])
-    >>> [t.tolist() for t in row_pairs(v, i, keep=v > 0)]
-    [[0, 1, 1], [4, 0, 2], [2.0, 1.0, 3.0]]
-    """
-    N, k = values.shape
-    rows = torch.arange(N, device=values.device).repeat_interleave(k)
-    cols, vals = indices.reshape(-1), values.reshape(-1)
-    if keep is None:
-        return rows, cols, vals
-    keep = keep.reshape(-1)
-    return rows[keep], cols[keep], vals[keep]
-
-
 def _bags_by(keys: Tensor, n_bags: int) -> tuple[Tensor, Tensor]:
     """Stable order that groups pairs by ``keys`` and the resulting bag offsets."""
     order = torch.argsort(keys, stable=True)
