@@ -486,6 +486,7 @@ def _lars_chunk(prob, alpha, cap, k_stop, lasso, positive, max_iter):
     dev, dt = rho.device, rho.dtype
     eps = torch.finfo(dt).eps
     inf = torch.tensor(math.inf, dtype=dt, device=dev)
+    one = torch.ones((), dtype=dt, device=dev)
     out = torch.zeros(n, K, dtype=dt, device=dev)
     steps_out = torch.zeros(n, dtype=torch.long, device=dev)
 
@@ -538,10 +539,9 @@ def _lars_chunk(prob, alpha, cap, k_stop, lasso, positive, max_iter):
         else:
             sigma = torch.sign(torch.addcmul(rho, lam, a, value=-1))
             num = torch.addcmul(lam, sigma, rho, value=-1)
-            den = torch.addcmul(torch.ones_like(a), sigma, a, value=-1)
+            den = torch.addcmul(one, sigma, a, value=-1)
         g = num.div_(den.clamp_(min=eps))
-        g.masked_fill_(g <= guard, math.inf)
-        g.masked_fill_(st["active"], math.inf)
+        g.masked_fill_((g <= guard).logical_or_(st["active"]), math.inf)
         g_add, j_add = g.min(dim=1)
         g_add.masked_fill_(count >= cap, math.inf)  # no room: the active set spans the space
         if lasso:
