@@ -596,7 +596,7 @@ class SAE(nn.Module):
         if g is None or not self.unit_decoder:
             return
         W = self.W_dec
-        g -= (g * W).sum(dim=1, keepdim=True) * W
+        g.addcmul_(torch.linalg.vecdot(g, W)[:, None], W, value=-1)  # no (d_sae, d_in) temporaries
 
     @torch.no_grad()
     def constrain(self) -> None:
