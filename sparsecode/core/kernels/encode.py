@@ -25,15 +25,20 @@ from .dispatch import use_triton
 from .torch_ops import preact, sparse_preact
 
 #: Default memory budget of the torch fallback for one chunk of pre-activations and the
-#: selection temporaries (``SPARSECODE_ENCODE_CHUNK_BYTES`` overrides it).
+#: selection temporaries (``SPARSECODE_ENCODE_CHUNK_BYTES`` overrides it). On CPU a smaller
+#: chunk is faster: the selection reads the chunk while it is still in cache (top-k of 32 over
+#: 4096 x 9216 on 2 cores: 172 ms at 256 MiB, 145 ms at 96 MiB; docs/core.md).
 DEFAULT_CHUNK_BYTES = 256 * 2**20
+CPU_CHUNK_BYTES = 96 * 2**20
 
 
-def _budget(max_bytes: int | None) -> int:
+def _budget(max_bytes: int | None, device: torch.device) -> int:
     if max_bytes is not None:
         return max(1, int(max_bytes))
     env = os.environ.get("SPARSECODE_ENCODE_CHUNK_BYTES")
-    return int(env) if env else DEFAULT_CHUNK_BYTES
+    if env:
+        return int(env)
+    return CPU_CHUNK_BYTES if device.type == "cpu" else DEFAULT_CHUNK_BYTES
 
 
 def _select_topk(xc: Tensor, W: Tensor, b_enc: Tensor, k: int, max_bytes: int | None
@@ -46,7 +51,7 @@ def _select_topk(xc: Tensor, W: Tensor, b_enc: Tensor, k: int, max_bytes: int | 
             return triton_ops.topk_select(xc, W, b_enc, k)
     N, n = xc.shape[0], W.shape[0]
     per_row = n * (W.element_size() + 6) + 1  # pre-activations + bool / int32 temporaries
-    chunk = max(1, _budget(max_bytes) // per_row)
+    chunk = max(1, _budget(max_bytes, xc.device) // per_row)
     if chunk >= N:
         return topk_rows(preact(xc, W, b_enc), k)
     vals = torch.empty((N, k), dtype=W.dtype, device=xc.device)
@@ -279,7 +284,7 @@ def threshold_encode(
             if triton_ops.topk_supported(xc, W, 1):
                 out = triton_ops.threshold_select(xc, W, b, thr)
         if out is None:
-            chunk = max(1, _budget(max_bytes) // (n * (W.element_size() + 1) + 1))
+            chunk = max(1, _budget(max_bytes, x.device) // (n * (W.element_size() + 1) + 1))
             parts = []
             for s in range(0, N, chunk):
                 pre = preact(xc[s : s + chunk], W, b)
