@@ -311,7 +311,6 @@ class LatentShardedSAE(SAE):
             self.register_buffer("fire_rate", sae.fire_rate[sl].clone())
             self.register_buffer("tokens_seen", sae.tokens_seen.clone())
         self.stats_group = None
-        self._aux_on = False
 
     # ------------------------------------------------------------------ whole <-> shard
     def full_tensor(self, name: str, t: Tensor) -> Tensor:
@@ -366,19 +365,22 @@ class LatentShardedSAE(SAE):
             mine &= v.detach() > 0
         return row_pairs(v, local, keep=mine)
 
-    def _fused_topk(self, x: Tensor, matmul_dtype) -> tuple[Tensor, ...]:
-        W_rows = self.W_enc.T
+    def _fused_topk(self, x: Tensor, W_rows: Tensor, matmul_dtype) -> tuple[Tensor, ...]:
         b_dec = _CopyToGroup.apply(self.b_dec, self.group)
-        rows, cols, vals = self._sharded_topk(x, W_rows, self.b_enc, b_dec, self.cfg.k,
-                                              matmul_dtype)
-        empty = torch.empty(0, dtype=torch.long, device=x.device)
+        return self._sharded_topk(x, W_rows, self.b_enc, b_dec, self.cfg.k, matmul_dtype)
+
+    def _aux_reconstruction(self, x: Tensor, W_rows: Tensor, matmul_dtype) -> Tensor | None:
+        """AuxK over the dead latents of all shards: each shard's local top-k, the global
+        winners kept, decoded and summed over the shards (every shard takes part in the
+        collectives, also one without dead latents); None on every shard when no shard has
+        a dead latent."""
         dead = self.dead_mask().nonzero(as_tuple=True)[0]
         n_dead = torch.tensor([dead.numel()], device=x.device)
         dist.all_reduce(n_dead, group=self.group)
-        self._aux_on = bool(self.cfg.aux_coefficient and self.training and int(n_dead))
-        if not self._aux_on:
-            return rows, cols, vals, empty, empty, vals[:0]
+        if not (self.cfg.aux_coefficient and self.training and int(n_dead)):
+            return None
         k_aux = min(self.cfg.aux_k, int(n_dead))
+        b_dec = _CopyToGroup.apply(self.b_dec, self.group)
         with torch.no_grad():
             if dead.numel():
                 a_rows, a_cols, a_vals = self._sharded_topk(
@@ -389,12 +391,10 @@ class LatentShardedSAE(SAE):
                 none = torch.full((x.shape[0], k_aux), -torch.inf, device=x.device)
                 _global_topk(none, torch.full_like(none, -1, dtype=torch.long), k_aux,
                              self.group)
+                empty = torch.empty(0, dtype=torch.long, device=x.device)
                 a_rows, a_cols, a_vals = empty, empty, x.new_empty(0)
         aux_vals = sparse_preact(x, W_rows, self.b_enc, b_dec, a_rows, a_cols, a_vals)
-        return rows, cols, vals, a_rows, a_cols, aux_vals
-
-    def _aux_active(self, aux_rows: Tensor) -> bool:
-        return self._aux_on
+        return self._decode_pairs(aux_vals, a_rows, a_cols, x.shape[0])
 
     def clip_grad_norm_(self, max_norm: float) -> Tensor:
         """Clip by the norm of the whole SAE's gradient (shards' squares summed, ``b_dec``

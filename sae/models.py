@@ -60,6 +60,7 @@ from sparsecode.core.kernels import (
     sparse_preact,
     threshold_encode,
     topk_encode,
+    topk_rows,
 )
 
 from . import losses
@@ -80,6 +81,9 @@ JUMPRELU_MODES = ("step", "tanh", "quadratic")
 #: ``(N, d_sae)`` code entries above the cut (CPU crossover measured at 0.09 for ReLU and 0.14
 #: for JumpReLU by benchmarks/bench_sae_paths.py).
 SPARSE_CODE_MAX_DENSITY = 0.08
+#: The auxiliary (AuxK / aux_zipf) code is computed densely over its candidate latents only
+#: while ``N * n_candidates`` is at most this (64 MiB of float32 pre-activations).
+DENSE_AUX_MAX_ENTRIES = 2**24
 
 
 def check_architecture(name: str) -> str:
@@ -406,9 +410,8 @@ class SAE(nn.Module):
         cfg = self.cfg
         N = x.shape[0]
         W_rows = self.W_enc.T  # (d_sae, d_in) view
-        aux_weight = None
         if self.architecture == "topk":
-            rows, cols, vals, aux_rows, aux_cols, aux_vals = self._fused_topk(x, matmul_dtype)
+            rows, cols, vals = self._fused_topk(x, W_rows, matmul_dtype)
         else:
             if self.architecture == "feature_choice":  # each latent picks its top m tokens
                 m = max(1, math.ceil(cfg.k * N / cfg.d_sae))
@@ -417,7 +420,6 @@ class SAE(nn.Module):
             else:  # the batch top-k family: k * N winners over the batch, two passes
                 rows, cols, vals = batch_topk_encode(x, W_rows, self.b_enc, self.b_dec, cfg.k,
                                                      matmul_dtype=matmul_dtype)
-            aux_rows, aux_cols, aux_vals, aux_weight = self._encoded_aux(x, matmul_dtype)
 
         terms: dict[str, Tensor] = {}
         if self.architecture == "matryoshka":
@@ -432,10 +434,9 @@ class SAE(nn.Module):
             x_hat = self._decode_pairs(vals, rows, cols, N) + self.b_dec
             terms["mse"] = losses.mse(x, x_hat)
 
-        if self._aux_active(aux_rows):
+        e_hat = self._aux_reconstruction(x, W_rows, matmul_dtype)
+        if e_hat is not None:
             residual = (x - x_hat).detach()
-            w = aux_vals if aux_weight is None else aux_vals * aux_weight
-            e_hat = self._decode_pairs(w, aux_rows, aux_cols, N)
             name = "aux_zipf" if self._uses_zipf else "auxk"
             aux = losses.normalized_mse(residual, e_hat, self.stats_group)
             terms[name] = cfg.aux_coefficient * aux
@@ -452,10 +453,6 @@ class SAE(nn.Module):
             counts=counts,
         )
 
-    def _aux_active(self, aux_rows: Tensor) -> bool:
-        """Whether this step has an auxiliary loss (the same answer on every latent shard)."""
-        return aux_rows.numel() > 0
-
     def _decode_pairs(
         self,
         vals: Tensor,
@@ -467,15 +464,50 @@ class SAE(nn.Module):
         """``sum vals * W_dec[cols]`` per row, without ``b_dec`` (per group with ``groups``)."""
         return sparse_decode(vals, rows, cols, self.W_dec, n_rows, groups=groups)
 
-    def _fused_topk(self, x: Tensor, matmul_dtype) -> tuple[Tensor, ...]:
-        """TopK codes (and AuxK pairs) without the ``(N, d_sae)`` pre-activations: the fused
-        :func:`~sparsecode.core.kernels.topk_encode` (Triton on GPU, row chunks on CPU); AuxK
-        encodes against the dead latents' rows only. Pairs are sorted by row."""
-        v, idx = topk_encode(x, self.W_enc.T, self.b_enc, self.b_dec, self.cfg.k,
+    def _fused_topk(self, x: Tensor, W_rows: Tensor, matmul_dtype) -> tuple[Tensor, ...]:
+        """TopK code pairs without the ``(N, d_sae)`` pre-activations: the fused
+        :func:`~sparsecode.core.kernels.topk_encode` (Triton on GPU, row chunks on CPU), sorted
+        by row."""
+        v, idx = topk_encode(x, W_rows, self.b_enc, self.b_dec, self.cfg.k,
                              matmul_dtype=matmul_dtype)
-        rows, cols, vals = row_pairs(v, idx, keep=v > 0)
-        aux_rows, aux_cols, aux_vals, _ = self._encoded_aux(x, matmul_dtype)
-        return rows, cols, vals, aux_rows, aux_cols, aux_vals
+        return row_pairs(v, idx, keep=v > 0)
+
+    def _aux_reconstruction(self, x: Tensor, W_rows: Tensor, matmul_dtype) -> Tensor | None:
+        """``e_hat (N, d_in)``: the auxiliary code (AuxK / aux_zipf) decoded without ``b_dec``,
+        or None when the loss is off this step.
+
+        The code holds the top ``aux_k`` (weighted) pre-activations per token among the candidate
+        latents. When it is dense within them (more than ``SPARSE_CODE_MAX_DENSITY`` of their
+        entries, e.g. ``aux_k`` close to the number of dead latents) and small, it is encoded and
+        decoded with dense matmuls over the candidates' rows (:meth:`_dense_aux`); otherwise as
+        pairs (:meth:`_encoded_aux`, sparse decode). Both give the same loss and gradients.
+
+        ``W_rows`` is the same ``W_enc.T`` view the main code used: autograd then sums the two
+        ``(d_sae, d_in)`` gradients before the one transposed copy into ``W_enc.grad``."""
+        cand, u = self._aux_candidates(x.device)
+        if cand.numel() == 0:
+            return None
+        k_aux = min(self.cfg.aux_k, cand.numel())
+        if (k_aux > SPARSE_CODE_MAX_DENSITY * cand.numel()
+                and x.shape[0] * cand.numel() <= DENSE_AUX_MAX_ENTRIES):
+            return self._dense_aux(x, W_rows, cand, u, k_aux)
+        rows, cols, vals, w = self._encoded_aux(x, W_rows, cand, u, k_aux, matmul_dtype)
+        return self._decode_pairs(vals if w is None else vals * w, rows, cols, x.shape[0])
+
+    def _dense_aux(self, x: Tensor, W_rows: Tensor, cand: Tensor, u: Tensor | None,
+                   k_aux: int) -> Tensor:
+        """The auxiliary reconstruction through the ``(N, n_cand)`` pre-activations of the
+        candidate latents (selection in the parameters' precision, the core's tie rule)."""
+        pre = preact(x, W_rows[cand], self.b_enc[cand], self.b_dec)
+        weight = None if u is None else u[cand].to(pre.dtype)
+        if k_aux < cand.numel():
+            with torch.no_grad():
+                key = pre if weight is None else pre * weight
+                idx = topk_rows(key, k_aux)[1]
+            keep = torch.zeros_like(pre, dtype=torch.bool).scatter_(1, idx, True)
+            pre = pre.masked_fill(~keep, 0.0)
+        z = pre.relu() if weight is None else pre.relu() * weight
+        return z @ self.W_dec[cand]
 
     def _aux_candidates(self, device: torch.device) -> tuple[Tensor, Tensor | None]:
         """Latents the auxiliary loss may use and their weights: the dead ones (AuxK, no
@@ -489,18 +521,13 @@ class SAE(nn.Module):
         u = torch.where(self.dead_mask(), torch.ones_like(u), u)
         return (u > 0).nonzero(as_tuple=True)[0], u
 
-    def _encoded_aux(self, x: Tensor, matmul_dtype) -> tuple[Tensor, Tensor, Tensor, Tensor | None]:
-        """Auxiliary pairs ``(rows, cols, values, weights)``: the top ``aux_k`` (weighted)
-        pre-activations per token among the candidate latents, encoded against those latents'
-        encoder rows only (no ``(N, d_sae)`` pre-activations; cheap when they are few). When
-        more than half the latents are dead, AuxK encodes against all rows with the live ones
-        masked instead of copying the dead rows."""
-        empty = torch.empty(0, dtype=torch.long, device=x.device)
-        cand, u = self._aux_candidates(x.device)
-        if cand.numel() == 0:
-            return empty, empty, x.new_empty(0), None
-        W_rows = self.W_enc.T
-        k_aux = min(self.cfg.aux_k, cand.numel())
+    def _encoded_aux(self, x: Tensor, W_rows: Tensor, cand: Tensor, u: Tensor | None,
+                     k_aux: int, matmul_dtype) -> tuple[Tensor, Tensor, Tensor, Tensor | None]:
+        """Auxiliary pairs ``(rows, cols, values, weights)``: the top ``k_aux`` (weighted)
+        pre-activations per token among the candidate latents ``cand``, encoded against those
+        latents' encoder rows only (no ``(N, d_sae)`` pre-activations). When more than half
+        the latents are dead, AuxK encodes against all rows with the live ones masked instead
+        of copying the dead rows."""
         with torch.no_grad():
             if u is None and 2 * cand.numel() > self.cfg.d_sae:
                 # many dead latents: all rows, the others masked by a -inf bias (no row copy)

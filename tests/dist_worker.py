@@ -72,7 +72,7 @@ def main() -> None:
         out_ = shard.training_forward(x)
         out_.loss.backward()
         grads = {n: shard.full_tensor(n, p.grad) for n, p in shard.named_parameters()}
-        rows, cols, vals = shard._fused_topk(x, None)[:3]
+        rows, cols, vals = shard._fused_topk(x, shard.W_enc.T, None)[:3]
         dense = torch.zeros(BATCH, D_SAE)
         dense[rows, cols + shard.offset] = vals.detach()
         torch.distributed.all_reduce(dense)

@@ -102,7 +102,7 @@ def test_latent_sharded_forward_equals_unsharded(tmp_path, monkeypatch, dead):
     out = sae.training_forward(x)
     out.loss.backward()
     assert "auxk" in out.terms
-    rows, cols, vals = sae._fused_topk(x, None)[:3]
+    rows, cols, vals = sae._fused_topk(x, sae.W_enc.T, None)[:3]
     dense = torch.zeros(w.BATCH, w.D_SAE)
     dense[rows, cols] = vals.detach()
     assert torch.equal(got["codes"], dense)  # the sharded top-k is exact

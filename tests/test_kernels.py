@@ -402,13 +402,18 @@ def test_triton_kernels_under_interpreter():
 
 
 # ------------------------------------------------------------------ the SAE's fused TopK path
+@pytest.mark.parametrize("aux_path", ["dense", "pairs"])
 @pytest.mark.parametrize("dead", [slice(None, None, 3), slice(0, 20)])  # 8 or 20 of 24
-def test_sae_topk_fused_path_matches_support_path(dead):
-    """``SAE._sparse_forward`` for ``topk`` (fused encode, AuxK over the dead latents' rows, or
-    over all rows with the live ones masked when most are dead) gives the loss and gradients of
-    the generic path (dense pre-activations -> support -> gather)."""
-    from sae import losses
+def test_sae_topk_fused_path_matches_support_path(dead, aux_path, monkeypatch):
+    """``SAE._sparse_forward`` for ``topk`` (fused encode; AuxK densely over the dead latents'
+    rows, or as pairs encoded against those rows, or against all rows with the live ones masked
+    when most are dead) gives the loss and gradients of the generic path (dense
+    pre-activations -> support -> gather)."""
+    from sae import losses, models
     from sae.models import SAE, SAEConfig
+
+    if aux_path == "pairs":
+        monkeypatch.setattr(models, "DENSE_AUX_MAX_ENTRIES", 0)
 
     torch.manual_seed(0)
     sae = SAE(SAEConfig(d_in=6, d_sae=24, architecture="topk", k=3, aux_k=4, dead_tokens=5))
@@ -443,17 +448,22 @@ def test_sae_topk_fused_path_matches_support_path(dead):
             torch.testing.assert_close(grads[n], p.grad)
 
 
+@pytest.mark.parametrize("aux_path", ["dense", "pairs"])
 @pytest.mark.parametrize("arch", ["batchtopk", "mutual_choice", "feature_choice"])
-def test_sae_batch_fused_path_matches_dense_reference(arch):
+def test_sae_batch_fused_path_matches_dense_reference(arch, aux_path, monkeypatch):
     """The batch architectures train without the ``(N, d_sae)`` pre-activations
     (``batch_topk_encode`` / ``feature_choice_encode``; AuxK / aux_zipf encoded against the
     candidate latents only) and give the loss, every gradient and the running threshold of the
     dense reference (pre-activations -> ``BatchTopK`` / ``FeatureChoice`` support -> gather; aux
-    pairs: the top ``aux_k`` of the (weighted) candidates' columns of the same matrix)."""
+    pairs: the top ``aux_k`` of the (weighted) candidates' columns of the same matrix), with
+    the auxiliary code computed densely over the candidates or as pairs."""
     import math
 
-    from sae import losses
+    from sae import losses, models
     from sae.models import SAE, SAEConfig
+
+    if aux_path == "pairs":
+        monkeypatch.setattr(models, "DENSE_AUX_MAX_ENTRIES", 0)
 
     torch.manual_seed(1)
     sae = SAE(SAEConfig(d_in=6, d_sae=24, architecture=arch, k=3, aux_k=4, dead_tokens=5))
