@@ -60,7 +60,6 @@ from sparsecode.core.kernels import (
     sparse_preact,
     threshold_encode,
     topk_encode,
-    topk_rows,
 )
 
 from . import losses
@@ -497,17 +496,13 @@ class SAE(nn.Module):
     def _dense_aux(self, x: Tensor, W_rows: Tensor, cand: Tensor, u: Tensor | None,
                    k_aux: int) -> Tensor:
         """The auxiliary reconstruction through the ``(N, n_cand)`` pre-activations of the
-        candidate latents (selection in the parameters' precision, the core's tie rule)."""
-        pre = preact(x, W_rows[cand], self.b_enc[cand], self.b_dec)
-        weight = None if u is None else u[cand].to(pre.dtype)
-        if k_aux < cand.numel():
-            with torch.no_grad():
-                key = pre if weight is None else pre * weight
-                idx = topk_rows(key, k_aux)[1]
-            keep = torch.zeros_like(pre, dtype=torch.bool).scatter_(1, idx, True)
-            pre = pre.masked_fill(~keep, 0.0)
-        z = pre.relu() if weight is None else pre.relu() * weight
-        return z @ self.W_dec[cand]
+        candidate latents: the core's ``TopK(k_aux, positive=True)`` projection of the (weighted)
+        pre-activations, in the parameters' precision. ``u > 0`` on the candidates, so
+        ``relu(pre) * u`` is ``relu(pre * u)``: selection and values come from one key."""
+        key = preact(x, W_rows[cand], self.b_enc[cand], self.b_dec)
+        if u is not None:
+            key = key * u[cand].to(key.dtype)
+        return ops.TopK(k_aux, positive=True).project(key) @ self.W_dec[cand]
 
     def _aux_candidates(self, device: torch.device) -> tuple[Tensor, Tensor | None]:
         """Latents the auxiliary loss may use and their weights: the dead ones (AuxK, no

@@ -735,3 +735,16 @@ def test_separable_prox_is_monotone(z: torch.Tensor, op: Operator, step: float, 
     lo, hi = op.prox(z, step), op.prox(z + delta, step)
     eps = torch.finfo(z.dtype).eps
     assert (lo <= hi + 8 * eps * (1 + hi.abs())).all()
+
+
+@pytest.mark.parametrize("positive", [False, True])
+@pytest.mark.parametrize("k", [2, 6, 9])  # below, at and above the row width
+def test_topk_projection_gradient_is_the_kept_mask(k: int, positive: bool) -> None:
+    """The gradient of ``TopK.project`` passes through the kept entries only, on the selection
+    path (k < width) and on the shortcut where every entry fits (k >= width)."""
+    z = tie_heavy_rows(10, 6, seed=k).requires_grad_(True)
+    w = torch.randn(z.shape, generator=torch.Generator().manual_seed(1), dtype=F64)
+    p = TopK(k, positive=positive).project(z)
+    (p * w).sum().backward()
+    kept = p.detach() != 0
+    torch.testing.assert_close(z.grad, torch.where(kept, w, 0.0))

@@ -99,7 +99,7 @@ class Projection(Operator):
 def _from_support(op: Projection, z: Tensor) -> Tensor:
     """``project(z)`` built from ``op.support(z)``: kept entries copied, the rest zero."""
     z2 = z.reshape(-1, z.shape[-1])
-    rows, cols = op.support(z2)
+    rows, cols = op.support(z2.detach())  # an index set: no gradient to record
     out = torch.zeros_like(z2)
     out[rows, cols] = z2[rows, cols]
     return out.reshape(z.shape)
@@ -180,14 +180,22 @@ class TopK(Projection):
         self.k = k
         self.positive = bool(positive)
 
+    def _selected(self, z2: Tensor) -> Tensor:
+        """``(rows, min(k, width))`` column indices of the top-k of each row of a 2-D ``z2``."""
+        key = (z2 if self.positive else z2.abs()).detach()
+        return topk_rows(key, min(self.k, z2.shape[-1]))[1]
+
     def project(self, z: Tensor) -> Tensor:
-        return _from_support(self, z)
+        kept = _kept(z, self.positive)
+        if self.k < z.shape[-1]:  # a dense mask: no pairs for a dense result
+            z2 = z.reshape(-1, z.shape[-1])
+            top = torch.zeros_like(z2, dtype=torch.bool).scatter_(1, self._selected(z2), True)
+            kept = kept & top.reshape(z.shape)
+        return torch.where(kept, z, 0.0)
 
     def support(self, z: Tensor) -> tuple[Tensor, Tensor]:
         z2 = z.reshape(-1, z.shape[-1])
-        k = min(self.k, z2.shape[-1])
-        key = z2 if self.positive else z2.abs()
-        idx = topk_rows(key, k)[1].sort(dim=1).values  # ties: lowest index
+        idx = self._selected(z2).sort(dim=1).values  # ties: lowest index
         vals = z2.gather(1, idx)
         rows, cols, _ = row_pairs(vals, idx, keep=_kept(vals, self.positive))
         return rows, cols
