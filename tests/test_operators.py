@@ -486,6 +486,77 @@ def test_jump_per_feature_threshold(positive: bool) -> None:
 
 
 # --------------------------------------------------------------------------------------------
+# encode: the projection as one encoder step, against the dense projection
+# --------------------------------------------------------------------------------------------
+
+_THETA = torch.linspace(0.0, 0.8, 11, dtype=F64)
+
+
+@pytest.mark.parametrize("op", [
+    TopK(3, positive=True), TopK(3), BatchTopK(2, positive=True), BatchTopK(2),
+    FeatureChoice(2, positive=True), FeatureChoice(k=2, positive=True), FeatureChoice(3),
+    NM(1, 11), Jump(0.3), Jump(0.3, positive=False), Jump(_THETA),
+], ids=repr)
+def test_encode_equals_the_dense_projection_values_and_gradients(op) -> None:
+    """``encode`` + ``project_pairs`` (fused kernels or the dense fallback) give exactly the
+    nonzeros of ``project((x - b_dec) W^T + b_enc)``, and the same gradients."""
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(9, 5, generator=g, dtype=F64, requires_grad=True)
+    W = torch.randn(11, 5, generator=g, dtype=F64, requires_grad=True)
+    b = torch.randn(11, generator=g, dtype=F64, requires_grad=True)
+    c = torch.randn(5, generator=g, dtype=F64, requires_grad=True)
+    w = torch.randn(9, 11, generator=g, dtype=F64)
+    rows, cols, pre = op.encode(x, W, b, c)
+    vals = op.project_pairs(pre, cols)
+    got = torch.zeros(9, 11, dtype=F64).index_put((rows, cols), vals)
+    want = op.project((x - c) @ W.T + b)
+    torch.testing.assert_close(got, want, rtol=0, atol=1e-12)
+    assert (rows.diff() >= 0).all()  # grouped by row
+    params = (x, W, b, c)
+    for a, e in zip(torch.autograd.grad((got * w).sum(), params),
+                    torch.autograd.grad((want * w).sum(), params), strict=True):
+        torch.testing.assert_close(a, e)
+
+
+def test_jump_straight_through_estimator_on_pairs_and_dense() -> None:
+    """With ``bandwidth``, the threshold gets the JumpReLU paper's gradient: ``-(theta / eps)``
+    per entry in the window ``|z - theta| < eps / 2`` for the code, ``-1 / eps`` for the L0
+    indicator; pairs (from ``encode``, kept from ``cut = theta - eps / 2``) and dense agree."""
+    eps = 0.2
+    theta = torch.tensor([0.3, 0.5], dtype=F64, requires_grad=True)
+    op = Jump(theta, bandwidth=eps)
+    z = torch.tensor([[0.25, 0.45], [0.41, 0.7], [0.1, 0.58]], dtype=F64)
+    code = op.project(z)
+    torch.testing.assert_close(code.detach(), torch.tensor([[0, 0], [0.41, 0.7], [0, 0.58]],
+                                                           dtype=F64))
+    (g_code,) = torch.autograd.grad(code.sum(), theta)
+    # in the window: 0.25 (feature 0); 0.45 and 0.58 (feature 1); not 0.41, 0.1 or 0.7
+    torch.testing.assert_close(g_code, torch.tensor([-0.3 / eps, -2 * 0.5 / eps], dtype=F64))
+    (g_l0,) = torch.autograd.grad(op.indicator(z).sum(), theta)
+    torch.testing.assert_close(g_l0, torch.tensor([-1 / eps, -2 / eps], dtype=F64))
+    torch.testing.assert_close(op.cut, theta.detach() - eps / 2)
+    rows, cols = (z > op.cut).nonzero(as_tuple=True)
+    pre = z[rows, cols]
+    (g_pairs,) = torch.autograd.grad(op.project_pairs(pre, cols).sum(), theta)
+    torch.testing.assert_close(g_pairs, g_code)
+    with pytest.raises(ValueError, match="positive=True"):
+        Jump(0.1, positive=False, bandwidth=0.1)
+    with pytest.raises(ValueError, match="bandwidth"):
+        Jump(0.1, bandwidth=0.0)
+
+
+def test_feature_choice_batch_relative_budget() -> None:
+    op = FeatureChoice(k=3, positive=True)
+    assert op.budget(50, 40) == 4 and op.budget(10, 40) == 1  # ceil(k B / n), at least 1
+    z = torch.randn(50, 40, generator=torch.Generator().manual_seed(0))
+    assert ((op.project(z) != 0).sum(0) <= 4).all()
+    with pytest.raises(ValueError, match="exactly one of m"):
+        FeatureChoice(2, k=3)
+    with pytest.raises(ValueError, match="k must be"):
+        FeatureChoice(k=0)
+
+
+# --------------------------------------------------------------------------------------------
 # values
 # --------------------------------------------------------------------------------------------
 
