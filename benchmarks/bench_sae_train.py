@@ -280,6 +280,7 @@ def timed(fn):
 
 def run_ours(args, data: Data, matmul_dtype: str) -> dict:
     from sae.models import SAE, SAEConfig
+    from sae.optim import base_lr, default_warmup
     from sae.train import TrainConfig, Trainer
 
     source = batch_source(data.train, args.batch_size, args.seed)
@@ -304,12 +305,12 @@ def run_ours(args, data: Data, matmul_dtype: str) -> dict:
     own = trainer.evaluate()  # the trainer's own held-out evaluation, as a cross-check
     opt = trainer.optimizers["topk"]
     n_steps = trainer.n_steps or 0
-    warmup = cfg.warmup_steps if cfg.warmup_steps is not None else min(1000, max(1, n_steps // 20))
+    warmup = cfg.warmup_steps if cfg.warmup_steps is not None else default_warmup(n_steps)
     return {
         "steps": trainer.step, "tokens": trainer.tokens, "loop_s": loop_s, "setup_s": setup_s,
         "baseline_rss_mib": base[0], "baseline_peak_rss_mib": base[1], "peak_rss_mib": peak,
         **m,
-        "optimizer": (f"Adam(betas={cfg.betas}), lr {trainer._base_lr(sae):.3g}, linear warm-up "
+        "optimizer": (f"Adam(betas={cfg.betas}), lr {base_lr(sae, cfg.lr):.3g}, linear warm-up "
                       f"{warmup} steps, linear decay over the last {cfg.decay_fraction:.0%}, "
                       f"grad clip {cfg.grad_clip}"),
         "settings": {"matmul_dtype": matmul_dtype, "b_dec_init": cfg.b_dec_init,

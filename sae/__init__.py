@@ -8,7 +8,9 @@
   definitions; ``sae`` command: ``sae train``, ``sae eval``, ``sae cache``.
 """
 
-from .models import ARCHITECTURES, SAE, SAEConfig
-from .train import TrainConfig, Trainer
+from .architectures import ARCHITECTURES
+from .config import SAEConfig, TrainConfig
+from .models import SAE
+from .train import Trainer
 
 __all__ = ["ARCHITECTURES", "SAE", "SAEConfig", "TrainConfig", "Trainer"]

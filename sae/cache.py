@@ -37,6 +37,7 @@ from tqdm.auto import tqdm
 
 from sae.data import _BlockShuffledSource, check_finite, massive_mask
 from sparsecode._arrays import check_int
+from sparsecode._files import atomic_write
 
 FORMAT = "sparsecode-activation-cache"
 FORMAT_VERSION = 1
@@ -71,27 +72,6 @@ def _check_hookpoint_name(hp: Any) -> None:
             f"hook point name {hp!r} cannot name a cache directory: it must be a non-empty "
             "string without '/', '\\' or a leading '.'"
         )
-
-
-def _fsync_dir(path: Path) -> None:
-    if os.name != "posix":
-        return
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _atomic_write(path: Path, data: bytes) -> None:
-    """Write ``data`` to ``path`` via a temporary file, fsync and rename (never half a file)."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    _fsync_dir(path.parent)
 
 
 def _sha256_file(path: Path) -> str:
@@ -338,7 +318,7 @@ def _keep_valid_shards(out: Path, m: dict) -> None:
             continue
         break
     m["total_rows"] = sum(s["rows"] for s in m["shards"])
-    _atomic_write(out / MANIFEST, _manifest_bytes(m))
+    atomic_write(out / MANIFEST, _manifest_bytes(m))
     for hp in m["hookpoints"] or []:
         _clean_dir(out / hp, keep=len(m["shards"]))
 
@@ -453,7 +433,7 @@ class _Writer:
                 stacklevel=3,
             )
         self.m["complete"] = True
-        _atomic_write(self.out / MANIFEST, _manifest_bytes(self.m))
+        atomic_write(self.out / MANIFEST, _manifest_bytes(self.m))
         return self.out
 
     def _snapshot(self, batches: Any, pos: int) -> tuple[dict, int] | None:
@@ -497,7 +477,7 @@ class _Writer:
             for hp in batch:
                 (self.out / hp).mkdir(exist_ok=True)
                 _clean_dir(self.out / hp, keep=0)
-            _atomic_write(self.out / MANIFEST, _manifest_bytes(self.m))
+            atomic_write(self.out / MANIFEST, _manifest_bytes(self.m))
         if set(batch) != set(self.m["hookpoints"]):
             raise ValueError(
                 f"batch at row {pos} has hook points {sorted(batch)}, the cache at {self.out} "
@@ -540,7 +520,7 @@ class _Writer:
             data = safetensors.torch.save({_TENSOR: shard})
             rel = _shard_path(hp, index)
             (self.out / hp).mkdir(parents=True, exist_ok=True)
-            _atomic_write(self.out / rel, data)
+            atomic_write(self.out / rel, data)
             files[hp] = {
                 "path": rel,
                 "bytes": len(data),
@@ -550,7 +530,7 @@ class _Writer:
         resume = None if record is None else {"state": record[0], "rows_at_state": record[1]}
         self.m["shards"].append({"rows": rows, "files": files, "resume": resume})
         self.m["total_rows"] += rows
-        _atomic_write(self.out / MANIFEST, _manifest_bytes(self.m))
+        atomic_write(self.out / MANIFEST, _manifest_bytes(self.m))
 
 
 # --------------------------------------------------------------------------- reading

@@ -11,7 +11,6 @@ import argparse
 import json
 import math
 import os
-import signal
 import sys
 import time
 from pathlib import Path
@@ -34,24 +33,6 @@ def _device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     return torch.device(name)
-
-
-def _cpu_has_bf16() -> bool:
-    try:
-        flags = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return False
-    return "amx_bf16" in flags or "avx512_bf16" in flags
-
-
-def _matmul_dtype(name: str, device: torch.device) -> str:
-    """``auto``: bfloat16 where the hardware multiplies it natively (CUDA, AMX / AVX512-BF16
-    CPUs), float32 elsewhere."""
-    if name != "auto":
-        return name
-    if device.type == "cuda" or (device.type == "cpu" and _cpu_has_bf16()):
-        return "bfloat16"
-    return "float32"
 
 
 def _check_writable(path: Path) -> None:
@@ -271,7 +252,7 @@ def _train(args: argparse.Namespace, out: Path, device: torch.device, d) -> int:
     cfg = TrainConfig(
         total_tokens=args.tokens,
         lr=args.lr,
-        matmul_dtype=_matmul_dtype(args.matmul_dtype, device),
+        matmul_dtype=args.matmul_dtype,
         checkpoint_every=args.checkpoint_every,
         eval_every=args.eval_every,
         seed=args.seed,
@@ -291,7 +272,6 @@ def _train(args: argparse.Namespace, out: Path, device: torch.device, d) -> int:
         if main:
             print(f"resumed from {ckpt} at step {trainer.step} ({trainer.tokens} tokens)")
 
-    old = signal.signal(signal.SIGTERM, trainer.request_stop)
     t0 = time.perf_counter()
     try:
         trainer.fit()
@@ -304,7 +284,6 @@ def _train(args: argparse.Namespace, out: Path, device: torch.device, d) -> int:
             )
         return 130
     finally:
-        signal.signal(signal.SIGTERM, old)
         trainer.close()
     elapsed = time.perf_counter() - t0
     paths = trainer.save(out)

@@ -34,13 +34,8 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
-from sparsecode.core.kernels import (
-    merge_topk,
-    row_pairs,
-    sparse_decode,
-    sparse_preact,
-    topk_encode,
-)
+from sparsecode.core.kernels import merge_topk, row_pairs, sparse_decode, topk_encode
+from sparsecode.core.operators import TopK
 
 from .models import SAE
 
@@ -275,45 +270,47 @@ SHARD_DIMS = {"W_enc": 1, "W_dec": 0, "b_enc": 0, "threshold": 0, "tokens_since_
               "fire_rate": 0}
 
 
-class LatentShardedSAE(SAE):
-    """A TopK :class:`~sae.models.SAE` whose latents are split evenly over ``group``.
+class LatentShards:
+    """The collective of a latent-sharded SAE (the one-process version is
+    :class:`sae.models.OneProcess`): this process holds latents ``[offset, offset + d_sae / L)``
+    of ``L`` shards in ``group``.
 
-    Holds latents ``[offset, offset + d_sae / L)``; ``cfg`` is the whole SAE's. Training gives
-    the same losses and (sharded) gradients as the unsharded SAE on the same batch; inference
-    and saving go through :meth:`gather` (all shards must call it).
+    Training gives the same losses and (sharded) gradients as the unsharded SAE on the same
+    batch: the top-k is the shards' local top-k merged exactly (lowest latent index wins ties),
+    decoded partial sums are all-reduced, and ``b_dec``'s encoder gradient is summed over the
+    shards. Inference and saving go through :meth:`gather` (all shards must call it).
     """
 
-    def __init__(self, sae: SAE, group: Any):
-        nn.Module.__init__(self)
-        cfg = sae.cfg
-        if cfg.architecture != "topk":
+    local = False
+
+    def __init__(self, group: Any, d_sae: int, device: torch.device):
+        n = dist.get_world_size(group)
+        if d_sae % n:
+            raise ValueError(f"d_sae={d_sae} is not divisible by {n} latent shards")
+        self.group = group
+        self.device = device
+        self.n_shards = n
+        self.d_local = d_sae // n
+        self.offset = dist.get_rank(group) * self.d_local
+
+    def shard(self, sae: SAE) -> SAE:
+        """This process's part of ``sae`` (a new SAE holding its latents, built on the meta
+        device and given the slices, so no throwaway initialisation is computed)."""
+        if type(sae.activation) is not TopK or sae.arch.prefixes:
             raise ValueError(
-                f"latent sharding supports the topk architecture, not {cfg.architecture!r} "
+                f"latent sharding supports the topk architecture, not {sae.architecture!r} "
                 "(train it data-parallel only)"
             )
-        n = dist.get_world_size(group)
-        if cfg.d_sae % n:
-            raise ValueError(f"d_sae={cfg.d_sae} is not divisible by {n} latent shards")
-        self.cfg = cfg
-        self.group = group
-        self.n_shards = n
-        self.d_local = cfg.d_sae // n
-        self.offset = dist.get_rank(group) * self.d_local
-        sl = slice(self.offset, self.offset + self.d_local)
-        with torch.no_grad():  # same registration order as SAE (Adam state indices match)
-            self.W_dec = nn.Parameter(sae.W_dec[sl].clone())
-            self.W_enc = nn.Parameter(sae.W_enc[:, sl].clone())
-            self.b_enc = nn.Parameter(sae.b_enc[sl].clone())
-            self.b_dec = nn.Parameter(sae.b_dec.clone())
-            self.register_buffer("threshold", sae.threshold[sl].clone())
-            self.register_buffer("threshold_ready", sae.threshold_ready.clone())
-            self.register_buffer("tokens_since_fired", sae.tokens_since_fired[sl].clone())
-            self.register_buffer("fire_rate", sae.fire_rate[sl].clone())
-            self.register_buffer("tokens_seen", sae.tokens_seen.clone())
-        self.stats_group = None
+        with torch.device("meta"):
+            part = SAE(sae.cfg, n_latents=self.d_local)
+        part.load_state_dict(
+            {k: self.part(k, v.detach()).clone() for k, v in sae.state_dict().items()},
+            assign=True)
+        part.collective = self
+        return part
 
     # ------------------------------------------------------------------ whole <-> shard
-    def full_tensor(self, name: str, t: Tensor) -> Tensor:
+    def whole(self, name: str, t: Tensor) -> Tensor:
         dim = SHARD_DIMS.get(name)
         if dim is None:
             return t
@@ -321,93 +318,76 @@ class LatentShardedSAE(SAE):
         dist.all_gather(parts, t.contiguous(), group=self.group)
         return torch.cat(parts, dim=dim)
 
-    def local_tensor(self, name: str, t: Tensor) -> Tensor:
+    def part(self, name: str, t: Tensor) -> Tensor:
         dim = SHARD_DIMS.get(name)
         if dim is None:
             return t
-        return t.narrow(dim, self.offset, self.d_local).clone()
+        return t.narrow(dim, self.offset, self.d_local)
 
-    def full_state_dict(self) -> dict[str, Tensor]:
-        return {k: self.full_tensor(k, v.detach()) for k, v in self.state_dict().items()}
-
-    def load_full_state_dict(self, state: dict[str, Tensor]) -> None:
-        self.load_state_dict({k: self.local_tensor(k, v) for k, v in state.items()})
-
-    def gather(self) -> SAE:
-        """The whole SAE (a new module, on every shard; built on the meta device and given the
-        gathered tensors, so no throwaway initialisation is computed)."""
+    def gather(self, sae: SAE) -> SAE:
+        """The whole SAE (a new module, on every shard, from the gathered tensors)."""
         with torch.device("meta"):
-            full = SAE(self.cfg)
-        full.load_state_dict(self.full_state_dict(), assign=True)
+            full = SAE(sae.cfg)
+        full.load_state_dict({k: self.whole(k, v.detach()) for k, v in sae.state_dict().items()},
+                             assign=True)
         return full
 
     # ------------------------------------------------------------------ training
-    def _decode_pairs(self, vals, rows, cols, n_rows, groups=None):
-        partial = sparse_decode(vals, rows, cols, self.W_dec, n_rows)
+    def share(self, t: Tensor) -> Tensor:
+        return _CopyToGroup.apply(t, self.group)
+
+    def total(self, n: int) -> int:
+        count = torch.tensor([n], device=self.device)
+        dist.all_reduce(count, group=self.group)
+        return int(count)
+
+    def decode(self, vals, rows, cols, W_dec, n_rows, groups=None) -> Tensor:
+        partial = sparse_decode(vals, rows, cols, W_dec, n_rows, groups=groups)
         return _ReduceFromGroup.apply(partial, self.group)
 
-    def _sharded_topk(self, x, W_rows, b_enc, b_dec, k, matmul_dtype, latents=None):
-        """Local top-k (values carry the sparse backward), gathered, global winners kept:
-        ``(rows, local cols, values)`` of this shard's winning pairs, sorted by row."""
-        N = x.shape[0]
-        v, idx = topk_encode(x, W_rows, b_enc, b_dec, min(k, W_rows.shape[0]),
-                             matmul_dtype=matmul_dtype)
-        local = idx if latents is None else latents[idx]
-        cand_v, cand_i = v.detach().float(), local + self.offset
-        if v.shape[1] < k:  # fewer local candidates than k (AuxK over few dead latents)
+    def encode(self, op, x, W_rows, b_enc, b_dec, matmul_dtype):
+        """The exact global top-k: local candidates (values carry the sparse backward, through
+        the shared ``b_dec``), the winners that are this shard's."""
+        return self._topk(x, W_rows, b_enc, self.share(b_dec), op.k, matmul_dtype)
+
+    def topk(self, x, W_rows, b_enc, b_dec, k, matmul_dtype, latents=None):
+        with torch.no_grad():
+            return self._topk(x, W_rows, b_enc, b_dec, k, matmul_dtype, latents)
+
+    def _topk(self, x, W_rows, b_enc, b_dec, k, matmul_dtype, latents=None):
+        """Local top-k of the rows of ``W_rows`` (``latents``: this shard's latent of each
+        row), gathered, global winners kept: ``(rows, row indices, values)`` of this shard's
+        winning pairs, grouped by row."""
+        N, n = x.shape[0], W_rows.shape[0]
+        if n:
+            v, idx = topk_encode(x, W_rows, b_enc, b_dec, min(k, n), matmul_dtype=matmul_dtype)
+        else:  # no candidates here: take part in the gather with none
+            v = x.new_empty((N, 0))
+            idx = torch.empty((N, 0), dtype=torch.long, device=x.device)
+        ids = (idx if latents is None else latents[idx]) + self.offset
+        cand_v, cand_i = v.detach().float(), ids
+        if v.shape[1] < k:  # fewer local candidates than k
             fill = k - v.shape[1]
             cand_v = torch.cat([cand_v, cand_v.new_full((N, fill), -torch.inf)], dim=1)
             cand_i = torch.cat([cand_i, cand_i.new_full((N, fill), -1)], dim=1)
         with torch.no_grad():
             win_v, win_i = _global_topk(cand_v, cand_i, k, self.group)
             win_i = torch.where(win_v > 0, win_i, torch.full_like(win_i, -1))
-            mine = ((local + self.offset).unsqueeze(2) == win_i.unsqueeze(1)).any(dim=2)
-            mine &= v.detach() > 0
-        return row_pairs(v, local, keep=mine)
+            mine = (ids.unsqueeze(2) == win_i.unsqueeze(1)).any(dim=2) & (v.detach() > 0)
+        return row_pairs(v, idx, keep=mine)
 
-    def _fused_topk(self, x: Tensor, W_rows: Tensor, matmul_dtype) -> tuple[Tensor, ...]:
-        b_dec = _CopyToGroup.apply(self.b_dec, self.group)
-        return self._sharded_topk(x, W_rows, self.b_enc, b_dec, self.cfg.k, matmul_dtype)
-
-    def _aux_reconstruction(self, x: Tensor, W_rows: Tensor, matmul_dtype) -> Tensor | None:
-        """AuxK over the dead latents of all shards: each shard's local top-k, the global
-        winners kept, decoded and summed over the shards (every shard takes part in the
-        collectives, also one without dead latents); None on every shard when no shard has
-        a dead latent."""
-        dead = self.dead_mask().nonzero(as_tuple=True)[0]
-        n_dead = torch.tensor([dead.numel()], device=x.device)
-        dist.all_reduce(n_dead, group=self.group)
-        if not (self.cfg.aux_coefficient and self.training and int(n_dead)):
-            return None
-        k_aux = min(self.cfg.aux_k, int(n_dead))
-        b_dec = _CopyToGroup.apply(self.b_dec, self.group)
-        with torch.no_grad():
-            if dead.numel():
-                a_rows, a_cols, a_vals = self._sharded_topk(
-                    x, W_rows[dead], self.b_enc[dead], self.b_dec, k_aux, matmul_dtype,
-                    latents=dead,
-                )
-            else:  # no dead latents here: take part in the gather with no candidates
-                none = torch.full((x.shape[0], k_aux), -torch.inf, device=x.device)
-                _global_topk(none, torch.full_like(none, -1, dtype=torch.long), k_aux,
-                             self.group)
-                empty = torch.empty(0, dtype=torch.long, device=x.device)
-                a_rows, a_cols, a_vals = empty, empty, x.new_empty(0)
-        aux_vals = sparse_preact(x, W_rows, self.b_enc, b_dec, a_rows, a_cols, a_vals)
-        return self._decode_pairs(aux_vals, a_rows, a_cols, x.shape[0])
-
-    def clip_grad_norm_(self, max_norm: float) -> Tensor:
+    def clip_grad_norm_(self, sae: SAE, max_norm: float) -> Tensor:
         """Clip by the norm of the whole SAE's gradient (shards' squares summed, ``b_dec``
         counted once)."""
-        sharded = [p.grad for n, p in self.named_parameters() if n in SHARD_DIMS
+        sharded = [p.grad for n, p in sae.named_parameters() if n in SHARD_DIMS
                    and p.grad is not None]
         sq = torch.stack([g.float().pow(2).sum() for g in sharded]).sum().reshape(1)
         dist.all_reduce(sq, group=self.group)
-        if self.b_dec.grad is not None:
-            sq = sq + self.b_dec.grad.float().pow(2).sum()
+        if sae.b_dec.grad is not None:
+            sq = sq + sae.b_dec.grad.float().pow(2).sum()
         norm = sq.sqrt()[0]
         coef = (max_norm / (norm + 1e-6)).clamp(max=1.0)
-        for p in self.parameters():
+        for p in sae.parameters():
             if p.grad is not None:
                 p.grad.mul_(coef.to(p.grad.dtype))
         return norm

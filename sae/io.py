@@ -46,9 +46,6 @@ import dataclasses
 import json
 import math
 import os
-import shutil
-import tempfile
-import uuid
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
@@ -58,9 +55,12 @@ import torch
 from torch import Tensor
 
 from sparsecode import __version__
+from sparsecode._files import atomic_folder
 
+from .architectures import ARCHITECTURES, LOADED_AS
+from .config import SAEConfig
 from .metrics import log_density
-from .models import ARCHITECTURES, SAE, SAEConfig
+from .models import SAE
 
 CFG_FILENAME = "cfg.json"
 WEIGHTS_FILENAME = "sae_weights.safetensors"
@@ -72,7 +72,7 @@ WHITENING_FILENAME = "activation_whitening.safetensors"
 #: SAELens reads ``cfg.json`` as v6 only when ``metadata.sae_lens_version`` is at least 6.
 SAELENS_FORMAT_VERSION = "6.0.0"
 #: SAELens inference architecture -> the architecture of the loaded :class:`SAE`.
-SAELENS_ARCHITECTURES = {"standard": "relu", "topk": "topk", "jumprelu": "jumprelu"}
+SAELENS_ARCHITECTURES = LOADED_AS
 
 # metadata keys that pre-6 SAELens configs keep at the top level (with their old names)
 _PRE6_RENAMES = {
@@ -95,11 +95,6 @@ _CONFIG_FIELDS = frozenset(f.name for f in dataclasses.fields(SAEConfig))
 
 
 # ---------------------------------------------------------------------------------- helpers
-def _inference_architecture(architecture: str) -> str:
-    """SAELens architecture an SAE of ``architecture`` is saved as."""
-    return {"relu": "standard", "topk": "topk"}.get(architecture, "jumprelu")
-
-
 def _as_dtype(value: Any) -> torch.dtype | None:
     if value is None or isinstance(value, torch.dtype):
         return value
@@ -136,55 +131,6 @@ def _json_text(cfg: Mapping[str, Any], folder: Path) -> str:
         ) from e
 
 
-def _fsync(path: Path) -> None:
-    """Flush a file or folder to disk (best effort: folders cannot be opened on every OS)."""
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
-def _write_folder(folder: Path, writers: Mapping[str, Callable[[Path], None]]) -> Path:
-    """Write ``writers`` (file name -> function writing that file) into a temporary sibling of
-    ``folder`` and rename it into place; an existing ``folder`` is replaced only at the end and
-    restored if the final rename fails. Nothing is left behind on failure."""
-    folder = Path(folder).expanduser()
-    if folder.exists() and not folder.is_dir():
-        raise FileExistsError(f"cannot write SAE folder {folder}: a file of that name exists")
-    parent = folder.absolute().parent
-    try:
-        parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", suffix=".tmp", dir=parent))
-    except OSError as e:
-        raise type(e)(f"cannot write SAE folder {folder}: {e.strerror or e}") from e
-    try:
-        for name, write in writers.items():
-            write(tmp / name)
-            _fsync(tmp / name)
-        if folder.exists():
-            old = parent / f".{folder.name}.{uuid.uuid4().hex[:8]}.old"
-            os.rename(folder, old)
-            try:
-                os.rename(tmp, folder)
-            except BaseException:
-                os.rename(old, folder)
-                raise
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.rename(tmp, folder)
-        _fsync(parent)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return folder
-
-
 def _inference_tensors(sae: SAE, input_scale: float, dtype: Any) -> dict[str, Tensor]:
     """The saved model's parameters with the training input scale ``s`` folded in:
     ``W_enc * s``, ``W_dec / s``, ``b_dec / s``; ``b_enc`` and thresholds are unchanged."""
@@ -216,7 +162,7 @@ def _saved_metadata(sae: SAE, metadata: Mapping[str, Any] | None, s: float) -> d
         isinstance(prev, str)
         and prev != ""
         and sae.architecture == SAELENS_ARCHITECTURES[inference]
-        and (prev not in ARCHITECTURES or _inference_architecture(prev) == inference)
+        and (prev not in ARCHITECTURES or ARCHITECTURES[prev].saelens == inference)
     )
     if not keep:
         meta["training_architecture"] = sae.architecture
@@ -281,7 +227,7 @@ def save_sae(
         sparsity = log_density(sae.fire_rate.detach().to("cpu", torch.float32)).contiguous()
         writers[SPARSITY_FILENAME] = lambda p: st.save_file({"sparsity": sparsity}, str(p))
     writers[CFG_FILENAME] = lambda p: p.write_text(text)
-    return _write_folder(folder, writers)
+    return atomic_folder(folder, writers)
 
 
 def _read_cfg(folder: Path, weights_name: str) -> tuple[dict[str, Any], Path]:
@@ -541,7 +487,7 @@ def save_sparsify(
         "W_dec": t["W_dec"],
         "b_dec": t["b_dec"],
     }
-    return _write_folder(
+    return atomic_folder(
         folder,
         {
             SPARSIFY_WEIGHTS_FILENAME: lambda p: st.save_file(

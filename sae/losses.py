@@ -1,4 +1,5 @@
-"""Loss terms of the SAE architectures.
+"""Loss terms of the SAE architectures: reconstruction, sparsity penalties, auxiliary-loss
+helpers.
 
 Conventions (see docs/metrics.md): ``mse`` is the squared error summed over the ``d_in``
 features and averaged over tokens (SAELens' training MSE); auxiliary reconstruction losses are
@@ -9,10 +10,14 @@ on the activation scale.
 from __future__ import annotations
 
 import math
-from typing import Any
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import Tensor
+
+if TYPE_CHECKING:
+    from .models import SAE, Code
 
 
 def mse(x: Tensor, x_hat: Tensor) -> Tensor:
@@ -41,53 +46,33 @@ def normalized_mse(target: Tensor, estimate: Tensor, group: Any = None) -> Tenso
     return (target - estimate).pow(2).sum() * dist.get_world_size(group) / denom
 
 
-def _rectangle(u: Tensor) -> Tensor:
-    return (u.abs() < 0.5).to(u.dtype)
+def l1_penalty(sae: SAE, code: Code, scale: float) -> dict[str, Tensor]:
+    """ReLU SAE: ``l1_coefficient * sum_j z_j ||W_dec[j]|| / N`` (Anthropic's April 2024 update:
+    the L1 weighted by decoder norms, which are then left free)."""
+    dn = code.at(sae.W_dec.norm(dim=1))
+    return {"l1": sae.cfg.l1_coefficient * scale * (code.values * dn).sum() / code.n_rows}
 
 
-def _to_theta(grad: Tensor, theta: Tensor) -> Tensor:
-    """Sum a threshold gradient over the token dimension when ``theta`` was broadcast (dense
-    ``(N, d_sae)`` codes); keep it per entry when ``theta`` is per entry (one per code pair)."""
-    return grad.sum(dim=0) if grad.dim() > theta.dim() else grad
+def l0_penalty(sae: SAE, code: Code, scale: float) -> dict[str, Tensor]:
+    """JumpReLU SAE (Rajamanoharan et al. 2024): the L0 per token through the activation's
+    straight-through estimator (``step``), or ``sum tanh(c z ||W_dec||)`` (``tanh``); the
+    ``quadratic`` mode penalises ``(L0 / target_l0 - 1)^2`` (SAELens' L0 targeting)."""
+    cfg, N = sae.cfg, code.n_rows
+    if cfg.jumprelu_mode == "tanh":
+        dn = code.at(sae.W_dec.norm(dim=1))
+        l0 = torch.tanh(cfg.tanh_scale * code.values * dn).sum() / N
+    else:
+        l0 = sae.activation.indicator(code.pre, code.cols).sum() / N
+    if cfg.jumprelu_mode == "quadratic":
+        return {"l0_loss": cfg.l0_coefficient * scale * (l0 / cfg.target_l0 - 1).pow(2)}
+    return {"l0_loss": cfg.l0_coefficient * scale * l0}
 
 
-class JumpReLUFn(torch.autograd.Function):
-    """``z * H(z - theta)`` with the straight-through threshold gradient of Rajamanoharan et
-    al. (2024): ``d/dtheta = -(theta / eps) K((z - theta) / eps)`` with a rectangle kernel K of
-    bandwidth ``eps``; ``d/dz = H(z - theta)``. ``theta`` is one per latent (broadcast over the
-    rows of ``z``) or one per entry of ``z`` (codes stored as pairs)."""
-
-    @staticmethod
-    def forward(ctx, z, theta, bandwidth):
-        ctx.save_for_backward(z, theta)
-        ctx.bandwidth = bandwidth
-        return z * (z > theta).to(z.dtype)
-
-    @staticmethod
-    def backward(ctx, g):
-        z, theta = ctx.saved_tensors
-        eps = ctx.bandwidth
-        grad_z = g * (z > theta).to(g.dtype)
-        grad_theta = _to_theta(-(theta / eps) * _rectangle((z - theta) / eps) * g, theta)
-        return grad_z, grad_theta, None
-
-
-class StepFn(torch.autograd.Function):
-    """Heaviside ``H(z - theta)``: no gradient to ``z``, ``d/dtheta = -(1/eps) K((z-theta)/eps)``
-    (the L0 straight-through estimator)."""
-
-    @staticmethod
-    def forward(ctx, z, theta, bandwidth):
-        ctx.save_for_backward(z, theta)
-        ctx.bandwidth = bandwidth
-        return (z > theta).to(z.dtype)
-
-    @staticmethod
-    def backward(ctx, g):
-        z, theta = ctx.saved_tensors
-        eps = ctx.bandwidth
-        grad_theta = _to_theta(-(1.0 / eps) * _rectangle((z - theta) / eps) * g, theta)
-        return None, grad_theta, None
+#: Sparsity penalty name (the architecture table's ``penalty``) -> its loss terms.
+PENALTIES: dict[str, Callable[[SAE, Code, float], dict[str, Tensor]]] = {
+    "l1": l1_penalty,
+    "l0": l0_penalty,
+}
 
 
 def zipf_targets(n: int, mean_l0: float, exponent: float = 1.0) -> Tensor:

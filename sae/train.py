@@ -25,100 +25,65 @@ Example
 
 from __future__ import annotations
 
-import json
+import contextlib
 import math
-import os
-import shutil
+import signal
+import threading
 import time
 from collections.abc import Iterator
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
-from safetensors.torch import load_file, save_file
 from torch import Tensor
 
-from . import metrics
+from . import checkpoint, metrics
+from .config import TrainConfig
 from .data import ActivationSource
+from .initialise import geometric_median, initialise
 from .models import SAE
+from .optim import adam, base_lr, default_warmup, schedule
 
 if TYPE_CHECKING:
     from .distributed import Dist
 
+__all__ = ["TrainConfig", "Trainer", "geometric_median", "resolve_matmul_dtype"]
+
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
-@dataclass
-class TrainConfig:
-    """Optimisation and bookkeeping settings shared by the SAEs of one run."""
-
-    total_tokens: int = 2_000_000
-    lr: float | None = None  # None: 1.5e-3 / sqrt(d_sae / 2^14) (scaled by width, per SAE)
-    betas: tuple[float, float] = (0.9, 0.999)
-    warmup_steps: int | None = None  # None: 5% of the steps, at most 1000
-    decay_fraction: float = 0.2  # linear decay to 0 over this final fraction of the steps
-    grad_clip: float = 1.0
-    matmul_dtype: str = "float32"  # or "bfloat16": encoder matmul precision
-    b_dec_init: str = "geometric_median"  # or "mean", "zeros"
-    normalize_input: bool = True
-    eval_every: int = 0  # steps; 0: only at the end
-    log_every: int = 10
-    checkpoint_every: int = 0  # steps; 0: only on interruption
-    seed: int = 0
-    progress: bool = True
-    wandb: bool = False
-    wandb_project: str = "sae"
-    extra: dict[str, Any] = field(default_factory=dict)
-
-    def __post_init__(self) -> None:
-        if self.total_tokens < 1:
-            raise ValueError(f"total_tokens must be >= 1, got {self.total_tokens}")
-        if self.matmul_dtype not in _DTYPES:
-            raise ValueError(
-                f"matmul_dtype must be one of {list(_DTYPES)}, got {self.matmul_dtype!r}"
-            )
-        if self.b_dec_init not in ("geometric_median", "mean", "zeros"):
-            raise ValueError(f"unknown b_dec_init {self.b_dec_init!r}")
-        if not 0 <= self.decay_fraction <= 1:
-            raise ValueError(f"decay_fraction must be in [0, 1], got {self.decay_fraction}")
+def _cpu_has_bf16() -> bool:
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    return "amx_bf16" in flags or "avx512_bf16" in flags
 
 
-def geometric_median(x: Tensor, n_iter: int = 100, tol: float = 1e-6) -> Tensor:
-    """Weiszfeld's algorithm: the point minimising the sum of Euclidean distances to the rows.
-
-    >>> x = torch.tensor([[0.0, 0.0], [1.0, 0.0], [0.0, 1.0], [100.0, 100.0]])
-    >>> geometric_median(x).norm() < 1.0  # robust to the outlier, unlike the mean
-    tensor(True)
-    """
-    y = x.double().mean(dim=0)
-    xd = x.double()
-    for _ in range(n_iter):
-        w = 1.0 / (xd - y).norm(dim=1).clamp_min(1e-12)
-        y_new = (w[:, None] * xd).sum(dim=0) / w.sum()
-        if (y_new - y).norm() <= tol * y.norm().clamp_min(1e-12):
-            y = y_new
-            break
-        y = y_new
-    return y.to(x.dtype)
+def resolve_matmul_dtype(name: str, device: torch.device) -> torch.dtype:
+    """``auto``: bfloat16 where the hardware multiplies it natively (CUDA, AMX / AVX512-BF16
+    CPUs), float32 elsewhere; any other name is that dtype."""
+    if name != "auto":
+        return _DTYPES[name]
+    if device.type == "cuda" or (device.type == "cpu" and _cpu_has_bf16()):
+        return torch.bfloat16
+    return torch.float32
 
 
-def _adam(sae: SAE, lr: float, betas: tuple[float, float]) -> torch.optim.Adam:
-    """Adam over the SAE's parameters, the fused implementation where torch has one (CPU and
-    CUDA): one kernel per step instead of a dozen passes over the weights (20 -> 4.5 ms per step
-    for a 576 x 9216 SAE on 2 CPU cores), the same update rule."""
-    params = list(sae.parameters())
-    fused = all(p.device.type in ("cpu", "cuda") and p.is_floating_point() for p in params)
-    return torch.optim.Adam(params, lr=lr, betas=betas, fused=fused or None)
-
-
-def _schedule(step: int, n_steps: int, warmup: int, decay_fraction: float) -> float:
-    """LR multiplier: linear warm-up over ``warmup`` steps, linear decay to 0 at the end."""
-    m = min(1.0, (step + 1) / max(warmup, 1))
-    decay_start = int(n_steps * (1 - decay_fraction))
-    if decay_fraction > 0 and step >= decay_start:
-        m *= max(0.0, (n_steps - step) / max(n_steps - decay_start, 1))
-    return m
+@contextlib.contextmanager
+def _stop_on_signals(handler) -> Iterator[None]:
+    """SIGINT and SIGTERM call ``handler`` while training (main thread only), then the old
+    handlers come back: the one place the toolkit installs signal handlers."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    old = {sig: signal.signal(sig, handler) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield
+    finally:
+        for sig, h in old.items():
+            signal.signal(sig, h)
 
 
 class Trainer:
@@ -174,7 +139,7 @@ class Trainer:
         if isinstance(heldout, Tensor):
             heldout = {source.hookpoints[0]: heldout}
         self.heldout = heldout or {}
-        first = next(iter(self.saes.values()))
+        self.device = next(iter(self.saes.values())).W_dec.device
         self.batch_size = getattr(source, "batch_size", None)
         self.n_steps: int | None = None
         self.step = 0
@@ -182,11 +147,11 @@ class Trainer:
         self.scales: dict[str, float] = {}
         self.generator = torch.Generator().manual_seed(self.cfg.seed)
         self.history: list[dict[str, Any]] = []
-        self.matmul_dtype = _DTYPES[self.cfg.matmul_dtype]
+        self.matmul_dtype = resolve_matmul_dtype(self.cfg.matmul_dtype, self.device)
         self.optimizers = {
-            name: _adam(sae, self._base_lr(sae), self.cfg.betas) for name, sae in self.saes.items()
+            name: adam(sae, base_lr(sae, self.cfg.lr), self.cfg.betas)
+            for name, sae in self.saes.items()
         }
-        self._device = first.W_dec.device
         self._data_size = dist.data_size if dist is not None else 1
         self._forward = {name: sae.training_forward for name, sae in self.saes.items()}
         if dist is not None and dist.data_size > 1:
@@ -209,41 +174,29 @@ class Trainer:
         """Same starting weights on every rank (rank 0's), then latent shards if asked."""
         import torch.distributed as torch_dist
 
-        from .distributed import LatentShardedSAE
+        from .distributed import LatentShards
 
         out = {}
         for name, sae in saes.items():
             with torch.no_grad():
                 for t in sae.state_dict().values():
                     torch_dist.broadcast(t, src=0)
-            out[name] = LatentShardedSAE(sae, d.latent_group) if d.latent_size > 1 else sae
+            if d.latent_size > 1:
+                sae = LatentShards(d.latent_group, sae.cfg.d_sae, d.device).shard(sae)
+            out[name] = sae
         return out
-
-    def _base_lr(self, sae: SAE) -> float:
-        if self.cfg.lr is not None:
-            return self.cfg.lr
-        return 1.5e-3 / math.sqrt(sae.cfg.d_sae / 2**14)
 
     def _initialise(self, batch: dict[str, Tensor]) -> None:
         """Input scale, b_dec and the dead window from the first batch (not on resume)."""
         for name, sae in self.saes.items():
-            x = batch[self.hookpoints[name]].to(self._device, torch.float32)
+            x = batch[self.hookpoints[name]].to(self.device, torch.float32)
             if self._data_size > 1:  # the whole first global batch, identical on every rank
                 from .distributed import all_gather_rows
 
                 x = all_gather_rows(x, self.dist.data_group)
-            scale = 1.0
-            if self.cfg.normalize_input:
-                scale = math.sqrt(sae.cfg.d_in) / float(x.norm(dim=1).mean().clamp_min(1e-12))
-            self.scales[name] = scale
-            xs = x * scale
-            with torch.no_grad():
-                if self.cfg.b_dec_init == "geometric_median":
-                    sae.b_dec.copy_(geometric_median(xs))
-                elif self.cfg.b_dec_init == "mean":
-                    sae.b_dec.copy_(xs.mean(dim=0))
-            if sae.cfg.dead_tokens is None:
-                sae.cfg.dead_tokens = int(min(10_000_000, max(self.cfg.total_tokens // 20, 1)))
+            self.scales[name] = initialise(
+                sae, x, b_dec_init=self.cfg.b_dec_init, normalize_input=self.cfg.normalize_input,
+                total_tokens=self.cfg.total_tokens)
 
     # ------------------------------------------------------------------ loop
     def _batches(self) -> Iterator[dict[str, Tensor]]:
@@ -264,65 +217,29 @@ class Trainer:
 
     def request_stop(self, *_: Any) -> None:
         """Stop after the current step, write a checkpoint and raise ``KeyboardInterrupt``
-        (usable as a signal handler; a second request interrupts at once)."""
+        (the SIGINT / SIGTERM handler while :meth:`fit` runs; a second request interrupts at
+        once)."""
         if self._stop_requested:
             raise KeyboardInterrupt
         self._stop_requested = True
 
     def fit(self) -> list[dict[str, Any]]:
-        """Train until ``total_tokens``. Ctrl-C (SIGINT) finishes the current step, writes a
-        checkpoint (if ``out_dir`` is set) and raises ``KeyboardInterrupt``; an exception
-        raised inside a step checkpoints the state before that step. Returns the history."""
-        import signal
-        import threading
-
+        """Train until ``total_tokens``. Ctrl-C (SIGINT) or SIGTERM finishes the current step,
+        writes a checkpoint (if ``out_dir`` is set) and raises ``KeyboardInterrupt``; an
+        exception raised inside a step checkpoints the state before that step. Returns the
+        history."""
         from tqdm.auto import tqdm
 
-        old_handler = None
-        if threading.current_thread() is threading.main_thread():
-            old_handler = signal.signal(signal.SIGINT, self.request_stop)
-
-        cfg = self.cfg
         for sae in self.saes.values():
             sae.train()
         self._start_wandb()
-        bar = tqdm(
-            total=cfg.total_tokens,
-            initial=self.tokens,
-            unit="tok",
-            unit_scale=True,
-            disable=not (cfg.progress and self.is_main),
-            desc="sae train",
-        )
-        t0, tok0 = time.perf_counter(), self.tokens
+        bar = tqdm(total=self.cfg.total_tokens, initial=self.tokens, unit="tok", unit_scale=True,
+                   disable=not (self.cfg.progress and self.is_main), desc="sae train")
         if self._source_state is None:
             self._source_state = self.source.state_dict()
         try:
-            for batch in self._batches():
-                if self.tokens >= cfg.total_tokens:
-                    break
-                if not self.scales:
-                    self._initialise(batch)
-                n = next(iter(batch.values())).shape[0] * self._data_size
-                if self.n_steps is None:
-                    self.n_steps = max(1, math.ceil(cfg.total_tokens / n))
-                row = self._train_step(batch)
-                self.step += 1
-                self.tokens += n
-                bar.update(n)
-                elapsed = time.perf_counter() - t0
-                row["tokens_per_s"] = (self.tokens - tok0) / max(elapsed, 1e-9)
-                if self.step % cfg.log_every == 0 or self.tokens >= cfg.total_tokens:
-                    self.history.append(row)
-                    self._log(row)
-                    bar.set_postfix(self._postfix(row))
-                if cfg.eval_every and self.step % cfg.eval_every == 0:
-                    self._log(self.evaluate())
-                self._source_state = self.source.state_dict()
-                if cfg.checkpoint_every and self.step % cfg.checkpoint_every == 0:
-                    self.checkpoint()
-                if self._stop_agreed():
-                    raise KeyboardInterrupt
+            with _stop_on_signals(self.request_stop):
+                self._loop(bar)
         except KeyboardInterrupt:
             # distributed: only a stop all ranks agreed on can checkpoint (a collective)
             if self.out_dir is not None and (self.dist is None or self._stop_requested):
@@ -331,9 +248,36 @@ class Trainer:
         finally:
             bar.close()
             self._stop_requested = False
-            if old_handler is not None:
-                signal.signal(signal.SIGINT, old_handler)
         return self.history
+
+    def _loop(self, bar: Any) -> None:
+        cfg = self.cfg
+        t0, tok0 = time.perf_counter(), self.tokens
+        for batch in self._batches():
+            if self.tokens >= cfg.total_tokens:
+                break
+            if not self.scales:
+                self._initialise(batch)
+            n = next(iter(batch.values())).shape[0] * self._data_size
+            if self.n_steps is None:
+                self.n_steps = max(1, math.ceil(cfg.total_tokens / n))
+            row = self._train_step(batch)
+            self.step += 1
+            self.tokens += n
+            bar.update(n)
+            row["tokens_per_s"] = (self.tokens - tok0) / max(time.perf_counter() - t0, 1e-9)
+            if self.step % cfg.log_every == 0 or self.tokens >= cfg.total_tokens:
+                self.history.append(row)
+                self._log(row)
+                bar.set_postfix(self._postfix(row))
+            if cfg.eval_every and self.step % cfg.eval_every == 0:
+                self._log(self.evaluate())
+            self._source_state = self.source.state_dict()
+            if (cfg.checkpoint_every and self.out_dir is not None
+                    and self.step % cfg.checkpoint_every == 0):
+                self.checkpoint()
+            if self._stop_agreed():
+                raise KeyboardInterrupt
 
     def _stop_agreed(self) -> bool:
         """A stop requested on any rank stops all of them after the same step."""
@@ -348,32 +292,27 @@ class Trainer:
 
     def _train_step(self, batch: dict[str, Tensor]) -> dict[str, Any]:
         cfg = self.cfg
-        warmup = cfg.warmup_steps
-        if warmup is None:
-            warmup = min(1000, max(1, self.n_steps // 20))
-        mult = _schedule(self.step, self.n_steps, warmup, cfg.decay_fraction)
+        warmup = cfg.warmup_steps if cfg.warmup_steps is not None else default_warmup(self.n_steps)
+        mult = schedule(self.step, self.n_steps, warmup, cfg.decay_fraction)
         row: dict[str, Any] = {
             "step": self.step + 1,
             "tokens": self.tokens + len(next(iter(batch.values()))) * self._data_size,
         }
+        matmul_dtype = None if self.matmul_dtype == torch.float32 else self.matmul_dtype
         for name, sae in self.saes.items():
-            x = batch[self.hookpoints[name]].to(self._device, torch.float32) * self.scales[name]
+            x = batch[self.hookpoints[name]].to(self.device, torch.float32) * self.scales[name]
             opt = self.optimizers[name]
             for group in opt.param_groups:
-                group["lr"] = self._base_lr(sae) * mult
+                group["lr"] = base_lr(sae, cfg.lr) * mult
             warm = sae.cfg.sparsity_warmup_tokens
             sparsity_scale = min(1.0, (self.tokens + 1) / warm) if warm else 1.0
-            out = self._forward[name](
-                x,
-                sparsity_scale=sparsity_scale,
-                matmul_dtype=None if self.matmul_dtype == torch.float32 else self.matmul_dtype,
-                generator=self.generator,
-            )
+            out = self._forward[name](x, sparsity_scale=sparsity_scale,
+                                      matmul_dtype=matmul_dtype, generator=self.generator)
             opt.zero_grad(set_to_none=True)
             out.loss.backward()
             sae.remove_parallel_gradient()
             if cfg.grad_clip:
-                sae.clip_grad_norm_(cfg.grad_clip)
+                sae.collective.clip_grad_norm_(sae, cfg.grad_clip)
             opt.step()
             sae.constrain()
             with torch.no_grad():
@@ -398,7 +337,7 @@ class Trainer:
     # ------------------------------------------------------------------ evaluation
     def full_saes(self) -> dict[str, SAE]:
         """The whole SAEs (latent shards gathered; collective)."""
-        return {name: sae.gather() for name, sae in self.saes.items()}
+        return {name: sae.collective.gather(sae) for name, sae in self.saes.items()}
 
     def evaluate(self) -> dict[str, Any]:
         """Held-out metrics for every SAE (inference behaviour), on scaled activations.
@@ -412,7 +351,7 @@ class Trainer:
             if x is None:
                 continue
             scale = self.scales.get(name, 1.0)
-            for key, v in metrics.evaluate(sae, x.to(self._device, torch.float32) * scale).items():
+            for key, v in metrics.evaluate(sae, x.to(self.device, torch.float32) * scale).items():
                 out[f"{name}/heldout/{key}"] = v
         return out
 
@@ -426,12 +365,8 @@ class Trainer:
             raise ImportError("--wandb needs the wandb package: pip install wandb") from e
         config = {"train": asdict(self.cfg)}
         config.update({name: sae.cfg.to_dict() for name, sae in self.saes.items()})
-        self._wandb = wandb.init(
-            project=self.cfg.wandb_project,
-            config=config,
-            dir=str(self.out_dir) if self.out_dir else None,
-            reinit=True,
-        )
+        self._wandb = wandb.init(project=self.cfg.wandb_project, config=config,
+                                 dir=str(self.out_dir) if self.out_dir else None, reinit=True)
 
     def _log(self, row: dict[str, Any]) -> None:
         if self._wandb is not None:
@@ -443,141 +378,35 @@ class Trainer:
             self._wandb = None
 
     # ------------------------------------------------------------------ checkpoints
-    def state(self) -> tuple[dict[str, Tensor], dict[str, Any]]:
-        """Everything needed to resume: tensors (weights, buffers, Adam moments, RNG) and a
-        JSON-able part (counters, scales, source position, configs). Distributed: collective,
-        whole SAEs (shards gathered) in the single-process layout."""
-        tensors: dict[str, Tensor] = {}
-        source_state = (
-            self._source_state if self._source_state is not None else self.source.state_dict()
-        )
-        meta: dict[str, Any] = {
-            "step": self.step,
-            "tokens": self.tokens,
-            "n_steps": self.n_steps,
-            "scales": self.scales,
-            "source": source_state,
-            "train_config": asdict(self.cfg),
-            "saes": {},
-            "history": self.history,
-        }
-        if self.dist is not None:
-            import torch.distributed as torch_dist
+    def source_state(self) -> dict:
+        """The activation stream's position after the last finished step."""
+        return self._source_state if self._source_state is not None else self.source.state_dict()
 
-            states: list[Any] = [None] * self.dist.world
-            torch_dist.all_gather_object(states, source_state)
-            if any(st != states[0] for st in states):  # per-rank streams (live model)
-                meta["source_ranks"] = states
-        for name, sae in self.saes.items():
-            for key, t in sae.full_state_dict().items():
-                tensors[f"sae/{name}/{key}"] = t.detach().contiguous()
-            opt_state = self.optimizers[name].state_dict()
-            pnames = [n for n, _ in sae.named_parameters()]
-            scalars: dict[str, Any] = {}
-            for idx, st in opt_state["state"].items():
-                for key, v in st.items():
-                    if isinstance(v, Tensor):
-                        v = sae.full_tensor(pnames[idx], v) if v.dim() else v
-                        tensors[f"opt/{name}/{idx}/{key}"] = v.detach().contiguous()
-                    else:
-                        scalars[f"{idx}/{key}"] = v
-            meta["saes"][name] = {
-                "config": sae.cfg.to_dict(),
-                "param_groups": opt_state["param_groups"],
-                "opt_scalars": scalars,
-            }
-        tensors["rng/generator"] = self.generator.get_state()
-        return tensors, meta
+    def restore_source(self, state: dict) -> None:
+        """Put the activation stream back at ``state`` (from :meth:`source_state`)."""
+        self.source.load_state_dict(state)
+        self._source_state = state
 
     def checkpoint(self, path: str | Path | None = None) -> Path:
-        """Write the resumable state atomically to ``path`` (default ``out_dir/checkpoint``)."""
-        if path is None:
-            if self.out_dir is None:
-                raise ValueError("no out_dir to write the checkpoint into")
-            path = self.out_dir / "checkpoint"
-        path = Path(path)
-        tensors, meta = self.state()
-        if not self.is_main:
-            self.dist.barrier()
-            return path
-        tmp = path.with_name(path.name + ".tmp")
-        if tmp.exists():
-            shutil.rmtree(tmp)
-        tmp.mkdir(parents=True)
-        save_file(tensors, str(tmp / "state.safetensors"))
-        (tmp / "trainer.json").write_text(json.dumps(meta, indent=1))
-        old = path.with_name(path.name + ".old")
-        if path.exists():
-            if old.exists():
-                shutil.rmtree(old)
-            os.replace(path, old)
-        os.replace(tmp, path)
-        if old.exists():
-            shutil.rmtree(old)
+        """Write the resumable state atomically to ``path`` (default ``out_dir/checkpoint``;
+        :mod:`sae.checkpoint`). Distributed: collective, rank 0 writes."""
+        path = Path(path) if path is not None else self._checkpoint_path("write the checkpoint")
+        tensors, meta = checkpoint.capture(self)
+        if self.is_main:
+            checkpoint.write(path, tensors, meta)
         if self.dist is not None:
             self.dist.barrier()
         return path
 
     def resume(self, path: str | Path | None = None) -> None:
         """Load a checkpoint written by :meth:`checkpoint` (same SAEs, same source)."""
-        if path is None:
-            if self.out_dir is None:
-                raise ValueError("no out_dir to resume from")
-            path = self.out_dir / "checkpoint"
-        path = Path(path)
-        if not (path / "trainer.json").exists():
-            raise FileNotFoundError(f"no checkpoint at {path} (expected trainer.json)")
-        meta = json.loads((path / "trainer.json").read_text())
-        tensors = load_file(str(path / "state.safetensors"))
-        if set(meta["saes"]) != set(self.saes):
-            raise ValueError(
-                f"checkpoint has SAEs {sorted(meta['saes'])}, this run has {sorted(self.saes)}"
-            )
-        for name, sae in self.saes.items():
-            saved_cfg = meta["saes"][name]["config"]
-            for key in ("d_in", "d_sae", "architecture", "k"):
-                if saved_cfg[key] != getattr(sae.cfg, key):
-                    raise ValueError(
-                        f"checkpoint SAE {name!r} has {key}={saved_cfg[key]!r}, "
-                        f"this run has {getattr(sae.cfg, key)!r}"
-                    )
-            sae.cfg.dead_tokens = saved_cfg["dead_tokens"]
-            prefix = f"sae/{name}/"
-            sae.load_full_state_dict(
-                {k[len(prefix) :]: v for k, v in tensors.items() if k.startswith(prefix)}
-            )
-            pnames = [n for n, _ in sae.named_parameters()]
-            state: dict[int, dict[str, Any]] = {}
-            oprefix = f"opt/{name}/"
-            for k, v in tensors.items():
-                if k.startswith(oprefix):
-                    idx, key = k[len(oprefix) :].split("/")
-                    v = sae.local_tensor(pnames[int(idx)], v) if v.dim() else v
-                    state.setdefault(int(idx), {})[key] = v.to(self._device)
-            for k, v in meta["saes"][name]["opt_scalars"].items():
-                idx, key = k.split("/")
-                state.setdefault(int(idx), {})[key] = v
-            self.optimizers[name].load_state_dict(
-                {"state": state, "param_groups": meta["saes"][name]["param_groups"]}
-            )
-        self.step = meta["step"]
-        self.tokens = meta["tokens"]
-        self.n_steps = meta["n_steps"]
-        self.scales = {k: float(v) for k, v in meta["scales"].items()}
-        self.history = meta.get("history", [])
-        source_state = meta["source"]
-        if "source_ranks" in meta:
-            world = self.dist.world if self.dist is not None else 1
-            if len(meta["source_ranks"]) != world:
-                raise ValueError(
-                    f"this checkpoint's activation stream is per process (a live model, "
-                    f"{len(meta['source_ranks'])} processes): resume it with the same number "
-                    f"of processes, not {world} (cached or .npy activations resume on any)"
-                )
-            source_state = meta["source_ranks"][self.dist.rank if self.dist else 0]
-        self.source.load_state_dict(source_state)
-        self._source_state = source_state
-        self.generator.set_state(tensors["rng/generator"])
+        path = Path(path) if path is not None else self._checkpoint_path("resume from")
+        checkpoint.restore(self, *checkpoint.read(path))
+
+    def _checkpoint_path(self, what: str) -> Path:
+        if self.out_dir is None:
+            raise ValueError(f"no out_dir to {what}")
+        return self.out_dir / "checkpoint"
 
     # ------------------------------------------------------------------ saving
     def save(self, out_dir: str | Path | None = None) -> dict[str, Path]:

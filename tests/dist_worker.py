@@ -71,10 +71,10 @@ def main() -> None:
         x = data()[:BATCH]
         out_ = shard.training_forward(x)
         out_.loss.backward()
-        grads = {n: shard.full_tensor(n, p.grad) for n, p in shard.named_parameters()}
-        rows, cols, vals = shard._fused_topk(x, shard.W_enc.T, None)[:3]
+        grads = {n: shard.collective.whole(n, p.grad) for n, p in shard.named_parameters()}
+        code = shard.training_code(x)
         dense = torch.zeros(BATCH, D_SAE)
-        dense[rows, cols + shard.offset] = vals.detach()
+        dense[code.rows, code.cols + shard.collective.offset] = code.values.detach()
         torch.distributed.all_reduce(dense)
         if d.is_main:
             save_file({"loss": out_.loss.detach().reshape(1), "codes": dense,

@@ -102,7 +102,8 @@ def test_latent_sharded_forward_equals_unsharded(tmp_path, monkeypatch, dead):
     out = sae.training_forward(x)
     out.loss.backward()
     assert "auxk" in out.terms
-    rows, cols, vals = sae._fused_topk(x, sae.W_enc.T, None)[:3]
+    code = sae.training_code(x)
+    rows, cols, vals = code.rows, code.cols, code.values
     dense = torch.zeros(w.BATCH, w.D_SAE)
     dense[rows, cols] = vals.detach()
     assert torch.equal(got["codes"], dense)  # the sharded top-k is exact
@@ -149,15 +150,15 @@ def test_a_dead_rank_makes_the_other_fail_within_the_timeout(tmp_path):
 def test_latent_sharding_rejects_other_architectures():
     import torch.distributed as dist
 
-    from sae.distributed import LatentShardedSAE
+    from sae.distributed import LatentShards
     from sae.models import SAE, SAEConfig
 
     store = dist.HashStore()
     dist.init_process_group("gloo", store=store, rank=0, world_size=1)
     try:
         with pytest.raises(ValueError, match="topk architecture, not 'batchtopk'"):
-            LatentShardedSAE(SAE(SAEConfig(d_in=4, d_sae=8, architecture="batchtopk", k=2)),
-                             None)
+            LatentShards(None, 8, torch.device("cpu")).shard(
+                SAE(SAEConfig(d_in=4, d_sae=8, architecture="batchtopk", k=2)))
     finally:
         dist.destroy_process_group()
 

@@ -13,6 +13,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch.testing import assert_close
 
+from sae.architectures import RUNNING_THRESHOLDS
 from sae.io import (
     SAELENS_ARCHITECTURES,
     load,
@@ -22,11 +23,16 @@ from sae.io import (
     save_sparsify,
 )
 from sae.metrics import log_density
-from sae.models import ARCHITECTURES, BATCH_ARCHITECTURES, SAE, SAEConfig
+from sae.models import ARCHITECTURES, SAE, SAEConfig
 
 D_IN, D_SAE, K = 16, 64, 6
 TOL = {"rtol": 1e-5, "atol": 1e-5}
 META = {"hook_name": "model.layers.2", "model_name": "SmolLM2-135M", "context_size": 128}
+
+
+#: Architectures with a batch-dependent activation (a running inference threshold).
+BATCH_ARCHITECTURES = [a for a, row in ARCHITECTURES.items()
+                       if row.threshold in RUNNING_THRESHOLDS]
 
 
 def make_sae(architecture: str, seed: int = 0) -> SAE:

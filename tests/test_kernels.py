@@ -405,15 +405,15 @@ def test_triton_kernels_under_interpreter():
 @pytest.mark.parametrize("aux_path", ["dense", "pairs"])
 @pytest.mark.parametrize("dead", [slice(None, None, 3), slice(0, 20)])  # 8 or 20 of 24
 def test_sae_topk_fused_path_matches_support_path(dead, aux_path, monkeypatch):
-    """``SAE._sparse_forward`` for ``topk`` (fused encode; AuxK densely over the dead latents'
+    """``SAE.training_forward`` for ``topk`` (fused encode; AuxK densely over the dead latents'
     rows, or as pairs encoded against those rows, or against all rows with the live ones masked
     when most are dead) gives the loss and gradients of the generic path (dense
     pre-activations -> support -> gather)."""
-    from sae import losses, models
+    from sae import aux, losses
     from sae.models import SAE, SAEConfig
 
     if aux_path == "pairs":
-        monkeypatch.setattr(models, "DENSE_AUX_MAX_ENTRIES", 0)
+        monkeypatch.setattr(aux, "DENSE_AUX_MAX_ENTRIES", 0)
 
     torch.manual_seed(0)
     sae = SAE(SAEConfig(d_in=6, d_sae=24, architecture="topk", k=3, aux_k=4, dead_tokens=5))
@@ -459,11 +459,11 @@ def test_sae_batch_fused_path_matches_dense_reference(arch, aux_path, monkeypatc
     the auxiliary code computed densely over the candidates or as pairs."""
     import math
 
-    from sae import losses, models
+    from sae import aux, losses
     from sae.models import SAE, SAEConfig
 
     if aux_path == "pairs":
-        monkeypatch.setattr(models, "DENSE_AUX_MAX_ENTRIES", 0)
+        monkeypatch.setattr(aux, "DENSE_AUX_MAX_ENTRIES", 0)
 
     torch.manual_seed(1)
     sae = SAE(SAEConfig(d_in=6, d_sae=24, architecture=arch, k=3, aux_k=4, dead_tokens=5))
@@ -476,7 +476,7 @@ def test_sae_batch_fused_path_matches_dense_reference(arch, aux_path, monkeypatc
     x = torch.randn(10, 6, dtype=torch.float64)
     W_rows = sae.W_enc.T
     pre = ((x - sae.b_dec) @ W_rows.T + sae.b_enc).detach()
-    cand, u = sae._aux_candidates(x.device)  # before the step moves the statistics
+    cand, u = aux.CANDIDATES[sae.arch.aux](sae)  # before the step moves the statistics
     assert cand.numel() > 0 and (u is not None) == (arch != "batchtopk")
     sub = pre[:, cand] if u is None else pre[:, cand] * u[cand]
     aux_rows, local = ops.TopK(4, positive=True).support(sub)

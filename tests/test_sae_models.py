@@ -93,10 +93,8 @@ def test_topk_training_gradients_equal_dense_reference():
 
 
 def _dense_threshold_loss(sae, x):
-    """ReLU + L1 / JumpReLU loss written densely from the papers' formulas (the STE of
-    ``losses`` applied to the whole ``(N, d_sae)`` matrix)."""
-    from sae import losses
-
+    """ReLU + L1 / JumpReLU loss written densely from the papers' formulas (the STE of the
+    core's ``Jump`` applied to the whole ``(N, d_sae)`` matrix)."""
     cfg, N = sae.cfg, x.shape[0]
     pre = (x - sae.b_dec) @ sae.W_enc + sae.b_enc
     dn = sae.W_dec.norm(dim=1)
@@ -104,11 +102,12 @@ def _dense_threshold_loss(sae, x):
         z = pre.relu()
         reg = cfg.l1_coefficient * (z * dn).sum() / N
     else:
-        z = losses.JumpReLUFn.apply(pre, sae.threshold, cfg.bandwidth)
+        jump = ops.Jump(sae.threshold, bandwidth=cfg.bandwidth)
+        z = jump.project(pre)
         if cfg.jumprelu_mode == "tanh":
             l0 = torch.tanh(cfg.tanh_scale * z * dn).sum() / N
         else:
-            l0 = losses.StepFn.apply(pre, sae.threshold, cfg.bandwidth).sum() / N
+            l0 = jump.indicator(pre).sum() / N
         if cfg.jumprelu_mode == "quadratic":
             l0 = (l0 / cfg.target_l0 - 1) ** 2
         reg = cfg.l0_coefficient * l0
@@ -140,16 +139,17 @@ def test_relu_and_jumprelu_sparse_and_dense_paths_equal_dense_formula(arch, mode
         torch.testing.assert_close(a, e, msg=name)
     # the path for the next batch follows the fraction of entries above the cut in this one
     pre = (x - sae.b_dec) @ sae.W_enc + sae.b_enc
-    assert sae._last_density == pytest.approx(float((pre > sae._code_cut()).double().mean()))
+    assert sae._last_density == pytest.approx(float((pre > sae.activation.cut).double().mean()))
 
 
 def test_relu_switches_to_the_sparse_path_once_the_code_is_sparse(monkeypatch):
     from sae import models
+    from sparsecode.core import projections
 
     sae = _sae("relu")
     calls = []
-    encode = models.threshold_encode
-    monkeypatch.setattr(models, "threshold_encode",
+    encode = projections.threshold_encode
+    monkeypatch.setattr(projections, "threshold_encode",
                         lambda *a, **k: calls.append(1) or encode(*a, **k))
     x = torch.randn(16, 12)
     sae.training_forward(x)  # first batch: dense, measures a density of about one half

@@ -4,10 +4,11 @@ import pytest
 import torch
 
 from sae.data import ArrayActivations
+from sae.initialise import geometric_median
 from sae.metrics import evaluate
 from sae.models import SAE, SAEConfig
 from sae.synthetic import max_cosine, planted_features
-from sae.train import TrainConfig, Trainer, geometric_median
+from sae.train import TrainConfig, Trainer
 
 D_IN, N_FEATURES, L0 = 32, 64, 4
 

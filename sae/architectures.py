@@ -1,0 +1,147 @@
+"""SAE architectures as presets: one table, one row per name users type.
+
+An architecture is not a branch in the model: it is a choice of independent parts,
+
+* **activation**: a projection of :mod:`sparsecode.core.operators` (``TopK``, ``BatchTopK``,
+  ``FeatureChoice``, ``Jump``) that the SAE calls to encode (fused, as pairs) while training;
+* **threshold**: where a JumpReLU threshold comes from, if any: ``learned`` (a parameter with
+  the straight-through gradient), ``batch`` / ``latent`` (a running estimate of the smallest
+  selected value, global or per latent, that turns a batch-dependent activation into a per-token
+  JumpReLU at inference);
+* **penalty**: the sparsity term of the loss: ``l1`` (weighted by decoder norms, so the decoder
+  is not kept at unit norm) or ``l0`` (JumpReLU's straight-through L0), none for the budgets;
+* **aux**: the auxiliary loss for dead or under-used latents: ``auxk`` (top-``aux_k`` of the
+  dead latents on the residual) or ``aux_zipf`` (under-used latents weighted by their shortfall
+  against a Zipf target);
+* **prefixes**: Matryoshka's loss summed over nested prefixes of the latents;
+* **saelens**: the inference form written to disk (SAELens' ``architecture``: ``standard``,
+  ``topk`` or ``jumprelu``), computed by :data:`INFERENCE`.
+
+Adding an activation is one operator in the core plus one row here.
+
+>>> ARCHITECTURES["batchtopk"].saelens, ARCHITECTURES["batchtopk"].threshold
+('jumprelu', 'batch')
+>>> LOADED_AS["jumprelu"]
+'jumprelu'
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+from torch import Tensor
+
+from sparsecode.core.operators import BatchTopK, FeatureChoice, Jump, Projection, TopK
+
+if TYPE_CHECKING:
+    from .config import SAEConfig
+
+#: Threshold kinds estimated while training (the batch-dependent activations' inference form).
+RUNNING_THRESHOLDS = ("batch", "latent")
+
+
+@dataclass(frozen=True)
+class Architecture:
+    """One preset: the parts an SAE of this name is made of (see the module docstring)."""
+
+    name: str
+    description: str
+    activation: Callable[[SAEConfig, Tensor], Projection]
+    saelens: str
+    threshold: str | None = None
+    penalty: str | None = None
+    aux: str | None = None
+    prefixes: bool = False
+
+    @property
+    def unit_decoder(self) -> bool:
+        """Decoder rows are kept at unit norm (not with the decoder-norm-weighted L1)."""
+        return self.penalty != "l1"
+
+    @property
+    def budgeted(self) -> bool:
+        """``k`` is the activation's budget (active latents per token, or their average), not
+        only a target of the sparsity penalty."""
+        return self.penalty is None
+
+
+def _topk(cfg: SAEConfig, theta: Tensor) -> Projection:
+    return TopK(cfg.k, positive=True)
+
+
+def _batch_topk(cfg: SAEConfig, theta: Tensor) -> Projection:
+    return BatchTopK(cfg.k, positive=True)
+
+
+def _feature_choice(cfg: SAEConfig, theta: Tensor) -> Projection:
+    return FeatureChoice(k=cfg.k, positive=True)
+
+
+def _relu(cfg: SAEConfig, theta: Tensor) -> Projection:
+    return Jump(0.0)
+
+
+def _jumprelu(cfg: SAEConfig, theta: Tensor) -> Projection:
+    return Jump(theta, bandwidth=cfg.bandwidth)
+
+
+_ROWS = [
+    Architecture("relu", "ReLU + L1 penalty weighted by decoder norms (Anthropic's April 2024 "
+                 "recipe)", _relu, "standard", penalty="l1"),
+    Architecture("topk", "top-k per token (Gao et al. 2024), AuxK on dead latents", _topk,
+                 "topk", aux="auxk"),
+    Architecture("batchtopk", "k*B largest over the batch (Bussmann et al. 2024), AuxK",
+                 _batch_topk, "jumprelu", threshold="batch", aux="auxk"),
+    Architecture("jumprelu", "learned per-latent threshold, L0 via straight-through estimator",
+                 _jumprelu, "jumprelu", threshold="learned", penalty="l0"),
+    Architecture("matryoshka", "batch top-k with nested latent prefixes, loss summed over "
+                 "prefixes", _batch_topk, "jumprelu", threshold="batch", aux="auxk",
+                 prefixes=True),
+    Architecture("mutual_choice", "budget k*B over all token-latent pairs (Ayonrinde 2024), "
+                 "aux_zipf", _batch_topk, "jumprelu", threshold="batch", aux="aux_zipf"),
+    Architecture("feature_choice", "each latent picks its top m tokens (Ayonrinde 2024), "
+                 "aux_zipf", _feature_choice, "jumprelu", threshold="latent", aux="aux_zipf"),
+]
+ARCHITECTURES: dict[str, Architecture] = {a.name: a for a in _ROWS}
+
+
+def _inference_relu(cfg: SAEConfig, theta: Tensor) -> Projection:
+    return Jump(0.0)
+
+
+def _inference_jumprelu(cfg: SAEConfig, theta: Tensor) -> Projection:
+    return Jump(theta.detach().clamp_min(0))
+
+
+#: SAELens inference form -> the activation a saved SAE computes (per token, batch-free).
+INFERENCE: dict[str, Callable[[SAEConfig, Tensor], Projection]] = {
+    "standard": _inference_relu,
+    "topk": _topk,
+    "jumprelu": _inference_jumprelu,
+}
+
+#: SAELens inference form -> the architecture a saved SAE loads as: the one whose training
+#: activation is its inference form (no running threshold).
+LOADED_AS: dict[str, str] = {
+    a.saelens: a.name for a in _ROWS if a.threshold not in RUNNING_THRESHOLDS
+}
+
+
+def check_architecture(name: str) -> Architecture:
+    """The preset called ``name``; ``ValueError`` naming the known ones otherwise."""
+    if name not in ARCHITECTURES:
+        raise ValueError(
+            f"unknown architecture {name!r}; known architectures: {', '.join(ARCHITECTURES)}"
+        )
+    return ARCHITECTURES[name]
+
+
+def default_group_sizes(d_sae: int) -> list[int]:
+    """Matryoshka groups of 1/16, 1/16, 1/8, 1/4, 1/2 of the latents (Bussmann et al. 2025)."""
+    fractions = [1 / 16, 1 / 16, 1 / 8, 1 / 4]
+    sizes = [max(1, int(d_sae * f)) for f in fractions]
+    if sum(sizes) >= d_sae:
+        return [d_sae]
+    return [*sizes, d_sae - sum(sizes)]

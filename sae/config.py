@@ -1,0 +1,148 @@
+"""Configuration dataclasses. Each field's ``metadata["help"]`` is also its ``sae`` flag's help
+(see :mod:`sae.flags`): the command line is generated from these classes, so every setting has
+one default, in one place.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from .architectures import ARCHITECTURES, check_architecture, default_group_sizes
+
+JUMPRELU_MODES = ("step", "tanh", "quadratic")
+
+
+def _help(text: str, **extra: Any) -> dict[str, Any]:
+    return {"help": text, **extra}
+
+
+@dataclass
+class SAEConfig:
+    """Shape, architecture and loss settings of one SAE (everything the loss needs).
+
+    ``k`` is the number of active latents per token (topk), or the average per token for the
+    batch architectures; ``dead_tokens`` is the window (in tokens) after which a latent that has
+    not fired counts as dead and joins the AuxK / aux_zipf loss.
+    """
+
+    d_in: int = field(metadata=_help("input width (read from the activations)", cli=False))
+    d_sae: int = field(metadata=_help("number of latents", cli=False))
+    architecture: str = field(default="topk", metadata=_help(
+        f"architecture(s), comma-separated: {', '.join(ARCHITECTURES)}", flag="arch",
+        sweep=True))
+    k: int = field(default=32, metadata=_help(
+        "active latents per token (the average for the batch architectures; the L0 target of "
+        "jumprelu); a comma list trains one SAE per value", sweep=True))
+    l1_coefficient: float = field(default=5.0, metadata=_help(
+        "relu: weight of the decoder-norm-weighted L1 penalty"))
+    l0_coefficient: float = field(default=10.0, metadata=_help(
+        "jumprelu: weight of the L0 penalty"))
+    sparsity_warmup_tokens: int = field(default=0, metadata=_help(
+        "relu / jumprelu: tokens over which the sparsity coefficient ramps up linearly"))
+    jumprelu_mode: str = field(default="quadratic", metadata=_help(
+        "jumprelu L0 penalty: step (L0), tanh (smooth L0) or quadratic ((L0 / target_l0 - 1)^2)",
+        choices=JUMPRELU_MODES))
+    target_l0: float | None = field(default=None, metadata=_help(
+        "jumprelu quadratic mode: the L0 aimed at (default: k)"))
+    bandwidth: float = field(default=0.05, metadata=_help(
+        "jumprelu: width of the straight-through estimator's window"))
+    threshold_init: float = field(default=0.01, metadata=_help("jumprelu: initial threshold"))
+    tanh_scale: float = field(default=4.0, metadata=_help("jumprelu tanh mode: slope"))
+    group_sizes: list[int] | None = field(default=None, metadata=_help(
+        "matryoshka: latents per nested group, comma-separated, summing to d_sae (default: "
+        "1/16, 1/16, 1/8, 1/4, 1/2)"))
+    random_prefixes: bool = field(default=False, metadata=_help(
+        "matryoshka: random log-uniform prefixes instead of the fixed groups"))
+    aux_k: int | None = field(default=None, metadata=_help(
+        "latents in the auxiliary code (default: min(d_in / 2, d_sae))"))
+    aux_coefficient: float = field(default=1 / 32, metadata=_help(
+        "weight of the AuxK / aux_zipf loss (0: off)"))
+    dead_tokens: int | None = field(default=None, metadata=_help(
+        "tokens without firing after which a latent counts as dead (default: min(10M, run "
+        "tokens / 20))"))
+    zipf_exponent: float = field(default=1.0, metadata=_help(
+        "aux_zipf: exponent of the target firing-rate distribution"))
+    threshold_rate: float = field(default=0.05, metadata=_help(
+        "batch architectures: EMA rate of the running inference threshold"))
+    metadata: dict[str, Any] = field(default_factory=dict, metadata=_help(
+        "saved with the SAE (hook point, model, ...)", cli=False))
+
+    def __post_init__(self) -> None:
+        arch = check_architecture(self.architecture)
+        for name in ("d_in", "d_sae", "k"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+                raise ValueError(f"{name} must be a positive integer, got {v!r}")
+        if arch.budgeted and self.k > self.d_sae:
+            raise ValueError(f"k={self.k} is larger than d_sae={self.d_sae}")
+        if self.jumprelu_mode not in JUMPRELU_MODES:
+            raise ValueError(
+                f"unknown jumprelu_mode {self.jumprelu_mode!r}; use one of {JUMPRELU_MODES}"
+            )
+        if self.target_l0 is None:
+            self.target_l0 = float(self.k)
+        if self.target_l0 <= 0:
+            raise ValueError(f"target_l0 must be > 0, got {self.target_l0}")
+        if self.aux_k is None:
+            self.aux_k = max(1, min(self.d_in // 2, self.d_sae))
+        if arch.prefixes and self.group_sizes is None:
+            self.group_sizes = default_group_sizes(self.d_sae)
+        if self.group_sizes is not None:
+            if sum(self.group_sizes) != self.d_sae or min(self.group_sizes) < 1:
+                raise ValueError(
+                    f"group_sizes {self.group_sizes} must be positive and sum to d_sae={self.d_sae}"
+                )
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+#: Encoder matmul precisions (``auto``: bfloat16 where the hardware multiplies it natively).
+MATMUL_DTYPES = ("auto", "float32", "bfloat16", "float16")
+B_DEC_INITS = ("geometric_median", "mean", "zeros")
+
+
+@dataclass
+class TrainConfig:
+    """Optimisation and bookkeeping settings shared by the SAEs of one run."""
+
+    total_tokens: int = field(default=2_000_000, metadata=_help("training tokens", flag="tokens"))
+    lr: float | None = field(default=None, metadata=_help(
+        "learning rate (default: 1.5e-3 / sqrt(d_sae / 2^14), per SAE)"))
+    betas: tuple[float, float] = field(default=(0.9, 0.999), metadata=_help(
+        "Adam betas", cli=False))
+    warmup_steps: int | None = field(default=None, metadata=_help(
+        "linear LR warm-up steps (default: 5%% of the steps, at most 1000)"))
+    decay_fraction: float = field(default=0.2, metadata=_help(
+        "linear LR decay to 0 over this final fraction of the steps"))
+    grad_clip: float = field(default=1.0, metadata=_help("gradient-norm clip (0: off)"))
+    matmul_dtype: str = field(default="auto", metadata=_help(
+        "encoder matmul precision (auto: bfloat16 on CUDA and on CPUs with AMX / AVX512-BF16)",
+        choices=MATMUL_DTYPES))
+    b_dec_init: str = field(default="geometric_median", metadata=_help(
+        "b_dec from the first batch", choices=B_DEC_INITS))
+    normalize_input: bool = field(default=True, metadata=_help(
+        "scale inputs to E||x|| = sqrt(d_in) (folded into the saved weights)"))
+    eval_every: int = field(default=0, metadata=_help(
+        "held-out evaluation every this many steps (0: only at the end)"))
+    log_every: int = field(default=10, metadata=_help("steps between history / wandb rows"))
+    checkpoint_every: int = field(default=100, metadata=_help(
+        "checkpoint every this many steps when there is an output folder (0: only on "
+        "interruption)"))
+    seed: int = field(default=0, metadata=_help("random seed (weights, data order, prefixes)"))
+    progress: bool = field(default=True, metadata=_help("progress bar"))
+    wandb: bool = field(default=False, metadata=_help("log to Weights & Biases"))
+    wandb_project: str = field(default="sae", metadata=_help("Weights & Biases project"))
+
+    def __post_init__(self) -> None:
+        if self.total_tokens < 1:
+            raise ValueError(f"total_tokens must be >= 1, got {self.total_tokens}")
+        if self.matmul_dtype not in MATMUL_DTYPES:
+            raise ValueError(
+                f"matmul_dtype must be one of {list(MATMUL_DTYPES)}, got {self.matmul_dtype!r}"
+            )
+        if self.b_dec_init not in B_DEC_INITS:
+            raise ValueError(f"unknown b_dec_init {self.b_dec_init!r}; use one of {B_DEC_INITS}")
+        if not 0 <= self.decay_fraction <= 1:
+            raise ValueError(f"decay_fraction must be in [0, 1], got {self.decay_fraction}")
