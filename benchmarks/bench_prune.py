@@ -76,9 +76,9 @@ def main(argv=None) -> int:
     torch.set_num_threads(args.threads)
     root = Path(__file__).resolve().parent.parent
     sys.path.insert(0, str(root))
-    from sae.lm import load_model
-    from sae.text import builtin_texts, pack_tokens, split_texts
+    from sparsecode.lm import load_model
     from sparsecode.prune import evaluate_perplexity, prune
+    from sparsecode.text import builtin_texts, pack_tokens, split_texts
 
     t0 = time.perf_counter()
     model, tok = load_model("smollm2", dtype=torch.float32)

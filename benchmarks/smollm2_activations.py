@@ -18,7 +18,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from sae import lm, text
+from sae.live import LiveActivations
+from sparsecode import lm, text
 
 
 def main(argv=None) -> None:
@@ -33,7 +34,7 @@ def main(argv=None) -> None:
     parts = []
     for docs in (train, held):
         tokens = text.pack_tokens(tok, docs, context_size=args.context_size)
-        src = lm.LiveActivations(model, tokens, [args.hookpoint], batch_size=4096,
+        src = LiveActivations(model, tokens, [args.hookpoint], batch_size=4096,
                                  drop_last=False, progress=True)
         parts.append(torch.cat([b[args.hookpoint] for b in src]))
     acts = torch.cat(parts).numpy()

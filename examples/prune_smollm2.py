@@ -14,9 +14,9 @@ import argparse
 
 import torch
 
-from sae.lm import load_model
-from sae.text import builtin_texts, pack_tokens, split_texts
+from sparsecode.lm import load_model
 from sparsecode.prune import decoder_layers, evaluate_perplexity, prune
+from sparsecode.text import builtin_texts, pack_tokens, split_texts
 
 
 def main() -> None:

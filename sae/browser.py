@@ -30,7 +30,7 @@ from torch import Tensor, nn
 
 from sparsecode.hooks import capture, resolve
 
-from .data import MASSIVE_FACTOR, massive_mask
+from .massive import MASSIVE_FACTOR, MassiveFilter
 from .metrics import DENSE_THRESHOLD, density_histogram
 
 __all__ = [
@@ -157,7 +157,7 @@ def _scan(
     sums = torch.zeros(n_track, dtype=torch.float64, device=s_dev)
     hist = torch.zeros(n_track * HIST_BINS, dtype=torch.long, device=s_dev)
     n_pos = n_massive = 0
-    median: float | None = None
+    positions = MassiveFilter(massive_factor, drop_bos=drop_bos)  # medians: the first batch
     bar = None
     if progress:
         from tqdm.auto import tqdm
@@ -176,16 +176,8 @@ def _scan(
             if not torch.isfinite(x).all():
                 raise ValueError(f"the model's activation at {point!r} holds NaN or inf")
             x = x.to(device=s_dev, dtype=s_dtype)
-            keep = torch.ones(chunk.shape, dtype=torch.bool, device=s_dev)
-            if drop_bos:
-                keep[:, 0] = False
-            if massive_factor is not None:
-                flat = x.reshape(-1, x.shape[-1])
-                if median is None:  # reference norm: the first batch, first positions left out
-                    median = float(flat[keep.flatten()].float().norm(dim=-1).median())
-                ok = massive_mask(flat, massive_factor, median=median).view(chunk.shape)
-                n_massive += int((keep & ~ok).sum())
-                keep &= ok
+            keep = positions.keep_positions({point: x})
+            n_massive += keep.numel() - int(keep.sum()) - (chunk.shape[0] if drop_bos else 0)
             n_pos += int(keep.sum())
             z = sae.encode(x).float() * keep.unsqueeze(-1)
             counts += (z != 0).sum(dim=(0, 1))
@@ -212,7 +204,7 @@ def _scan(
         "top_win": top.win.cpu(),
         "n_positions": n_pos,
         "n_massive": n_massive,
-        "median_norm": median,
+        "median_norm": None if positions.medians is None else positions.medians[point],
     }
 
 

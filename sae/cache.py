@@ -35,9 +35,11 @@ from safetensors import safe_open
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from sae.data import _BlockShuffledSource, check_finite, massive_mask
 from sparsecode._arrays import check_int
 from sparsecode._files import atomic_write
+
+from .data import check_finite
+from .stream import BlockShuffledSource
 
 FORMAT = "sparsecode-activation-cache"
 FORMAT_VERSION = 1
@@ -534,7 +536,7 @@ class _Writer:
 
 
 # --------------------------------------------------------------------------- reading
-class CachedActivations(_BlockShuffledSource):
+class CachedActivations(BlockShuffledSource):
     """Batches read from a cache written by :func:`write_cache` (an ActivationSource).
 
     Shuffle scheme (bounded memory): each epoch permutes the shard order with a generator seeded
@@ -684,12 +686,8 @@ class CachedActivations(_BlockShuffledSource):
             for hp in self.hookpoints:
                 parts[hp].append(self._load_shard(i, hp)[lo:])
         out = {hp: torch.cat(p) for hp, p in parts.items()}
-        if self.massive_factor is not None:
-            assert self.massive_median is not None
-            keep = None
-            for hp, x in out.items():
-                k = massive_mask(x, self.massive_factor, self.massive_median[hp])
-                keep = k if keep is None else keep & k
+        keep = self.massive.keep(out)
+        if keep is not None:
             out = {hp: x[keep] for hp, x in out.items()}
         return {hp: x.to(device=self.device, dtype=self.dtype) for hp, x in out.items()}
 

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import sys
 import time
@@ -109,81 +108,30 @@ def _cache_source(args, seed: int):
     return src, src.heldout(), {"source": str(args.cache), **src.metadata}
 
 
-#: Live activations whose total size is below this are computed once and kept in memory.
-MATERIALIZE_BYTES = 4 * 2**30
-
-
-def _collect(src, hook: str) -> torch.Tensor:
-    return torch.cat([b[hook] for b in src])
-
-
 def _live_source(args, seed: int, device: torch.device, d=None):
-    """Activations of ``--model`` at ``--hookpoint`` over the training text.
+    """Activations of ``--model`` at ``--hookpoint`` over the training text: computed once and
+    kept in memory when they fit, streamed otherwise (:func:`sae.live.model_source`)."""
+    from sparsecode import lm, text
 
-    When all the training text's activations fit in memory (``MATERIALIZE_BYTES``), they are
-    computed once (one model pass) and the SAE trains for several epochs over them; otherwise
-    they stream live through a shuffle buffer, one model pass per epoch.
-
-    Distributed (``d``): in the first case every process computes a contiguous share of the
-    contexts and the shares are all-gathered (so every rank holds the same array, filtered for
-    massive activations against the median of its first 65,536 rows); in the second each
-    data-parallel rank streams its own share of the contexts with ``batch_size / data ranks``
-    rows per step."""
-    from . import lm, text
-    from .data import ArrayActivations
+    from .live import LiveActivations, model_source
 
     t0 = time.perf_counter()
     model, tokenizer = lm.load_model(args.model, device=device)
     hook = args.hookpoint or lm.default_hookpoint(model)
-    texts = text.load_texts(args.dataset or args.text)
-    train_texts, held_texts = text.split_texts(texts, holdout_fraction=0.1, seed=0)
+    train_texts, held_texts = text.split_texts(text.load_texts(args.dataset or args.text))
     tokens = text.pack_tokens(tokenizer, train_texts, context_size=args.context_size)
     held_tokens = text.pack_tokens(tokenizer, held_texts, context_size=args.context_size)
-    d_in = lm.hidden_size(model, hook)
     print(
         f"model {args.model} loaded in {time.perf_counter() - t0:.0f} s; hook point {hook} "
-        f"(d_in={d_in}); {tokens.numel()} training and {held_tokens.numel()} held-out tokens",
+        f"(d_in={lm.hidden_size(model, hook)}); {tokens.numel()} training and "
+        f"{held_tokens.numel()} held-out tokens",
         file=sys.stderr,
     )
-    live = dict(seed=seed, device=device, progress=not args.no_progress)
-    held = lm.LiveActivations(
-        model, held_tokens, [hook], batch_size=args.batch_size, epochs=1, drop_last=False, **live
-    )
-    heldout = {hook: _collect(held, hook)[: args.holdout]}
-    if d is not None and tokens.numel() * d_in * 4 <= MATERIALIZE_BYTES:
-        from .data import drop_massive
-        from .distributed import all_gather_rows
-
-        share = tokens.tensor_split(d.world)[d.rank]
-        once = lm.LiveActivations(
-            model, share, [hook], batch_size=args.batch_size, epochs=1, drop_last=False,
-            shuffle_contexts=False, massive_factor=None, **live
-        )
-        acts = all_gather_rows(_collect(once, hook).to(d.device), None).cpu()
-        median = float(acts[:65536].norm(dim=-1).median())
-        acts = acts[drop_massive(acts, MASSIVE_FACTOR, median=median)[1]]
-        src = ArrayActivations(
-            acts, batch_size=args.batch_size, hookpoint=hook, seed=seed, epochs=None
-        )
-    elif d is not None:
-        epochs = max(1, math.ceil(args.tokens / max(tokens.numel(), 1)))
-        src = lm.LiveActivations(
-            model, tokens.tensor_split(d.data_size)[d.data_rank], [hook],
-            batch_size=args.batch_size // d.data_size, epochs=epochs, **live
-        )
-    elif tokens.numel() * d_in * 4 <= MATERIALIZE_BYTES:
-        once = lm.LiveActivations(
-            model, tokens, [hook], batch_size=args.batch_size, epochs=1, drop_last=False, **live
-        )
-        acts = _collect(once, hook)
-        src = ArrayActivations(
-            acts, batch_size=args.batch_size, hookpoint=hook, seed=seed, epochs=None
-        )
-    else:
-        epochs = max(1, math.ceil(args.tokens / max(tokens.numel(), 1)))
-        src = lm.LiveActivations(
-            model, tokens, [hook], batch_size=args.batch_size, epochs=epochs, **live
-        )
+    held = LiveActivations(model, held_tokens, [hook], batch_size=args.batch_size, epochs=1,
+                           drop_last=False, seed=seed, device=device)
+    heldout = {hook: torch.cat([b[hook] for b in held])[: args.holdout]}
+    src = model_source(model, tokens, hook, batch_size=args.batch_size, total_tokens=args.tokens,
+                       seed=seed, device=device, progress=not args.no_progress, dist=d)
     info = {
         "model_name": args.model,
         "hook_name": hook,
@@ -359,7 +307,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
                 )
             results[name] = metrics.evaluate(sae, x)
     else:
-        from . import lm, text
+        from sparsecode import lm, text
 
         models: dict[str, Any] = {}
         for name, sae in saes.items():
@@ -372,7 +320,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
                 models[model_name] = lm.load_model(model_name, device=device)
             model, tokenizer = models[model_name]
             source = args.dataset or args.text or meta.get("dataset") or "builtin"
-            held = text.split_texts(text.load_texts(source), holdout_fraction=0.1, seed=0)[1]
+            held = text.split_texts(text.load_texts(source))[1]
             ctx = int(meta.get("context_size") or args.context_size)
             tokens = text.pack_tokens(tokenizer, held, context_size=ctx)
             if args.max_tokens:
@@ -391,15 +339,17 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
 
 def cmd_cache(args: argparse.Namespace) -> int:
-    from . import lm, text
+    from sparsecode import lm, text
+
     from .cache import write_cache
+    from .live import LiveActivations
 
     device = _device(args.device)
     model, tokenizer = lm.load_model(args.model, device=device)
     hooks = _split_list(args.hookpoint) if args.hookpoint else [lm.default_hookpoint(model)]
     texts = text.load_texts(args.dataset or args.text)
     tokens = text.pack_tokens(tokenizer, texts, context_size=args.context_size)
-    src = lm.LiveActivations(model, tokens, hooks, batch_size=args.shard_tokens, seed=args.seed,
+    src = LiveActivations(model, tokens, hooks, batch_size=args.shard_tokens, seed=args.seed,
                              device=device)
     meta = {"model_name": args.model, "context_size": args.context_size,
             "dataset": args.dataset or args.text}
@@ -412,7 +362,8 @@ def cmd_cache(args: argparse.Namespace) -> int:
 def cmd_browse(args: argparse.Namespace) -> int:
     """Write a static HTML feature browser per SAE over held-out text: each latent's top
     activating contexts, activation histogram, logit effects and density."""
-    from . import lm, text
+    from sparsecode import lm, text
+
     from .browser import feature_browser, find_sae_folders
     from .io import load
 
@@ -435,7 +386,7 @@ def cmd_browse(args: argparse.Namespace) -> int:
         source = args.text or meta.get("dataset") or "builtin"
         if source not in held:
             docs = text.load_texts(source)
-            held[source] = text.split_texts(docs, holdout_fraction=0.1, seed=0)[1]
+            held[source] = text.split_texts(docs)[1]
         ctx = args.context_size or int(meta.get("context_size") or 128)
         tokens = text.pack_tokens(tokenizer, held[source], context_size=ctx)
         tokens = tokens[: max(1, -(-args.tokens // ctx))]
@@ -490,14 +441,13 @@ def cmd_prune(args: argparse.Namespace) -> int:
     ``model.safetensors`` (and ``model.masks.safetensors`` with ``--save-masks``) and
     ``report.json``.
     """
+    from sparsecode import lm, text
     from sparsecode.prune import evaluate_perplexity, prune, save_pruned
-
-    from . import lm, text
 
     device = _device(args.device)
     model, tokenizer = lm.load_model(args.model, device=device)
     texts = text.load_texts(args.dataset or args.text)
-    train_texts, held_texts = text.split_texts(texts, holdout_fraction=0.1, seed=0)
+    train_texts, held_texts = text.split_texts(texts)
     calib = text.pack_tokens(tokenizer, train_texts, context_size=args.context_size)
     gen = torch.Generator().manual_seed(args.seed)
     calib = calib[torch.randperm(len(calib), generator=gen)[: args.n_calib]]

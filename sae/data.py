@@ -1,25 +1,21 @@
-"""Activation data for SAE training: the batch-source protocol and the massive-activation filter.
+"""Activation data for SAE training: the batch-source protocol and in-memory / ``.npy`` sources.
 
 Every source (an in-memory array, a ``.npy`` file, an on-disk cache, a live model) is an iterable
 of batches, each batch a ``dict`` mapping a hook point name to a float ``(batch_size, d_in)``
-tensor, so that several SAEs (at several hook points) can train from one stream. Sources are
-deterministic given their seed and support exact resume through ``state_dict`` /
+tensor, so that several dictionaries (at several hook points) can train from one stream.
+Sources are deterministic given their seed and support exact resume through ``state_dict`` /
 ``load_state_dict``: after loading a state, iteration continues with the batch that would have
 come next.
 
-Sources defined here:
+Sources:
 
-* :class:`ArrayActivations`: a tensor, a numpy array or a ``.npy`` file (memory-mapped, so files
-  larger than memory work), shuffled in bounded memory, with a held-out tail.
-* :class:`sae.cache.CachedActivations` (in :mod:`sae.cache`): the sharded on-disk cache that
-  ``sae cache`` writes.
+* :class:`ArrayActivations` (here): a tensor, a numpy array or a ``.npy`` file (memory-mapped,
+  so files larger than memory work), shuffled in bounded memory, with a held-out tail.
+* :class:`sae.cache.CachedActivations`: the sharded on-disk cache that ``sae cache`` writes.
+* :class:`sae.live.LiveActivations`: a language model run over token contexts.
 
-Both share one shuffle engine: the rows are split into *units* read whole (a contiguous chunk of
-the array, a cache shard); each epoch permutes the unit order, groups consecutive units into
-*blocks*, shuffles the rows of each block with a generator seeded by ``(seed, epoch, block)`` and
-cuts the resulting stream into batches, dropping the last partial batch of the epoch. Memory is
-one block plus one batch; when everything fits in one block the shuffle is a full permutation.
-A position in that stream is three integers, which is what ``state_dict`` stores.
+All are :class:`sae.stream.BlockShuffledSource` (one shuffle engine, one resume state) and drop
+massive-norm rows with :class:`sae.massive.MassiveFilter` (re-exported here).
 """
 
 from __future__ import annotations
@@ -28,7 +24,7 @@ import os
 import warnings
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, Protocol, runtime_checkable
+from typing import Protocol, runtime_checkable
 
 import numpy as np
 import torch
@@ -36,10 +32,13 @@ from torch import Tensor
 
 from sparsecode._arrays import check_int
 
-#: Default factor for :func:`drop_massive`: positions whose norm exceeds this many times the
-#: median norm are dropped (SmolLM2's rare attention-sink positions reach ~70x the median).
-MASSIVE_FACTOR = 10.0
+from .massive import MASSIVE_FACTOR, MassiveFilter, drop_massive, massive_mask
+from .stream import BlockShuffledSource
 
+__all__ = [
+    "MASSIVE_FACTOR", "ActivationSource", "ArrayActivations", "BlockShuffledSource",
+    "MassiveFilter", "check_finite", "drop_massive", "massive_mask",
+]
 
 @runtime_checkable
 class ActivationSource(Protocol):
@@ -52,42 +51,6 @@ class ActivationSource(Protocol):
     def state_dict(self) -> dict: ...
 
     def load_state_dict(self, state: dict) -> None: ...
-
-
-def drop_massive(
-    x: Tensor, factor: float = MASSIVE_FACTOR, median: float | Tensor | None = None
-) -> tuple[Tensor, Tensor]:
-    """Rows of ``x`` whose L2 norm is at most ``factor`` times the median row norm.
-
-    Some language models write a few positions of enormous norm into the residual stream
-    (attention sinks). They carry most of the variance, so left in they dominate both the
-    training signal and the FVU. ``median`` fixes the reference norm (e.g. measured once on a
-    first batch) so that filtering does not depend on batch composition; by default it is the
-    median of ``x``'s own row norms. Returns ``(kept_rows, keep_mask)``.
-
-    >>> x = torch.ones(5, 4); x[2] *= 1000
-    >>> kept, mask = drop_massive(x)
-    >>> kept.shape, mask.tolist()
-    (torch.Size([4, 4]), [True, True, False, True, True])
-    """
-    mask = massive_mask(x, factor, median)
-    return x[mask], mask
-
-
-def massive_mask(
-    x: Tensor, factor: float = MASSIVE_FACTOR, median: float | Tensor | None = None
-) -> Tensor:
-    """The keep mask of :func:`drop_massive`: ``norm(row) <= factor * median`` per row.
-
-    >>> x = torch.ones(3, 2); x[0] *= 50
-    >>> massive_mask(x).tolist()
-    [False, True, True]
-    """
-    if not factor > 0:
-        raise ValueError(f"factor must be > 0, got {factor}")
-    norms = x.float().norm(dim=-1)
-    ref = norms.median() if median is None else torch.as_tensor(median, dtype=norms.dtype)
-    return norms <= factor * ref.to(norms.device)
 
 
 def check_finite(x: Tensor | np.ndarray, what: str = "activations", *, row_offset: int = 0) -> None:
@@ -137,226 +100,11 @@ def check_finite(x: Tensor | np.ndarray, what: str = "activations", *, row_offse
     raise ValueError(f"{what} hold a non-finite value ({value}){where}")
 
 
-def _generator(*key: int) -> torch.Generator:
-    """A CPU generator seeded from a tuple of integers (stable across runs and platforms)."""
-    words = [int(k) % 2**64 for k in key]
-    state = np.random.SeedSequence(words).generate_state(1, np.uint64)[0]
-    return torch.Generator().manual_seed(int(state))
-
-
-def _check_epochs(epochs: int | None) -> None:
-    if epochs is not None:
-        check_int("epochs", epochs, 1)
-
-
-class _BlockShuffledSource:
-    """Shared engine of the file/array sources (see the module docstring for the scheme).
-
-    Subclasses define ``hookpoints``, ``_unit_rows`` (training rows per unit) and ``_read_unit``
-    (the training rows of one unit, in natural order, one tensor per hook point), then call
-    ``_setup``.
-    """
-
-    hookpoints: list[str]
-    _unit_rows: list[int]
-
-    def _read_unit(self, unit: int) -> dict[str, Tensor]:
-        raise NotImplementedError
-
-    def _setup(
-        self,
-        *,
-        batch_size: int,
-        seed: int,
-        epochs: int | None,
-        shuffle: bool,
-        group: int,
-        massive_factor: float | None,
-        dtype: torch.dtype,
-        device: str | torch.device,
-    ) -> None:
-        check_int("batch_size", batch_size, 1)
-        check_int("seed", seed, -(2**63))
-        _check_epochs(epochs)
-        if massive_factor is not None and not massive_factor > 0:
-            raise ValueError(f"massive_factor must be > 0 (or None), got {massive_factor}")
-        if not dtype.is_floating_point:
-            raise ValueError(f"dtype must be a floating-point torch dtype, got {dtype}")
-        self.batch_size = batch_size
-        self.seed = seed
-        self.epochs = epochs
-        self.shuffle = bool(shuffle)
-        self.massive_factor = None if massive_factor is None else float(massive_factor)
-        self.dtype = dtype
-        self.device = torch.device(device)
-        self._group = group
-        self._kept: dict[int, int] = {}
-        self.tokens_seen = 0
-        self._pos = {"epoch": 0, "block": 0, "offset": 0, "batch": 0}
-        n_train = sum(self._unit_rows)
-        if n_train < batch_size:
-            raise ValueError(
-                f"only {n_train} training rows, fewer than batch_size={batch_size}: "
-                "no full batch to yield (lower batch_size or holdout)"
-            )
-        #: Median row norm per hook point on the first unit; the massive filter's reference.
-        self.massive_median: dict[str, float] | None = None
-        if self.massive_factor is not None:
-            first = self._read_unit(0)
-            self.massive_median = {
-                hp: float(t.float().norm(dim=-1).median()) for hp, t in first.items()
-            }
-            zero = [hp for hp, m in self.massive_median.items() if m == 0]
-            if zero:
-                raise ValueError(
-                    f"the median row norm of the first {self._unit_rows[0]} rows is 0 at "
-                    f"{zero}: massive_factor cannot filter relative to it"
-                )
-            self._keep_mask(0, first)
-
-    # ----------------------------------------------------------------- the stream
-    def _keep_mask(self, unit: int, data: dict[str, Tensor]) -> Tensor | None:
-        """Rows of a unit that pass the massive filter on every hook point (None: no filter)."""
-        if self.massive_factor is None:
-            return None
-        assert self.massive_median is not None
-        mask = None
-        for hp, t in data.items():
-            m = massive_mask(t, self.massive_factor, self.massive_median[hp]).cpu()
-            mask = m if mask is None else mask & m
-        assert mask is not None
-        self._kept[unit] = int(mask.sum())
-        return mask
-
-    def _epoch_blocks(self, epoch: int) -> list[list[int]]:
-        n = len(self._unit_rows)
-        if self.shuffle:
-            order = torch.randperm(n, generator=_generator(self.seed, 0, epoch, 0)).tolist()
-        else:
-            order = list(range(n))
-        return [order[i : i + self._group] for i in range(0, n, self._group)]
-
-    def _block(self, epoch: int, index: int, units: list[int]) -> tuple[dict, Tensor]:
-        """The rows of one block and the order (after the filter) in which they are served."""
-        parts = [self._read_unit(u) for u in units]
-        masks = [self._keep_mask(u, p) for u, p in zip(units, parts, strict=True)]
-        if len(parts) == 1:
-            data = parts[0]
-        else:
-            data = {hp: torch.cat([p[hp] for p in parts]) for hp in self.hookpoints}
-        del parts
-        n = next(iter(data.values())).shape[0]
-        if self.shuffle:
-            order = torch.randperm(n, generator=_generator(self.seed, 1, epoch, index))
-        else:
-            order = torch.arange(n)
-        if masks[0] is not None:
-            order = order[torch.cat(masks)[order]]
-        return data, order
-
-    def __iter__(self) -> Iterator[dict[str, Tensor]]:
-        """Batches from the current position on; a finished source starts over."""
-        bs = self.batch_size
-        if self.epochs is not None and self._pos["epoch"] >= self.epochs:
-            self._pos = {"epoch": 0, "block": 0, "offset": 0, "batch": 0}
-            self.tokens_seen = 0
-        while self.epochs is None or self._pos["epoch"] < self.epochs:
-            epoch = self._pos["epoch"]
-            blocks = self._epoch_blocks(epoch)
-            b, off, n_batch = self._pos["block"], self._pos["offset"], self._pos["batch"]
-            pieces: list[dict[str, Tensor]] = []
-            need = bs
-            while b < len(blocks):
-                data, order = self._block(epoch, b, blocks[b])
-                n = len(order)
-                dev_order = {t.device: order.to(t.device) for t in data.values()}
-                while off < n:
-                    take = min(need, n - off)
-                    pieces.append(
-                        {hp: t[dev_order[t.device][off : off + take]] for hp, t in data.items()}
-                    )
-                    off += take
-                    need -= take
-                    if need == 0:
-                        batch = {
-                            hp: torch.cat([p[hp] for p in pieces]).to(
-                                device=self.device, dtype=self.dtype
-                            )
-                            for hp in self.hookpoints
-                        }
-                        pieces, need, n_batch = [], bs, n_batch + 1
-                        nxt = (b, off) if off < n else (b + 1, 0)
-                        self._pos = {
-                            "epoch": epoch,
-                            "block": nxt[0],
-                            "offset": nxt[1],
-                            "batch": n_batch,
-                        }
-                        self.tokens_seen += bs
-                        yield batch
-                del data, order, dev_order
-                b, off = b + 1, 0
-            # the rest (< batch_size rows) of the epoch is dropped
-            self._pos = {"epoch": epoch + 1, "block": 0, "offset": 0, "batch": 0}
-
-    # ----------------------------------------------------------------- sizes
-    def kept_rows(self) -> int:
-        """Training rows served per epoch (after the massive filter, if any).
-
-        With ``massive_factor`` set this reads every not-yet-seen unit once to count.
-        """
-        if self.massive_factor is None:
-            return sum(self._unit_rows)
-        for u in range(len(self._unit_rows)):
-            if u not in self._kept:
-                self._keep_mask(u, self._read_unit(u))
-        return sum(self._kept.values())
-
-    def __len__(self) -> int:
-        """Batches per epoch (the last partial batch of each epoch is dropped)."""
-        return self.kept_rows() // self.batch_size
-
-    # ----------------------------------------------------------------- resume
-    def _config(self) -> dict[str, Any]:
-        return {
-            "rows": sum(self._unit_rows),
-            "units": len(self._unit_rows),
-            "group": self._group,
-            "batch_size": self.batch_size,
-            "seed": self.seed,
-            "shuffle": self.shuffle,
-            "massive_factor": self.massive_factor,
-            "hookpoints": list(self.hookpoints),
-        }
-
-    def state_dict(self) -> dict[str, Any]:
-        """Position of the next batch: epoch, block, row offset in the block; JSON-serialisable."""
-        return {**self._pos, "tokens_seen": self.tokens_seen, "config": self._config()}
-
-    def load_state_dict(self, state: dict) -> None:
-        """Continue from ``state`` (from :meth:`state_dict` of an identically configured source)."""
-        missing = {"epoch", "block", "offset", "batch", "tokens_seen", "config"} - set(state)
-        if missing:
-            raise ValueError(f"not a state of this source: missing keys {sorted(missing)}")
-        mine = self._config()
-        diff = [
-            f"{k}={state['config'].get(k)!r} (this source has {mine[k]!r})"
-            for k in mine
-            if state["config"].get(k) != mine[k]
-        ]
-        if diff:
-            raise ValueError(
-                "state was saved by a differently configured source: " + "; ".join(diff)
-            )
-        self._pos = {k: int(state[k]) for k in ("epoch", "block", "offset", "batch")}
-        self.tokens_seen = int(state["tokens_seen"])
-
-
 #: Default bytes per chunk when an ``ArrayActivations`` reads a file (see ``chunk_rows``).
 CHUNK_BYTES = 256 * 2**20
 
 
-class ArrayActivations(_BlockShuffledSource):
+class ArrayActivations(BlockShuffledSource):
     """Batches from one 2-D activation array: a tensor, a numpy array or a ``.npy`` file.
 
     A path is opened with ``np.load(mmap_mode="r")`` so files larger than memory work: the rows
@@ -501,10 +249,9 @@ class ArrayActivations(_BlockShuffledSource):
         if not self._heldout_checked:
             check_finite(x, self._name, row_offset=self.n_train)
             self._heldout_checked = True
-        if self.massive_factor is not None:
-            assert self.massive_median is not None
-            hp = self.hookpoints[0]
-            x = x[massive_mask(x, self.massive_factor, self.massive_median[hp]).to(x.device)]
+        keep = self.massive.keep({self.hookpoints[0]: x})
+        if keep is not None:
+            x = x[keep.to(x.device)]
         return x.to(device=self.device, dtype=self.dtype)
 
     def __repr__(self) -> str:

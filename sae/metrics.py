@@ -9,6 +9,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from .massive import MASSIVE_FACTOR, MassiveFilter
+
 #: A latent firing on more than this fraction of tokens counts as dense.
 DENSE_THRESHOLD = 0.1
 
@@ -121,22 +123,13 @@ __all__ = [
 
 
 class _Spliced:
-    """An SAE (or zero-ablation) spliced in at the positions the SAE is meant for.
+    """An SAE (or zero-ablation) spliced in at the positions the SAE is meant for (``keep``,
+    from :class:`sae.massive.MassiveFilter`); the others keep their original activation."""
 
-    Positions excluded from SAE training keep their original activation: position 0 (BOS /
-    attention sink) and positions whose norm exceeds ``factor`` times the reference median."""
-
-    def __init__(self, sae, zero: bool, factor: float | None, median: float | None):
-        self.sae, self.zero, self.factor, self.median = sae, zero, factor, median
+    def __init__(self, sae, zero: bool, keep: Tensor):
+        self.sae, self.zero, self.keep = sae, zero, keep
         self.W_dec = sae.W_dec
         self._x: Tensor | None = None
-
-    def keep_mask(self, x: Tensor) -> Tensor:
-        keep = torch.ones(x.shape[:-1], dtype=torch.bool, device=x.device)
-        keep[:, 0] = False
-        if self.factor is not None and self.median is not None:
-            keep &= x.float().norm(dim=-1) <= self.factor * self.median
-        return keep
 
     def encode(self, x: Tensor) -> Tensor:
         self._x = x
@@ -145,7 +138,7 @@ class _Spliced:
     def decode(self, z: Tensor) -> Tensor:
         x = self._x
         x_hat = torch.zeros_like(x) if self.zero else self.sae.decode(z).to(x.dtype)
-        return torch.where(self.keep_mask(x)[..., None], x_hat, x)
+        return torch.where(self.keep[..., None], x_hat, x)
 
 
 @torch.no_grad()
@@ -156,7 +149,7 @@ def model_metrics(
     tokens: Tensor,
     *,
     batch_contexts: int = 8,
-    massive_factor: float | None = 10.0,
+    massive_factor: float | None = MASSIVE_FACTOR,
     progress: bool = False,
 ) -> dict[str, float]:
     """Language-model metrics of an SAE spliced in at ``hookpoint`` (see docs/metrics.md).
@@ -182,7 +175,7 @@ def model_metrics(
     sums = dict.fromkeys(("ce_clean", "ce_sae", "ce_zero", "kl_sae", "kl_zero"), 0.0)
     n_pred = 0
     xs, n_positions = [], 0
-    median: float | None = None
+    positions = MassiveFilter(massive_factor)  # BOS and massive positions keep their value
     sae.eval()
     for start in tqdm(range(0, tokens.shape[0], batch_contexts), disable=not progress,
                       desc="eval", unit="batch"):
@@ -190,15 +183,11 @@ def model_metrics(
         with capture(model, [hookpoint]) as cap:
             clean = model(input_ids=ids, use_cache=False).logits.float()
         act = cap[hookpoint]
-        if median is None and massive_factor is not None:
-            median = float(act[:, 1:].float().norm(dim=-1).median())
+        keep = positions.keep_positions({hookpoint: act})
         runs = {}
         for name, zero in (("sae", False), ("zero", True)):
-            wrapped = _Spliced(sae, zero, massive_factor, median)
-            with splice(model, {hookpoint: wrapped}):
+            with splice(model, {hookpoint: _Spliced(sae, zero, keep)}):
                 runs[name] = model(input_ids=ids, use_cache=False).logits.float()
-            if not zero:
-                keep = wrapped.keep_mask(act)
         target = ids[:, 2:]  # predictions made at positions 1 .. ctx-2
         logp_clean = torch.log_softmax(clean[:, 1:-1], dim=-1)
         sums["ce_clean"] += float(-logp_clean.gather(-1, target[..., None]).sum())

@@ -140,7 +140,7 @@ def test_eval_wrong_width(acts, tmp_path):
 @pytest.mark.slow
 def test_default_train_on_smollm2_gives_a_loadable_sae(tmp_path):
     pytest.importorskip("transformers")
-    from sae.text import builtin_texts
+    from sparsecode.text import builtin_texts
 
     (tmp_path / "text.txt").write_text("\n\n".join(builtin_texts()[:12]))
     out = tmp_path / "run"
@@ -186,7 +186,7 @@ def test_cache_then_train_from_cache(tiny_model_and_texts, tmp_path):
     rows = sum(s["rows"] for s in manifest["shards"])
     assert rows >= 1200
     # the cached rows are the model's activations: compare with a direct forward
-    from sae import lm, text
+    from sparsecode import lm, text
 
     model, tok = lm.load_model(str(model_dir))
     toks = text.pack_tokens(tok, text.load_texts(str(texts)), context_size=16)

