@@ -34,7 +34,6 @@ from .massive import MASSIVE_FACTOR, MassiveFilter
 from .metrics import DENSE_THRESHOLD, density_histogram
 
 __all__ = [
-    "find_sae_folders",
     "feature_browser",
     "l0_fvu_plot",
     "l0_fvu_points",
@@ -883,22 +882,6 @@ def _has_metrics(folder: Path) -> bool:
     except (OSError, ValueError):
         return False
     return isinstance(m, dict) and "l0" in m and "fvu" in m
-
-
-def find_sae_folders(path: str | os.PathLike[str]) -> dict[str, Path]:
-    """SAE folders (holding ``cfg.json``) at ``path``: the folder itself, or its subfolders.
-
-    Raises ``FileNotFoundError`` when ``path`` is missing and ``ValueError`` when it holds none.
-    """
-    path = Path(path)
-    if not path.exists():
-        raise FileNotFoundError(f"no such run or SAE folder: {path}")
-    if (path / "cfg.json").is_file():
-        return {path.name: path}
-    found = {p.parent.name: p.parent for p in sorted(path.glob("*/cfg.json"))}
-    if not found:
-        raise ValueError(f"no SAE folder (a folder with cfg.json) in {path}")
-    return found
 
 
 def _architecture(folder: Path) -> str:

