@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 import time
 from pathlib import Path
@@ -19,7 +18,14 @@ from typing import Any
 
 import torch
 
-from sparsecode.cli import check_writable, fail, split_list
+from sparsecode.cli import (
+    add_prune_parser,
+    check_writable,
+    command_parser,
+    fail,
+    run,
+    split_list,
+)
 from sparsecode.flags import add_flags, values
 from sparsecode.lm import ModelConfig, torch_device
 
@@ -224,23 +230,18 @@ def _add_train(sub) -> None:
     t.set_defaults(func=cmd_train)
 
 
-def build_parser() -> argparse.ArgumentParser:
-    from sparsecode.cli import add_prune_parser
+def _add_prune(sub) -> None:
+    add_prune_parser(sub, help="prune a language model's Linear layers (= sparsecode prune)")
 
+
+def build_parser() -> argparse.ArgumentParser:
     from . import commands
 
-    parser = argparse.ArgumentParser(prog="sae", description=__doc__.split("\n\n")[0])
-    sub = parser.add_subparsers(dest="command", required=True)
-    _add_train(sub)
-    commands.add_parsers(sub)
-    add_prune_parser(sub, help="prune a language model's Linear layers (= sparsecode prune)")
-    return parser
+    return command_parser("sae", __doc__, _add_train, commands.add_parsers, _add_prune)
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    return int(args.func(args) or 0)
+    return run(build_parser(), argv)
 
 
 if __name__ == "__main__":

@@ -126,17 +126,28 @@ def add_prune_parser(sub, help: str = "prune a language model's Linear layers") 
     p.set_defaults(func=cmd_prune)
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="sparsecode", description=__doc__.split("\n\n")[0])
+def command_parser(prog: str, doc: str, *adders) -> argparse.ArgumentParser:
+    """A parser whose subcommands are added by ``adders`` (each called with the subparsers)."""
+    parser = argparse.ArgumentParser(prog=prog, description=doc.split("\n\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
-    add_prune_parser(sub)
+    for add in adders:
+        add(sub)
     return parser
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+def run(parser: argparse.ArgumentParser, argv: list[str] | None) -> int:
+    """Parse ``argv`` and run the chosen subcommand offline (nothing is downloaded)."""
+    args = parser.parse_args(argv)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     return int(args.func(args) or 0)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    return command_parser("sparsecode", __doc__, add_prune_parser)
+
+
+def main(argv: list[str] | None = None) -> int:
+    return run(build_parser(), argv)
 
 
 if __name__ == "__main__":

@@ -217,3 +217,27 @@ def test_live_training_on_a_local_model(tiny_model_and_texts, tmp_path, capsys):
     m = json.loads(capsys.readouterr().out)["topk"]
     assert 0 <= m["fraction_spliced"] <= 1 and m["n_tokens"] > 0
     assert {"ce_loss_recovered", "delta_lm_loss", "kl_sae"} <= set(m)
+
+
+def test_every_config_field_is_a_train_flag_with_the_config_default():
+    """``sae train``'s flags are generated from the config dataclasses: every setting a library
+    user has can be set, and an untouched flag gives the dataclass default."""
+    import dataclasses
+
+    from sae.cli import build_parser
+    from sae.config import RunConfig, SAEConfig, TrainConfig
+    from sparsecode.lm import ModelConfig
+
+    args = build_parser().parse_args(["train"])
+    for cls in (SAEConfig, TrainConfig, RunConfig, ModelConfig):
+        for f in dataclasses.fields(cls):
+            if f.metadata.get("cli") is False:
+                continue
+            assert hasattr(args, f.name), f"{cls.__name__}.{f.name} has no flag"
+            got = getattr(args, f.name)
+            want = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+            assert got == want or str(got) == str(want), (cls.__name__, f.name, got, want)
+    args = build_parser().parse_args(["train", "--arch", "jumprelu", "--l0-coefficient", "3",
+                                      "--group-sizes", "4,12", "--no-normalize-input"])
+    assert (args.architecture, args.l0_coefficient, args.group_sizes) == ("jumprelu", 3.0, [4, 12])
+    assert args.normalize_input is False

@@ -30,10 +30,14 @@ def test_sae_prune_writes_weights_masks_and_report(tiny_model_and_texts, tmp_pat
     assert len(json.loads((out / "report.json").read_text())["layers"]) == 21
 
 
-def test_sae_prune_bad_pattern_is_a_clear_error(tiny_model_and_texts, tmp_path):
+@pytest.mark.parametrize("command", ["sae", "sparsecode"])
+def test_sae_prune_bad_pattern_is_a_clear_error(tiny_model_and_texts, tmp_path, command):
+    import sparsecode.cli
+
     model_dir, texts = tiny_model_and_texts
+    run = main if command == "sae" else sparsecode.cli.main  # `sae prune` is `sparsecode prune`
     with pytest.raises(SystemExit, match="not divisible by M=5"):
-        main(["prune", "--model", str(model_dir), "--text", str(texts), "--context-size", "16",
+        run(["prune", "--model", str(model_dir), "--text", str(texts), "--context-size", "16",
               "--n-eval", "0", "--pattern", "2:5", "--device", "cpu", "--no-progress"])
 
 
