@@ -242,7 +242,7 @@ def cmd_browse(args: argparse.Namespace) -> int:
 def cmd_plot(args: argparse.Namespace) -> int:
     """Scatter L0 (log scale) against FVU for every SAE folder with a metrics.json in the
     given run folders (or SAE folders); write a PNG."""
-    from .browser import l0_fvu_plot, l0_fvu_points
+    from .plot import l0_fvu_plot, l0_fvu_points
 
     try:
         n = len(l0_fvu_points(args.runs))

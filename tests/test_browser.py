@@ -1,4 +1,4 @@
-"""sae.browser: the HTML feature browser (checked against brute force) and the L0-FVU plot."""
+"""sae.browser: the HTML feature browser (checked against brute force); sae.plot: L0-FVU."""
 
 import json
 import re
@@ -7,16 +7,11 @@ import pytest
 import torch
 from conftest import TINY_SPECIAL_WORDS
 
-from sae.browser import (
-    feature_browser,
-    l0_fvu_plot,
-    l0_fvu_points,
-    read_browser_data,
-    select_latents,
-)
+from sae.browser import feature_browser, read_browser_data, select_latents
 from sae.cli import main
 from sae.io import find_sae_folders, save_sae
 from sae.models import SAE, SAEConfig
+from sae.plot import l0_fvu_plot, l0_fvu_points
 
 pytest.importorskip("transformers")
 
