@@ -4,7 +4,8 @@ The scikit-learn layer (:func:`sparse_encode`, :class:`SparseCoder`) sits on
 :mod:`sparsecode.core` (operators, solvers, sparse codes), which the SAEs and the pruner share.
 """
 
-from .decomposition import ALGORITHMS, SparseCoder, sparse_encode
+from .coder import SparseCoder
+from .decomposition import ALGORITHMS, sparse_encode
 from .dict_learning import DictionaryLearning, MiniBatchDictionaryLearning
 from .ksvd import KSVD
 from .lista import LISTA

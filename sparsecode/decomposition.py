@@ -1,10 +1,10 @@
-"""scikit-learn estimators and functions over the batched solver core.
+"""Sparse coding against a fixed dictionary, scikit-learn style, over the batched solver core.
 
-:func:`sparse_encode` and :class:`SparseCoder` are drop-in replacements for scikit-learn's
-functions of the same name: same parameters, same objective scaling
-(``0.5 * ||x - z D||^2 + alpha * ||z||_1`` per sample, atoms are the rows of ``D``), same
-results, computed for all samples at once by :mod:`sparsecode.core`. New algorithm names expose
-the rest of the core (FISTA/ISTA, IHT, top-k, nonconvex penalties).
+:func:`sparse_encode` (here) and :class:`~sparsecode.SparseCoder` (:mod:`sparsecode.coder`)
+are drop-in replacements for scikit-learn's functions of the same name: same parameters, same
+objective scaling (``0.5 * ||x - z D||^2 + alpha * ||z||_1`` per sample, atoms are the rows of
+``D``), same results, computed for all samples at once by :mod:`sparsecode.core`. New
+algorithm names expose the rest of the core (FISTA/ISTA, IHT, top-k, nonconvex penalties).
 
 Example
 -------
@@ -21,8 +21,6 @@ from typing import Any
 
 import numpy as np
 import torch
-from sklearn.base import BaseEstimator, ClassNamePrefixFeaturesOutMixin, TransformerMixin
-from sklearn.utils.validation import check_is_fitted, validate_data
 
 from ._arrays import check_dictionary, resolve_device, to_output, to_tensor
 from .core import operators as ops
@@ -205,120 +203,3 @@ def _problem(X: torch.Tensor, D: torch.Tensor, gram: Any, cov: Any, dev) -> Leas
             )
         problem._cov = C.T
     return problem
-
-
-class SparseCoder(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEstimator):
-    """Sparse coding against a fixed dictionary (drop-in for scikit-learn's ``SparseCoder``).
-
-    Each row of ``X`` is encoded as a sparse combination of the rows (atoms) of ``dictionary`` by
-    :func:`sparse_encode`; see it for the algorithms. ``transform_alpha`` for ``'omp'`` is the
-    squared residual tolerance (honoured here; scikit-learn ignores it). ``split_sign`` returns
-    ``[max(z, 0), max(-z, 0)]`` side by side, as in scikit-learn.
-
-    >>> import numpy as np
-    >>> from sparsecode import SparseCoder
-    >>> coder = SparseCoder(np.eye(3), transform_algorithm="threshold", transform_alpha=1.0)
-    >>> coder.transform(np.array([[3.0, 0.5, -2.0]]))
-    array([[ 2.,  0., -1.]])
-    """
-
-    def __init__(
-        self,
-        dictionary: Any,
-        *,
-        transform_algorithm: str = "omp",
-        transform_n_nonzero_coefs: int | None = None,
-        transform_alpha: float | None = None,
-        split_sign: bool = False,
-        n_jobs: int | None = None,
-        positive_code: bool = False,
-        transform_max_iter: int = 1000,
-        transform_tol: float = 1e-6,
-        transform_penalty_params: dict | None = None,
-        device: str | None = "auto",
-    ):
-        self.dictionary = dictionary
-        self.transform_algorithm = transform_algorithm
-        self.transform_n_nonzero_coefs = transform_n_nonzero_coefs
-        self.transform_alpha = transform_alpha
-        self.split_sign = split_sign
-        self.n_jobs = n_jobs
-        self.positive_code = positive_code
-        self.transform_max_iter = transform_max_iter
-        self.transform_tol = transform_tol
-        self.transform_penalty_params = transform_penalty_params
-        self.device = device
-
-    def fit(self, X: Any, y: Any = None) -> SparseCoder:
-        """Only validates ``X`` (the dictionary is fixed); returns ``self``."""
-        if not isinstance(X, torch.Tensor):
-            validate_data(self, X, reset=True)
-        else:
-            self.n_features_in_ = X.shape[1]
-        self._check_dictionary()
-        return self
-
-    def _check_dictionary(self) -> None:
-        d = self.dictionary
-        n_feat = d.shape[1] if hasattr(d, "shape") else np.asarray(d).shape[1]
-        if getattr(self, "n_features_in_", n_feat) != n_feat:
-            raise ValueError(
-                f"X has {self.n_features_in_} features but the dictionary's atoms have {n_feat}"
-            )
-
-    def transform(self, X: Any) -> Any:
-        """Encode ``X`` (n_samples, n_features) -> codes (n_samples, n_components)."""
-        check_is_fitted(self)
-        if not isinstance(X, torch.Tensor):
-            X = validate_data(self, X, reset=False, dtype=[np.float64, np.float32])
-        code = sparse_encode(
-            X,
-            self.dictionary,
-            algorithm=self.transform_algorithm,
-            n_nonzero_coefs=self.transform_n_nonzero_coefs,
-            alpha=self.transform_alpha,
-            max_iter=self.transform_max_iter,
-            positive=self.positive_code,
-            tol=self.transform_tol,
-            penalty_params=self.transform_penalty_params,
-            device=self.device,
-        )
-        if self.split_sign:
-            lib = torch if isinstance(code, torch.Tensor) else np
-            code = lib.concatenate([lib.maximum(code, 0 * code), lib.maximum(-code, 0 * code)], 1)
-        return code
-
-    def inverse_transform(self, X: Any) -> Any:
-        """Reconstruct signals from codes: ``codes @ dictionary`` (undoing ``split_sign``)."""
-        check_is_fitted(self)
-        D = self.dictionary
-        if isinstance(X, torch.Tensor):
-            D = torch.as_tensor(D, dtype=X.dtype, device=X.device)
-        else:
-            X = np.asarray(X)
-            D = np.asarray(D, dtype=X.dtype if X.dtype in (np.float32, np.float64) else None)
-        k = D.shape[0]
-        width = 2 * k if self.split_sign else k
-        if X.ndim != 2 or X.shape[1] != width:
-            raise ValueError(
-                f"codes must be 2-D with {width} columns ({k} atoms"
-                f"{', split_sign' if self.split_sign else ''}), got shape {tuple(X.shape)}"
-            )
-        if self.split_sign:
-            X = X[:, :k] - X[:, k:]
-        return X @ D
-
-    @property
-    def n_components_(self) -> int:
-        return self.dictionary.shape[0]
-
-    @property
-    def _n_features_out(self) -> int:
-        """Output width, for ``get_feature_names_out`` (doubled by ``split_sign``)."""
-        return self.n_components_ * (2 if self.split_sign else 1)
-
-    def __sklearn_tags__(self):
-        tags = super().__sklearn_tags__()
-        tags.requires_fit = False
-        tags.transformer_tags.preserves_dtype = ["float64", "float32"]
-        return tags

@@ -26,16 +26,24 @@ Example
 from __future__ import annotations
 
 import math
+from numbers import Integral
 from typing import Any
 
 import numpy as np
 import torch
 from sklearn.base import BaseEstimator
 from sklearn.utils import check_random_state
+from sklearn.utils._param_validation import StrOptions
 from sklearn.utils.extmath import randomized_svd, svd_flip
 
-from ._arrays import check_int, to_output, to_tensor
-from ._base import DictionaryTransformerMixin
+from ._arrays import to_output, to_tensor
+from ._base import (
+    NONNEGATIVE,
+    NONNEGATIVE_INT,
+    POSITIVE_INT,
+    TRANSFORM_CONSTRAINTS,
+    DictionaryTransformerMixin,
+)
 from .core.dictionary import project_atoms, update_dictionary
 from .core.solvers import LeastSquares
 from .decomposition import ALGORITHMS, encode
@@ -49,24 +57,24 @@ _DICT_STEPS = {"bcd": 1, "pgd": 10}
 
 
 class _DictionaryLearner(DictionaryTransformerMixin, BaseEstimator):
-    """Shared parts: parameter checks, the coding step, unused-atom replacement, storage."""
+    """Shared parts: parameter constraints, the coding step, unused-atom replacement, storage."""
 
-    def _check_params(self, n_samples: int | None, n_features: int) -> None:
-        if self.n_components is not None and (
-            isinstance(self.n_components, bool) or int(self.n_components) != self.n_components
-            or self.n_components < 1
-        ):
-            raise ValueError(f"n_components must be an integer >= 1, got {self.n_components!r}")
-        if not (np.isfinite(self.alpha) and self.alpha >= 0):
-            raise ValueError(f"alpha must be a finite number >= 0, got {self.alpha!r}")
-        if self._fit_algorithm not in ALGORITHMS:
-            raise ValueError(
-                f"fit_algorithm must be 'lars', 'cd' or one of {ALGORITHMS}, "
-                f"got {self.fit_algorithm!r}"
-            )
-        if self.dict_update not in ("bcd", "pgd"):
-            raise ValueError(f"dict_update must be 'bcd' or 'pgd', got {self.dict_update!r}")
-        check_int("max_iter", self.max_iter, 1)
+    _parameter_constraints: dict = {
+        "n_components": [POSITIVE_INT, None],
+        "alpha": [NONNEGATIVE],
+        "max_iter": [POSITIVE_INT],
+        "tol": [NONNEGATIVE],
+        "fit_algorithm": [StrOptions({*_FIT_ALIASES, *ALGORITHMS})],
+        "fit_n_nonzero_coefs": [POSITIVE_INT, None],
+        "dict_update": [StrOptions({"bcd", "pgd"})],
+        "n_jobs": [Integral, None],
+        "dict_init": ["array-like", None],
+        "callback": [callable, None],
+        "verbose": ["verbose"],
+        "random_state": ["random_state"],
+        "positive_dict": ["boolean"],
+        **TRANSFORM_CONSTRAINTS,
+    }
 
     @property
     def _fit_algorithm(self) -> str:
@@ -165,6 +173,11 @@ class DictionaryLearning(_DictionaryLearner):
     True
     """
 
+    _parameter_constraints: dict = {
+        **_DictionaryLearner._parameter_constraints,
+        "code_init": ["array-like", None],
+    }
+
     def __init__(
         self,
         n_components: int | None = None,
@@ -220,7 +233,7 @@ class DictionaryLearning(_DictionaryLearner):
     def fit_transform(self, X: Any, y: Any = None) -> Any:
         """Learn the dictionary and return the codes of the last iteration."""
         Xt, X = self._validate_input(X, reset=True)
-        self._check_params(*Xt.shape)
+        self._validate_params()
         rng = check_random_state(self.random_state)
         D = self._initial_dictionary(Xt, randomized=False, rng=rng)
         Z = None
@@ -260,6 +273,13 @@ class MiniBatchDictionaryLearning(_DictionaryLearner):
 
     Attributes: ``components_``, ``n_iter_`` (epochs), ``n_steps_`` (mini-batches).
     """
+
+    _parameter_constraints: dict = {
+        **_DictionaryLearner._parameter_constraints,
+        "batch_size": [POSITIVE_INT],
+        "shuffle": ["boolean"],
+        "max_no_improvement": [NONNEGATIVE_INT, None],
+    }
 
     def __init__(
         self,
@@ -312,11 +332,6 @@ class MiniBatchDictionaryLearning(_DictionaryLearner):
         self.max_no_improvement = max_no_improvement
         self.device = device
 
-    def _check_batch_size(self) -> None:
-        if isinstance(self.batch_size, bool) or int(self.batch_size) != self.batch_size \
-                or self.batch_size < 1:
-            raise ValueError(f"batch_size must be an integer >= 1, got {self.batch_size!r}")
-
     def _init_state(self, X: torch.Tensor, rng) -> torch.Tensor:
         K = self._n_components
         D = self._initial_dictionary(X, randomized=True, rng=rng)
@@ -339,8 +354,7 @@ class MiniBatchDictionaryLearning(_DictionaryLearner):
     def fit(self, X: Any, y: Any = None) -> MiniBatchDictionaryLearning:
         """Learn the dictionary from ``X`` in ``max_iter`` epochs of mini-batches (or fewer)."""
         Xt, X = self._validate_input(X, reset=True)
-        self._check_params(*Xt.shape)
-        self._check_batch_size()
+        self._validate_params()
         rng = check_random_state(self.random_state)
         n = Xt.shape[0]
         bs = min(self.batch_size, n)
@@ -400,7 +414,7 @@ class MiniBatchDictionaryLearning(_DictionaryLearner):
                 )
         Xt, X = self._validate_input(X, reset=first)
         if first:
-            self._check_params(*Xt.shape)
+            self._validate_params()
             D = self._init_state(Xt, check_random_state(self.random_state))
             self.n_steps_ = 0
         else:

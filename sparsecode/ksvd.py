@@ -41,8 +41,8 @@ from sklearn.base import BaseEstimator
 from sklearn.utils import check_random_state
 from torch import Tensor
 
-from ._arrays import check_int, to_output, to_tensor
-from ._base import DictionaryTransformerMixin
+from ._arrays import to_output, to_tensor
+from ._base import NONNEGATIVE, POSITIVE_INT, TRANSFORM_CONSTRAINTS, DictionaryTransformerMixin
 from .core.solvers import LeastSquares, omp
 from .core.sparse import SparseCodes
 
@@ -125,6 +125,18 @@ positive_code, split_sign
     (True, 3)
     """
 
+    _parameter_constraints: dict = {
+        "n_components": [POSITIVE_INT, None],
+        "n_nonzero_coefs": [POSITIVE_INT, None],
+        "tol": [NONNEGATIVE, None],
+        "max_iter": [POSITIVE_INT],
+        "approximate": ["boolean"],
+        "dict_init": ["array-like", None],
+        "random_state": ["random_state"],
+        "verbose": ["verbose"],
+        **TRANSFORM_CONSTRAINTS,
+    }
+
     def __init__(
         self,
         n_components: int | None = None,
@@ -166,19 +178,18 @@ positive_code, split_sign
 
     def _check_params(self, n_samples: int, n_features: int) -> tuple[int, int | None]:
         """(n_components, k for OMP or None) after validating the hyperparameters."""
+        self._validate_params()
         if self.positive_code:
             raise ValueError(
                 "Positive constraint not supported for 'omp' coding method. "
                 "(KSVD codes with OMP; positive_code=True is not available.)"
             )
-        check_int("max_iter", self.max_iter, 1)
-        if self.tol is not None and not (np.isfinite(self.tol) and self.tol >= 0):
-            raise ValueError(f"tol must be None or a finite number >= 0, got {self.tol!r}")
         K = self.n_components
         if K is None:
             K = np.shape(self.dict_init)[0] if self.dict_init is not None else n_features
-        check_int("n_components", K, 1)
         K = int(K)
+        if K < 1:
+            raise ValueError("n_components must be >= 1 (dict_init has no atoms)")
         if self.dict_init is None and K > n_samples:
             raise ValueError(
                 f"n_components={K} must be <= n_samples = {n_samples} to initialise the "

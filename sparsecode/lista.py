@@ -43,18 +43,25 @@ after every epoch) are kept.
 from __future__ import annotations
 
 import math
-import numbers
 from typing import Any
 
 import numpy as np
 import torch
 from sklearn.base import BaseEstimator
 from sklearn.utils import check_random_state
+from sklearn.utils._param_validation import StrOptions
 from sklearn.utils.validation import check_is_fitted
 from torch import Tensor
 
-from ._arrays import check_dictionary, check_int, to_output, to_tensor
-from ._base import DictionaryTransformerMixin
+from ._arrays import check_dictionary, to_output, to_tensor
+from ._base import (
+    DEVICE,
+    NONNEGATIVE,
+    NONNEGATIVE_INT,
+    POSITIVE,
+    POSITIVE_INT,
+    DictionaryTransformerMixin,
+)
 from .core.operators import L1
 from .core.solvers import LeastSquares, fista_momentum, lasso
 
@@ -162,6 +169,22 @@ class LISTA(DictionaryTransformerMixin, BaseEstimator):
     (40, 5)
     """
 
+    _parameter_constraints: dict = {
+        "dictionary": ["array-like"],
+        "n_layers": [POSITIVE_INT],
+        "alpha": [NONNEGATIVE],
+        "objective": [StrOptions(set(OBJECTIVES))],
+        "parametrization": [StrOptions(set(PARAMETRIZATIONS))],
+        "max_epochs": [NONNEGATIVE_INT],
+        "batch_size": [POSITIVE_INT],
+        "learning_rate": [POSITIVE],
+        "lr_schedule": [StrOptions(set(LR_SCHEDULES))],
+        "positive_code": ["boolean"],
+        "random_state": ["random_state"],
+        "device": DEVICE,
+        "verbose": ["verbose"],
+    }
+
     def __init__(
         self,
         dictionary: Any,
@@ -196,37 +219,6 @@ class LISTA(DictionaryTransformerMixin, BaseEstimator):
     # ----------------------------------------------------------------------------------------
     # checks
     # ----------------------------------------------------------------------------------------
-
-    def _check_params(self) -> None:
-        check_int("n_layers", self.n_layers, 1)
-        check_int("max_epochs", self.max_epochs, 0)
-        check_int("batch_size", self.batch_size, 1)
-        a = self.alpha
-        if (
-            isinstance(a, bool)
-            or not isinstance(a, numbers.Real)
-            or not math.isfinite(a)
-            or a < 0
-        ):
-            raise ValueError(f"alpha must be a finite number >= 0, got {a!r}")
-        lr = self.learning_rate
-        if (
-            isinstance(lr, bool)
-            or not isinstance(lr, numbers.Real)
-            or not math.isfinite(lr)
-            or lr <= 0
-        ):
-            raise ValueError(f"learning_rate must be a finite number > 0, got {lr!r}")
-        if self.lr_schedule not in LR_SCHEDULES:
-            raise ValueError(
-                f"lr_schedule must be one of {LR_SCHEDULES}, got {self.lr_schedule!r}"
-            )
-        if self.objective not in OBJECTIVES:
-            raise ValueError(f"objective must be one of {OBJECTIVES}, got {self.objective!r}")
-        if self.parametrization not in PARAMETRIZATIONS:
-            raise ValueError(
-                f"parametrization must be one of {PARAMETRIZATIONS}, got {self.parametrization!r}"
-            )
 
     def _dictionary(self, Xt: Tensor) -> Tensor:
         D = to_tensor(self.dictionary, "dictionary", device=Xt.device, dtype=Xt.dtype)
@@ -310,7 +302,7 @@ class LISTA(DictionaryTransformerMixin, BaseEstimator):
 
     def fit(self, X: Any, y: Any = None) -> LISTA:
         """Train the network on the rows of ``X`` (unsupervised; ``y`` is ignored)."""
-        self._check_params()
+        self._validate_params()
         Xt, X = self._validate_input(X, reset=True)
         D = self._dictionary(Xt)
         target = None

@@ -202,12 +202,13 @@ def test_sklearn_checks():
 @pytest.mark.parametrize(
     "params, X, match",
     [
-        (dict(n_components=0), None, "n_components must be an integer >= 1"),
+        (dict(n_components=0), None, r"'n_components' parameter of KSVD must be an int in the "
+                                     r"range \[1, inf\) or None"),
         (dict(n_components=61), None, r"n_components=61 must be <= n_samples = 60"),
-        (dict(n_components=5, n_nonzero_coefs=0), None, r"n_nonzero_coefs .*\[1, .*=5\]"),
+        (dict(n_components=5, n_nonzero_coefs=0), None, r"'n_nonzero_coefs' parameter .*\[1, "),
         (dict(n_components=5, n_nonzero_coefs=6), None, r"n_nonzero_coefs .*got 6"),
-        (dict(n_components=5, max_iter=0), None, "max_iter must be"),
-        (dict(n_components=5, tol=-1.0), None, "tol must be"),
+        (dict(n_components=5, max_iter=0), None, "'max_iter' parameter of KSVD must be"),
+        (dict(n_components=5, tol=-1.0), None, "'tol' parameter of KSVD must be"),
         (dict(n_components=5, dict_init=np.ones((4, 8))), None, r"\(4, 8\).*\(5, 8\)"),
         (dict(n_components=2, dict_init=np.zeros((2, 8))), None, "zero-norm atoms"),
         (dict(n_components=5, positive_code=True), None, "Positive constraint"),

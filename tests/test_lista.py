@@ -311,17 +311,18 @@ def test_inverse_transform_and_score_formula():
 @pytest.mark.parametrize(
     "params, match",
     [
-        (dict(n_layers=0), "n_layers must be an integer >= 1"),
-        (dict(n_layers=2.5), "n_layers must be an integer >= 1"),
-        (dict(alpha=-0.1), "alpha must be a finite number >= 0"),
-        (dict(alpha=float("nan")), "alpha must be a finite number >= 0"),
-        (dict(objective="mse"), r"objective must be one of \('lasso', 'imitate'\)"),
+        (dict(n_layers=0), r"'n_layers' parameter of LISTA must be an int in the range \[1, inf\)"),
+        (dict(n_layers=2.5), r"'n_layers' parameter of LISTA must be an int in the range \[1, "),
+        (dict(alpha=-0.1), r"'alpha' parameter of LISTA must be a float in the range \[0.0, inf\)"),
+        (dict(alpha=float("nan")), r"'alpha' parameter of LISTA must be a float in the range"),
+        (dict(objective="mse"), r"'objective' parameter of LISTA must be a str among .*'mse'"),
         (dict(parametrization="alista"),
-         r"parametrization must be one of \('lista', 'fista', 'step'\)"),
-        (dict(lr_schedule="step"), r"lr_schedule must be one of \('cosine', 'constant'\)"),
-        (dict(max_epochs=-1), "max_epochs must be an integer >= 0"),
-        (dict(batch_size=0), "batch_size must be an integer >= 1"),
-        (dict(learning_rate=0.0), "learning_rate must be a finite number > 0"),
+         r"'parametrization' parameter of LISTA must be a str among .*'alista'"),
+        (dict(lr_schedule="step"), r"'lr_schedule' parameter of LISTA must be a str .*'step'"),
+        (dict(max_epochs=-1), r"'max_epochs' parameter of LISTA must be an int in the range \[0"),
+        (dict(batch_size=0), r"'batch_size' parameter of LISTA must be an int in the range \[1, "),
+        (dict(learning_rate=0.0),
+         r"'learning_rate' parameter of LISTA must be a float in the range \(0.0, inf\)"),
     ],
 )
 def test_bad_hyperparameters_raise(params, match):

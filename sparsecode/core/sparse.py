@@ -28,6 +28,7 @@ import torch
 from torch import Tensor
 
 from .kernels import row_pairs, sparse_decode
+from .select import topk_rows
 
 
 @dataclass
@@ -52,11 +53,17 @@ class SparseCodes:
 
     @classmethod
     def from_dense(cls, z: Tensor, k: int | None = None) -> SparseCodes:
-        """Keep the ``k`` largest-magnitude entries per row (default: the largest row support)."""
+        """Keep the ``k`` largest-magnitude entries per row (default: the largest row support);
+        among equal magnitudes the lowest index first (the core's tie rule,
+        :func:`sparsecode.core.select.topk_rows`).
+
+        >>> SparseCodes.from_dense(torch.tensor([[1.0, -2.0, 2.0, 0.5]]), k=2).indices.tolist()
+        [[1, 2]]
+        """
         if k is None:
             k = int((z != 0).sum(dim=-1).max().item()) if z.numel() else 0
         k = max(min(k, z.shape[-1]), 1)
-        idx = z.abs().topk(k, dim=-1).indices
+        idx = topk_rows(z.abs(), k)[1]
         vals = z.gather(-1, idx)
         idx = torch.where(vals != 0, idx, torch.zeros_like(idx))
         return cls(vals, idx, z.shape[-1])
