@@ -1,0 +1,231 @@
+"""Greedy pursuits in the Gram domain: OMP / ORMP, and least squares on a chosen support."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from .problem import OMP_CHUNK_BYTES, LeastSquares, SolverResult, _check_iter
+from .sparse import SparseCodes
+
+
+def omp(
+    problem: LeastSquares,
+    *,
+    n_nonzero_coefs: int | None = None,
+    tol: float | None = None,
+    selection: str = "omp",
+    chunk_size: int | None = None,
+    progress: bool = False,
+) -> SolverResult:
+    """Batched Orthogonal Matching Pursuit in the Gram domain.
+
+    Picks, for every row at once, the atom most correlated with the residual, then updates the
+    residual correlations through an incremental Gram-Schmidt (Cholesky) factor of the selected
+    atoms, so no per-row least-squares problem is ever formed. Stops a row after
+    ``n_nonzero_coefs`` atoms, when its squared residual norm is ``<= tol``, or when the next atom
+    is linearly dependent on the selected ones (whichever comes first). Returns
+    :class:`SparseCodes`; ``n_iter`` is the number of atoms selected per row.
+
+    ``selection="omp"``: the atom most correlated with the residual; the same rule and result as
+    scikit-learn's ``orthogonal_mp_gram`` (which, unlike this function, selects one atom even when
+    ``||x||^2 <= tol`` already). ``selection="ormp"``: order-recursive matching pursuit (also called
+    orthogonal least squares; what SPAMS' ``omp`` does): the atom whose addition most reduces the
+    residual after re-projection, i.e. the largest ``alpha_j^2 / ||d_j^perp||^2`` with ``d_j^perp``
+    the part of atom ``j`` orthogonal to the selected ones. Slightly more work per step, lower
+    residuals at equal sparsity.
+    """
+    if n_nonzero_coefs is None and tol is None:
+        raise ValueError("omp needs n_nonzero_coefs or tol")
+    if selection not in ("omp", "ormp"):
+        raise ValueError(f"selection must be 'omp' or 'ormp', got {selection!r}")
+    K = problem.n_atoms
+    kmax = problem.max_support if n_nonzero_coefs is None else int(n_nonzero_coefs)
+    if kmax < 1 or kmax > K:
+        raise ValueError(f"n_nonzero_coefs must be in [1, n_atoms={K}], got {n_nonzero_coefs}")
+    if tol is not None and not tol >= 0:
+        raise ValueError(f"tol must be >= 0, got {tol!r}")
+    values = problem.new_codes(kmax)
+    indices = problem.new_codes(kmax, torch.long)
+    n_iter = problem.new_codes(1, torch.long).squeeze(1)
+    # ~20 MB working sets measured fastest on CPU caches (2048 rows of 256 atoms in float32)
+    per_row = values.element_size() * (min(kmax, 8) + 2) * K
+    chunk = chunk_size or max(64, OMP_CHUNK_BYTES // per_row)
+    for sl, sub in problem.chunks(chunk, progress):
+        values[sl], indices[sl], n_iter[sl] = _omp_chunk(sub, kmax, tol, selection == "ormp")
+    return SolverResult(SparseCodes(values, indices, K), n_iter)
+
+
+def _omp_chunk(prob: LeastSquares, kmax: int, tol: float | None, ormp: bool = False):
+    """OMP for one chunk; see :func:`omp`.
+
+    With ``q_1..q_n`` the Gram-Schmidt basis of the selected atoms, only ``u_i = D q_i`` (the
+    correlations of every atom with ``q_i``) is stored. Selecting atom ``j`` gives
+    ``L[n, i] = u_i[j]``, ``L[n, n]^2 = G[j, j] - sum_i u_i[j]^2`` (Cholesky of ``G_SS``),
+    ``u_n = (G[j] - sum_i L[n, i] u_i) / L[n, n]``, ``<q_n, x> = alpha[j] / L[n, n]`` and the
+    residual correlations update as ``alpha -= <q_n, x> u_n``. Codes solve ``L^T z = c``.
+    An atom already selected has (numerically) zero residual correlation and ``L[n, n] = 0``,
+    so the linear-dependence test also stops rows that would pick one twice.
+
+    For ORMP, ``perp[j] = G[j, j] - sum_i u_i[j]^2 = ||d_j^perp||^2`` is kept up to date too.
+
+    Storage for ``u`` and ``L`` starts narrow and doubles on demand (with a tolerance most rows
+    stop long before ``kmax``); finished rows are dropped from the working set in batches.
+    """
+    G = prob.gram
+    n, K = prob.n_rows, prob.n_atoms
+    cov = prob.cov
+    dev, dt = cov.device, cov.dtype
+    diag = torch.diagonal(G)
+    eps, tiny = torch.finfo(dt).eps, torch.finfo(dt).tiny
+    width = min(kmax, 8)
+    L = torch.eye(width, dtype=dt, device=dev).repeat(n, 1, 1)
+    c = torch.zeros(n, width, dtype=dt, device=dev)
+    idx = torch.zeros(n, width, dtype=torch.long, device=dev)
+    count = torch.zeros(n, dtype=torch.long, device=dev)
+    # working set: rows still selecting atoms (compacted when half of them have finished)
+    rows = torch.arange(n, device=dev)
+    if tol is None:
+        alpha, resid = cov.clone(), None  # residual correlations, squared residual norms
+    else:  # rows already within tolerance select nothing
+        rows = (prob.sq_norms > tol).nonzero().squeeze(1)
+        alpha, resid = cov[rows], prob.sq_norms[rows]
+    U = torch.empty(rows.numel(), width, K, dtype=dt, device=dev)
+    score = torch.empty(rows.numel(), K, dtype=dt, device=dev)
+    perp = diag.expand(rows.numel(), K).clone() if ormp else None
+    live = torch.ones(rows.numel(), dtype=torch.bool, device=dev)
+    n_live = int(live.sum())
+    for step in range(kmax):
+        if n_live == 0:
+            break
+        if n_live <= 0.5 * rows.numel():
+            keep = live
+            rows, alpha, U, live = rows[keep], alpha[keep], U[keep], live[keep]
+            perp = perp[keep] if ormp else None
+            resid = resid[keep] if resid is not None else None
+        if step == width:
+            U, L, c, idx = _omp_grow(U, L, c, idx, min(kmax, 2 * width))
+            width = L.shape[1]
+        j = _omp_select(alpha, perp, score[: rows.numel()], diag)
+        a_j = alpha.gather(1, j[:, None]).squeeze(1)
+        w, proj, norm2 = _omp_orthogonalise(G, U, j, step, diag)
+        ok = live & (norm2 > 1e2 * eps * diag[j]) & (a_j * a_j > tiny)
+        lnn = torch.sqrt(torch.where(ok, norm2, 1.0))
+        cn = torch.where(ok, a_j / lnn, 0.0)
+        u = w.div_(lnn[:, None])
+        alpha.addcmul_(cn[:, None], u, value=-1)
+        U[:, step] = u
+        if ormp:
+            perp.addcmul_(u, u, value=-1)
+        live = ok
+        if resid is not None:
+            resid = resid - cn * cn
+            live = live & (resid > tol)
+        r_ok = rows[ok]
+        if proj is not None:
+            L[r_ok, step, :step] = proj[ok]
+        L[r_ok, step, step] = lnn[ok]
+        c[r_ok, step] = cn[ok]
+        idx[r_ok, step] = j[ok]
+        count[r_ok] += 1
+        n_live = int(live.sum())
+    z = torch.linalg.solve_triangular(L.transpose(1, 2), c.unsqueeze(-1), upper=True).squeeze(-1)
+    pad = kmax - width
+    return F.pad(z, (0, pad)), F.pad(idx, (0, pad)), count
+
+
+def _omp_grow(U: Tensor, L: Tensor, c: Tensor, idx: Tensor, new: int):
+    """The per-row storage widened to ``new`` selected atoms (``L`` padded with identity)."""
+    width = L.shape[1]
+    U = F.pad(U, (0, 0, 0, new - width))
+    L = F.pad(L, (0, new - width, 0, new - width))
+    L[:, torch.arange(width, new), torch.arange(width, new)] = 1.0
+    return U, L, F.pad(c, (0, new - width)), F.pad(idx, (0, new - width))
+
+
+def _omp_select(alpha: Tensor, perp: Tensor | None, score: Tensor, diag: Tensor) -> Tensor:
+    """Atom chosen per row: largest ``|alpha|`` (OMP) or ``alpha^2 / ||d^perp||^2`` (ORMP;
+    selected or dependent atoms have ``perp ~ 0``). ``score`` is scratch space."""
+    if perp is None:
+        return torch.abs(alpha, out=score).max(dim=1).indices  # (max: ~2x faster than argmax)
+    eps, tiny = torch.finfo(alpha.dtype).eps, torch.finfo(alpha.dtype).tiny
+    torch.mul(alpha, alpha, out=score).div_(perp.clamp(min=tiny))
+    score.masked_fill_(perp <= 1e2 * eps * diag, -1.0)
+    return score.max(dim=1).indices
+
+
+def _omp_orthogonalise(G: Tensor, U: Tensor, j: Tensor, step: int, diag: Tensor):
+    """``(w, proj, norm2)`` for the chosen atoms ``j``: ``w = G[j] - sum_i proj_i u_i`` (the
+    correlations of every atom with the new atom's part orthogonal to the selected ones),
+    ``proj_i = u_i[j]`` and ``norm2 = G[j, j] - ||proj||^2``."""
+    w = G.index_select(0, j)
+    if not step:
+        return w, None, diag[j].clone()
+    m = j.numel()
+    proj = U[:, :step].gather(2, j.view(m, 1, 1).expand(m, step, 1)).squeeze(2)
+    if step <= 2:  # tiny batched matmuls are slow; two axpys are not
+        for i in range(step):
+            w.addcmul_(proj[:, i : i + 1], U[:, i], value=-1)
+    else:
+        w = torch.baddbmm(w.unsqueeze(1), proj.unsqueeze(1), U[:, :step], alpha=-1).squeeze(1)
+    return w, proj, diag[j] - (proj * proj).sum(dim=1)
+
+
+def support_lstsq(
+    problem: LeastSquares,
+    support: Tensor,
+    *,
+    init: Tensor | None = None,
+    ridge: float = 0.0,
+    max_iter: int = 200,
+    tol: float = 1e-6,
+) -> SolverResult:
+    """Least squares restricted to a fixed support per row (the "debias" step after a support
+    is chosen): ``min_z 0.5 ||x - z D||^2 + 0.5 ridge ||z||^2`` with ``z_j = 0`` off
+    ``support`` (a boolean ``(N, K)`` mask).
+
+    Batched conjugate gradient on the masked normal equations ``(G_SS + ridge I) z_S = c_S``:
+    every iteration is one ``(N, K) @ (K, K)`` product for all rows, whatever their supports.
+    ``init`` (zero off the support) warm-starts it. A row stops when its residual norm is
+    ``<= tol * ||c_S||``; ``n_iter`` counts iterations per row.
+
+    >>> import torch
+    >>> G = torch.tensor([[2.0, 1.0], [1.0, 2.0]], dtype=torch.float64)
+    >>> c = torch.tensor([[3.0, 3.0]], dtype=torch.float64)
+    >>> keep = torch.tensor([[True, False]])
+    >>> support_lstsq(LeastSquares.from_gram(G, c), keep).codes
+    tensor([[1.5000, 0.0000]], dtype=torch.float64)
+    """
+    _check_iter(max_iter, tol)
+    if not ridge >= 0:
+        raise ValueError(f"ridge must be >= 0, got {ridge!r}")
+    G, C = problem.gram, problem.cov
+    if support.shape != C.shape:
+        raise ValueError(f"support has shape {tuple(support.shape)}, expected {tuple(C.shape)}")
+    m = support.to(C.dtype)
+    z = torch.zeros_like(C) if init is None else init.to(C) * m
+
+    def apply(p: Tensor) -> Tensor:
+        return (p @ G + ridge * p) * m
+
+    r = C * m - apply(z)
+    p = r.clone()
+    rr = (r * r).sum(dim=1)
+    stop = (tol * torch.linalg.vector_norm(C * m, dim=1)) ** 2
+    n_iter = torch.zeros(C.shape[0], dtype=torch.long, device=C.device)
+    live = rr > stop
+    tiny = torch.finfo(C.dtype).tiny
+    for _ in range(max_iter):
+        if not bool(live.any()):
+            break
+        Ap = apply(p)
+        a = torch.where(live, rr / (p * Ap).sum(dim=1).clamp(min=tiny), 0.0)
+        z.addcmul_(a[:, None], p)
+        r.addcmul_(a[:, None], Ap, value=-1)
+        rr_new = (r * r).sum(dim=1)
+        n_iter += live.long()
+        p = r + (rr_new / rr.clamp(min=tiny))[:, None] * p
+        rr = rr_new
+        live = live & (rr > stop)
+    return SolverResult(z, n_iter)
