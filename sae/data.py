@@ -24,7 +24,7 @@ import os
 import warnings
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Protocol, runtime_checkable
+from typing import Any, Protocol, runtime_checkable
 
 import numpy as np
 import torch
@@ -150,30 +150,9 @@ class ArrayActivations(BlockShuffledSource):
         device: str | torch.device = "cpu",
         chunk_rows: int | None = None,
     ) -> None:
-        self.path: Path | None = None
-        if isinstance(data, (str, os.PathLike)):
-            self.path = Path(data)
-            arr = _open_npy(self.path)
-        elif isinstance(data, Tensor):
-            arr = data.detach()
-        elif isinstance(data, np.ndarray):
-            arr = data
-        else:
-            raise TypeError(
-                "data must be a torch tensor, a numpy array or a path to a .npy file, "
-                f"got {type(data).__name__}"
-            )
-        name = f"activations in {self.path}" if self.path else "activations"
+        self.path = Path(data) if isinstance(data, (str, os.PathLike)) else None
+        arr, name = _as_array(data)
         shape = tuple(arr.shape)
-        if len(shape) != 2:
-            raise ValueError(f"{name} must be a 2-D (rows, d_in) array, got shape {shape}")
-        if shape[0] == 0 or shape[1] == 0:
-            raise ValueError(f"{name} are empty (shape {shape})")
-        if isinstance(arr, Tensor):
-            if not arr.is_floating_point():
-                raise ValueError(f"{name} must be floating point, got dtype {arr.dtype}")
-        elif arr.dtype.kind != "f" or arr.dtype.itemsize > 8:
-            raise ValueError(f"{name} must be float16, float32 or float64, got dtype {arr.dtype}")
         if not isinstance(hookpoint, str) or not hookpoint:
             raise ValueError(f"hookpoint must be a non-empty string, got {hookpoint!r}")
         check_int("holdout", holdout, 0)
@@ -260,6 +239,33 @@ class ArrayActivations(BlockShuffledSource):
             f"ArrayActivations({src}, rows={self.n_rows}, d_in={self.d_in}, "
             f"batch_size={self.batch_size}, holdout={self.holdout})"
         )
+
+
+def _as_array(data: Tensor | np.ndarray | str | os.PathLike) -> tuple[Any, str]:
+    """The 2-D float array behind ``data`` (a ``.npy`` file is memory-mapped) and how to name
+    it in errors."""
+    if isinstance(data, (str, os.PathLike)):
+        arr, name = _open_npy(Path(data)), f"activations in {Path(data)}"
+    elif isinstance(data, Tensor):
+        arr, name = data.detach(), "activations"
+    elif isinstance(data, np.ndarray):
+        arr, name = data, "activations"
+    else:
+        raise TypeError(
+            "data must be a torch tensor, a numpy array or a path to a .npy file, "
+            f"got {type(data).__name__}"
+        )
+    shape = tuple(arr.shape)
+    if len(shape) != 2:
+        raise ValueError(f"{name} must be a 2-D (rows, d_in) array, got shape {shape}")
+    if shape[0] == 0 or shape[1] == 0:
+        raise ValueError(f"{name} are empty (shape {shape})")
+    if isinstance(arr, Tensor):
+        if not arr.is_floating_point():
+            raise ValueError(f"{name} must be floating point, got dtype {arr.dtype}")
+    elif arr.dtype.kind != "f" or arr.dtype.itemsize > 8:
+        raise ValueError(f"{name} must be float16, float32 or float64, got dtype {arr.dtype}")
+    return arr, name
 
 
 def _open_npy(path: Path) -> np.ndarray:

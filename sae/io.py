@@ -361,57 +361,65 @@ def load_sae(
     folder = Path(folder)
     raw, weights_path = _read_cfg(folder, WEIGHTS_FILENAME)
     cfg_path = folder / CFG_FILENAME
-
     meta = {_PRE6_RENAMES.get(k, k): v for k, v in raw.items()}
     meta = {k: v for k, v in meta.items() if k in _PRE6_METADATA_KEYS}
     if isinstance(raw.get("metadata"), dict):
         meta.update(raw["metadata"])
-    activation = raw.get("activation_fn", raw.get("activation_fn_str", "relu"))
-    act_kwargs = raw.get("activation_fn_kwargs") or {}
-    architecture = raw.get("architecture") or "standard"
-    k = raw.get("k", act_kwargs.get("k"))
-    if activation == "topk" and k is not None:
-        architecture = "topk"  # pre-6 configs mark top-k SAEs by their activation only
-    if architecture not in SAELENS_ARCHITECTURES:
-        raise ValueError(
-            f"{cfg_path}: unknown or unsupported SAELens architecture {architecture!r}; "
-            f"known architectures: {', '.join(SAELENS_ARCHITECTURES)}"
-        )
-    if architecture == "standard" and activation not in ("relu", None):
-        raise ValueError(f"{cfg_path}: activation {activation!r} is not supported (only relu)")
-    if architecture == "topk" and _number(k) is None:
-        raise ValueError(f"{cfg_path}: a topk SAE needs an integer 'k'")
-    k = int(k) if architecture == "topk" else None
-
+    form, k = _saelens_form(raw, cfg_path)
     tensors = st.load_file(str(weights_path))
     if "log_threshold" in tensors and "threshold" not in tensors:
         tensors["threshold"] = tensors.pop("log_threshold").exp()
-    needed = ["W_enc", "W_dec", "b_enc", "b_dec"]
-    if architecture == "jumprelu":
-        needed.append("threshold")
+    needed = ["W_enc", "W_dec", "b_enc", "b_dec"] + (["threshold"] if form == "jumprelu" else [])
     missing = [name for name in needed if name not in tensors]
     if missing:
-        raise ValueError(f"{weights_path} lacks {', '.join(missing)} ({architecture} SAE)")
+        raise ValueError(f"{weights_path} lacks {', '.join(missing)} ({form} SAE)")
     d_in, d_sae = tensors["W_enc"].shape
     for name, n in (("d_in", d_in), ("d_sae", d_sae)):
         if name in raw and raw[name] != n:
             raise ValueError(f"{cfg_path}: {name}={raw[name]} but W_enc has shape {(d_in, d_sae)}")
     _check_shapes(tensors, d_in, d_sae, weights_path)
-
     out_dtype = _as_dtype(dtype) or _as_dtype(raw.get("dtype")) or tensors["W_enc"].dtype
     work = torch.promote_types(tensors["W_enc"].dtype, torch.float32)
     t = {name: tensors[name].to(work) for name in needed}
-
     # pre-6 per-latent output scale: decode is (z * scaling_factor) @ W_dec
     if "scaling_factor" in tensors:
         t["W_dec"] = t["W_dec"] * tensors["scaling_factor"].to(work).unsqueeze(1)
-    if architecture == "topk" and raw.get("rescale_acts_by_decoder_norm"):
+    if form == "topk" and raw.get("rescale_acts_by_decoder_norm"):
         norms = t["W_dec"].norm(dim=1)
         t["W_enc"], t["b_enc"] = t["W_enc"] * norms, t["b_enc"] * norms
         t["W_dec"] = t["W_dec"] / norms.unsqueeze(1)
     if raw.get("apply_b_dec_to_input", True) is False:
         t["b_enc"] = t["b_enc"] + t["b_dec"] @ t["W_enc"]
+    _fold_normalization(t, raw, meta, folder, scaling_factor, work)
+    fire_rate = _read_density(folder / SPARSITY_FILENAME, d_sae)
+    return _build(SAELENS_ARCHITECTURES[form], k, t, meta, fire_rate, device, out_dtype, folder)
 
+
+def _saelens_form(raw: Mapping[str, Any], cfg_path: Path) -> tuple[str, int | None]:
+    """The SAELens inference form (``standard``, ``topk``, ``jumprelu``) and ``k``."""
+    activation = raw.get("activation_fn", raw.get("activation_fn_str", "relu"))
+    act_kwargs = raw.get("activation_fn_kwargs") or {}
+    form = raw.get("architecture") or "standard"
+    k = raw.get("k", act_kwargs.get("k"))
+    if activation == "topk" and k is not None:
+        form = "topk"  # pre-6 configs mark top-k SAEs by their activation only
+    if form not in SAELENS_ARCHITECTURES:
+        raise ValueError(
+            f"{cfg_path}: unknown or unsupported SAELens architecture {form!r}; "
+            f"known architectures: {', '.join(SAELENS_ARCHITECTURES)}"
+        )
+    if form == "standard" and activation not in ("relu", None):
+        raise ValueError(f"{cfg_path}: activation {activation!r} is not supported (only relu)")
+    if form == "topk" and _number(k) is None:
+        raise ValueError(f"{cfg_path}: a topk SAE needs an integer 'k'")
+    return form, (int(k) if form == "topk" else None)
+
+
+def _fold_normalization(t: dict[str, Tensor], raw: Mapping[str, Any], meta: Mapping[str, Any],
+                        folder: Path, scaling_factor: float | None, work: torch.dtype) -> None:
+    """Fold SAELens' input normalisation into the weights ``t`` (in place), so the SAE works
+    on raw activations: a scalar scale, or a whitening transform."""
+    cfg_path = folder / CFG_FILENAME
     norm = raw.get("normalize_activations", "none")
     norm = {True: "expected_average_only_in", False: "none", None: "none"}.get(norm, norm)
     if norm == "expected_average_only_in":
@@ -441,11 +449,6 @@ def load_sae(
             "cannot be folded into the weights; supported: 'none', 'expected_average_only_in' "
             "(with a scaling factor), 'covariance_whitening'"
         )
-
-    fire_rate = _read_density(folder / SPARSITY_FILENAME, d_sae)
-    return _build(
-        SAELENS_ARCHITECTURES[architecture], k, t, meta, fire_rate, device, out_dtype, folder
-    )
 
 
 # ---------------------------------------------------------------------------------- sparsify

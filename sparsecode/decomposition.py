@@ -106,16 +106,7 @@ def sparse_encode(
     check_dictionary(Dt, Xt)
     if positive and algorithm in ("omp", "ormp", "lars"):
         raise ValueError(f"Positive constraint not supported for '{algorithm}' coding method.")
-    if algorithm in _USES_K:
-        k = n_nonzero_coefs
-        if k is None:
-            k = int(min(max(n_features / 10, 1), n_components))
-        if isinstance(k, bool) or int(k) != k or not 1 <= k <= n_components:
-            raise ValueError(
-                f"n_nonzero_coefs must be an integer in [1, n_components={n_components}], "
-                f"got {n_nonzero_coefs!r}"
-            )
-        k = int(k)
+    k = _n_nonzero(n_nonzero_coefs, n_features, n_components) if algorithm in _USES_K else None
     if alpha is not None and not (np.isfinite(alpha) and alpha >= 0):
         raise ValueError(f"alpha must be a finite number >= 0, got {alpha!r}")
 
@@ -126,11 +117,24 @@ def sparse_encode(
             f"init must have shape {(n_samples, n_components)}, got {tuple(init_t.shape)}"
         )
     codes = encode(
-        problem, algorithm, n_nonzero_coefs=k if algorithm in _USES_K else None, alpha=alpha,
+        problem, algorithm, n_nonzero_coefs=k, alpha=alpha,
         positive=positive, max_iter=max_iter, tol=tol, penalty_params=penalty_params,
         init=init_t, chunk_size=chunk_size, progress=bool(verbose),
     )
     return to_output(codes, X)
+
+
+def _n_nonzero(n_nonzero_coefs: int | None, n_features: int, n_components: int) -> int:
+    """The atoms per code: given, or scikit-learn's ``min(max(n_features / 10, 1), K)``."""
+    k = n_nonzero_coefs
+    if k is None:
+        k = int(min(max(n_features / 10, 1), n_components))
+    if isinstance(k, bool) or int(k) != k or not 1 <= k <= n_components:
+        raise ValueError(
+            f"n_nonzero_coefs must be an integer in [1, n_components={n_components}], "
+            f"got {n_nonzero_coefs!r}"
+        )
+    return int(k)
 
 
 def encode(

@@ -243,6 +243,46 @@ def prune(
     and time; with ``return_masks=True`` it holds the keep-masks too.
     """
     t_start = time.perf_counter()
+    nm, sparsity = _check_settings(sparsity, method, pattern, allocation)
+    batches = _batches(calibration, batch_size)
+    prefix, blocks = decoder_layers(model)
+    block_targets = [_targets(b, targets) for b in blocks]
+    if nm is not None:
+        _check_nm_widths(prefix, block_targets, nm)
+    pattern_name = "unstructured" if nm is None else f"{nm[0]}:{nm[1]}"
+    report = PruneReport(method, pattern_name, allocation, sparsity,
+                         calibration_tokens=sum(b.numel() for b in batches),
+                         masks={} if return_masks else None)
+    with torch.no_grad():
+        per_block = [sparsity] * len(blocks)
+        if allocation == "owl":
+            per_block = _owl(model, blocks, block_targets, batches, sparsity, owl_m, owl_lambda)
+        needs_data = method != "magnitude"  # magnitude needs no calibration forwards
+        inputs = _block_inputs(model, blocks[0], batches) if needs_data else []
+        from tqdm.auto import tqdm
+
+        for i, block in enumerate(tqdm(blocks, unit="block", desc=f"prune {method}",
+                                       disable=not progress)):
+            hooks = _GramHooks(block_targets[i])
+            try:
+                for inp in inputs:
+                    _run_block(block, inp)
+            finally:
+                hooks.remove()
+            for name, mod in block_targets[i].items():
+                full = f"{prefix}.{i}.{name}" if prefix else f"{i}.{name}"
+                H = hooks.grams[name] if needs_data else None
+                _prune_one(mod, H, per_block[i], method, nm, full, report, options)
+            inputs = [_with_hidden(inp, _run_block(block, inp)) for inp in inputs]
+    report.seconds = time.perf_counter() - t_start
+    return report
+
+
+def _check_settings(sparsity: float | None, method: str, pattern: Any, allocation: str
+                    ) -> tuple[tuple[int, int] | None, float]:
+    """The N:M pattern (or None) and the target sparsity, after checking the settings."""
+    from .layer import METHODS
+
     nm = parse_pattern(pattern)
     if sparsity is None:
         sparsity = 0.5 if nm is None else 1.0 - nm[0] / nm[1]
@@ -255,70 +295,40 @@ def prune(
         raise ValueError(f"allocation must be 'uniform' or 'owl', got {allocation!r}")
     if allocation == "owl" and nm is not None:
         raise ValueError("allocation='owl' is for unstructured sparsity, not N:M patterns")
-    from .layer import METHODS
-
     if method not in METHODS:
         raise ValueError(f"unknown method {method!r}; choose one of {', '.join(METHODS)}")
-    batches = _batches(calibration, batch_size)
-    prefix, blocks = decoder_layers(model)
-    block_targets = [_targets(b, targets) for b in blocks]
-    if nm is not None:
-        for i, tg in enumerate(block_targets):
-            for name, mod in tg.items():
-                if mod.in_features % nm[1]:
-                    raise ValueError(
-                        f"layer {prefix}.{i}.{name}: input width {mod.in_features} is not "
-                        f"divisible by M={nm[1]} of the {nm[0]}:{nm[1]} pattern"
-                    )
-    pattern_name = "unstructured" if nm is None else f"{nm[0]}:{nm[1]}"
-    report = PruneReport(method, pattern_name, allocation, sparsity,
-                         calibration_tokens=sum(b.numel() for b in batches),
-                         masks={} if return_masks else None)
-    with torch.no_grad():
-        per_block = [sparsity] * len(blocks)
-        if allocation == "owl":
-            per_block = _owl(model, blocks, block_targets, batches, sparsity, owl_m, owl_lambda)
-        needs_data = method != "magnitude"  # magnitude needs no calibration forwards
-        inputs = _block_inputs(model, blocks[0], batches) if needs_data else []
-        bar = None
-        if progress:
-            from tqdm.auto import tqdm
+    return nm, sparsity
 
-            bar = tqdm(total=len(blocks), unit="block", desc=f"prune {method}")
-        for i, block in enumerate(blocks):
-            tg = block_targets[i]
-            hooks = _GramHooks(tg)
-            try:
-                for inp in inputs:
-                    _run_block(block, inp)
-            finally:
-                hooks.remove()
-            for name, mod in tg.items():
-                t0 = time.perf_counter()
-                W = mod.weight.data
-                H = hooks.grams[name] if needs_data else None
-                full = f"{prefix}.{i}.{name}" if prefix else f"{i}.{name}"
-                W_new, keep = prune_layer(W.float(), H, per_block[i], method, nm, name=full,
-                                          **options)
-                if H is not None:
-                    zero = torch.zeros_like(W, dtype=torch.float32)
-                    base = float(layer_error(W.float(), zero, H).sum())
-                    err = float(layer_error(W.float(), W_new.float(), H).sum())
-                else:
-                    base, err = 1.0, math.nan
-                mod.weight.data.copy_(W_new.to(W.dtype))
-                report.layers.append(LayerReport(
-                    full, tuple(W.shape), per_block[i], float((W_new == 0).float().mean()),
-                    err / base if base > 0 else 0.0, time.perf_counter() - t0))
-                if report.masks is not None:
-                    report.masks[full] = keep.cpu()
-            inputs = [_with_hidden(inp, _run_block(block, inp)) for inp in inputs]
-            if bar is not None:
-                bar.update(1)
-        if bar is not None:
-            bar.close()
-    report.seconds = time.perf_counter() - t_start
-    return report
+
+def _check_nm_widths(prefix: str, block_targets: list[dict[str, nn.Module]],
+                     nm: tuple[int, int]) -> None:
+    for i, tg in enumerate(block_targets):
+        for name, mod in tg.items():
+            if mod.in_features % nm[1]:
+                raise ValueError(
+                    f"layer {prefix}.{i}.{name}: input width {mod.in_features} is not "
+                    f"divisible by M={nm[1]} of the {nm[0]}:{nm[1]} pattern"
+                )
+
+
+def _prune_one(mod: nn.Module, H: Tensor | None, sparsity: float, method: str,
+               nm: tuple[int, int] | None, name: str, report: PruneReport,
+               options: dict[str, Any]) -> None:
+    """Prune one Linear in place from its input Gram ``H``; record it in ``report``."""
+    t0 = time.perf_counter()
+    W = mod.weight.data
+    W_new, keep = prune_layer(W.float(), H, sparsity, method, nm, name=name, **options)
+    if H is not None:
+        base = float(layer_error(W.float(), torch.zeros_like(W, dtype=torch.float32), H).sum())
+        err = float(layer_error(W.float(), W_new.float(), H).sum())
+    else:
+        base, err = 1.0, math.nan
+    mod.weight.data.copy_(W_new.to(W.dtype))
+    report.layers.append(LayerReport(
+        name, tuple(W.shape), sparsity, float((W_new == 0).float().mean()),
+        err / base if base > 0 else 0.0, time.perf_counter() - t0))
+    if report.masks is not None:
+        report.masks[name] = keep.cpu()
 
 
 def _owl(model, blocks, block_targets, batches, target, m, lam) -> list[float]:

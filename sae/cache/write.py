@@ -1,29 +1,10 @@
-"""On-disk activation cache: what ``sae cache`` writes and ``sae train --cache DIR`` reads.
-
-Layout of a cache directory::
-
-    manifest.json                        what is there (below); the only source of truth
-    <hookpoint>/shard_00000.safetensors  one tensor "activations", shape (rows, d_in)
-    <hookpoint>/shard_00001.safetensors
-    ...
-
-Every hook point has the same shards: row ``i`` of shard ``k`` comes from the same token position
-at every hook point. ``manifest.json`` holds the format name and version, the hook points, ``d_in``
-per hook point, the storage dtype, ``shard_tokens``, the shard list (rows, and per hook point the
-file's path, size and sha256), the total row count, free-form ``metadata`` (model, context size,
-hook info, ...) and ``complete``.
-
-Writes are atomic: each file is written under a temporary name, fsynced and renamed, and the
-manifest is rewritten (the same way) after every shard. A writer that dies leaves a cache whose
-manifest lists only complete shards; :func:`write_cache` with ``resume=True`` continues it.
-"""
+"""Writing a cache: :func:`write_cache` (atomic shards and manifest, resumable)."""
 
 from __future__ import annotations
 
 import hashlib
 import json
 import os
-import re
 import warnings
 from collections.abc import Iterable
 from pathlib import Path
@@ -31,153 +12,29 @@ from typing import Any
 
 import safetensors.torch
 import torch
-from safetensors import safe_open
 from torch import Tensor
 from tqdm.auto import tqdm
 
 from sparsecode._arrays import check_int
 from sparsecode._files import atomic_write
 
-from .data import check_finite
-from .stream import BlockShuffledSource
-
-FORMAT = "sparsecode-activation-cache"
-FORMAT_VERSION = 1
-MANIFEST = "manifest.json"
-#: Storage dtypes a cache may use, by the name the manifest records.
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-_TENSOR = "activations"
-_SHARD_RE = re.compile(r"^shard_(\d+)\.safetensors$")
-
-
-# --------------------------------------------------------------------------- small helpers
-def _dtype_name(dtype: torch.dtype) -> str:
-    for name, d in DTYPES.items():
-        if d == dtype:
-            return name
-    raise ValueError(f"cache dtype must be one of torch.{', torch.'.join(DTYPES)}; got {dtype}")
+from ..data import check_finite
+from .format import (
+    _SHARD_RE,
+    _TENSOR,
+    DTYPES,
+    FORMAT,
+    FORMAT_VERSION,
+    MANIFEST,
+    _check_hookpoint_name,
+    _dtype_name,
+    _file_problem,
+    _jsonable,
+    _shard_path,
+    read_manifest,
+)
 
 
-def _shard_path(hookpoint: str, index: int) -> str:
-    return f"{hookpoint}/shard_{index:05d}.safetensors"
-
-
-def _check_hookpoint_name(hp: Any) -> None:
-    bad = (
-        not isinstance(hp, str)
-        or hp in ("", ".", "..", MANIFEST)
-        or hp.startswith(".")
-        or any(c in hp for c in "/\\\0")
-    )
-    if bad:
-        raise ValueError(
-            f"hook point name {hp!r} cannot name a cache directory: it must be a non-empty "
-            "string without '/', '\\' or a leading '.'"
-        )
-
-
-def _sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(1 << 20):
-            h.update(chunk)
-    return h.hexdigest()
-
-
-def _jsonable(obj: Any, what: str) -> Any:
-    """A JSON round trip of ``obj`` (a deep copy), or a ``TypeError`` naming ``what``."""
-    try:
-        return json.loads(json.dumps(obj))
-    except (TypeError, ValueError) as e:
-        raise TypeError(f"{what} must be JSON-serialisable: {e}") from e
-
-
-def read_manifest(cache_dir: str | os.PathLike) -> dict[str, Any]:
-    """The parsed ``manifest.json`` of a cache, checked for format and version.
-
-    >>> import tempfile
-    >>> d = tempfile.mkdtemp()
-    >>> read_manifest(d)  # doctest: +ELLIPSIS
-    Traceback (most recent call last):
-    ...
-    FileNotFoundError: no activation cache at ...: .../manifest.json does not exist
-    """
-    path = Path(cache_dir) / MANIFEST
-    if not path.is_file():
-        raise FileNotFoundError(f"no activation cache at {cache_dir}: {path} does not exist")
-    try:
-        m = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise ValueError(f"{path} is not valid JSON: {e}") from e
-    if not isinstance(m, dict) or m.get("format") != FORMAT:
-        raise ValueError(f"{path} is not the manifest of an activation cache (format != {FORMAT})")
-    if m.get("format_version", 0) > FORMAT_VERSION:
-        raise ValueError(
-            f"{path} has format_version {m['format_version']}; this version of the code reads "
-            f"up to {FORMAT_VERSION} (upgrade the package)"
-        )
-    keys = {"complete", "hookpoints", "d_in", "dtype", "shard_tokens", "total_rows", "shards"}
-    missing = keys - set(m)
-    if missing:
-        raise ValueError(f"{path} lacks the keys {sorted(missing)}")
-    if m["dtype"] not in DTYPES:
-        raise ValueError(f"{path} names an unknown storage dtype {m['dtype']!r}")
-    return m
-
-
-def _file_problem(cache_dir: Path, manifest: dict, index: int, hp: str) -> str | None:
-    """What is wrong with one shard file (missing, size, checksum, header), or None."""
-    info = manifest["shards"][index]["files"][hp]
-    path = cache_dir / info["path"]
-    if not path.is_file():
-        return "is missing"
-    size = path.stat().st_size
-    if size != info["bytes"]:
-        return f"has {size} bytes, the manifest says {info['bytes']}"
-    digest = _sha256_file(path)
-    if digest != info["sha256"]:
-        return f"has sha256 {digest}, the manifest says {info['sha256']}"
-    try:
-        with safe_open(path, framework="pt") as f:
-            if _TENSOR not in f.keys():
-                return f"holds no tensor {_TENSOR!r}"
-            shape = list(f.get_slice(_TENSOR).get_shape())
-    except Exception as e:  # noqa: BLE001 - any parse failure is a damaged shard
-        return f"is not a readable safetensors file ({e})"
-    want = [manifest["shards"][index]["rows"], manifest["d_in"][hp]]
-    if shape != want:
-        return f"holds shape {shape}, the manifest says {want}"
-    return None
-
-
-def verify_cache(cache_dir: str | os.PathLike) -> None:
-    """Check every listed shard file against the manifest (size, sha256, shape); raise if not.
-
-    A missing file raises ``FileNotFoundError``, any other mismatch ``ValueError``; both name the
-    shard. An incomplete cache is checked as far as it goes.
-
-    >>> import tempfile
-    >>> d = write_cache([{"h": torch.ones(3, 2)}], tempfile.mkdtemp(), progress=False)
-    >>> verify_cache(d)
-    """
-    cache_dir = Path(cache_dir)
-    m = read_manifest(cache_dir)
-    for i, shard in enumerate(m["shards"]):
-        for hp in m["hookpoints"]:
-            problem = _file_problem(cache_dir, m, i, hp)
-            if problem is not None:
-                err = FileNotFoundError if problem == "is missing" else ValueError
-                path = shard["files"][hp]["path"]
-                raise err(f"cache at {cache_dir}: shard {path} {problem}")
-    rows = sum(s["rows"] for s in m["shards"])
-    if rows != m["total_rows"]:
-        raise ValueError(
-            f"cache at {cache_dir}: the shards hold {rows} rows, "
-            f"the manifest says {m['total_rows']}"
-        )
-
-
-# --------------------------------------------------------------------------- writing
 def write_cache(
     batches: Iterable[dict[str, Tensor]],
     out_dir: str | os.PathLike,
@@ -536,163 +393,3 @@ class _Writer:
 
 
 # --------------------------------------------------------------------------- reading
-class CachedActivations(BlockShuffledSource):
-    """Batches read from a cache written by :func:`write_cache` (an ActivationSource).
-
-    Shuffle scheme (bounded memory): each epoch permutes the shard order with a generator seeded
-    by ``(seed, epoch)``, reads the shards ``window_shards`` at a time and shuffles the rows within
-    each window with a generator seeded by ``(seed, epoch, window)``; batches are cut from that
-    stream (dropping the last partial batch of the epoch). Memory is about ``window_shards *
-    shard_tokens * sum(d_in) * itemsize`` (twice that while a window is assembled). All hook
-    points of a batch come from the same token positions. ``shuffle=False`` reads in order.
-
-    ``holdout=N`` reserves the cache's last ``N`` rows, returned by :meth:`heldout`.
-    ``verify=True`` checks each shard file's sha256 against the manifest before its first use
-    (:func:`verify_cache` checks a whole cache up front). ``massive_factor`` drops positions
-    whose norm at any selected hook point exceeds that factor times the median of the first
-    shard (see :func:`sae.data.drop_massive`). Batches are ``dtype`` on ``device``; a
-    bfloat16/float16 cache read with the same dtype is bit-exact. One iterator at a time:
-    iteration continues from the current position (and starts over once the source is
-    exhausted); ``state_dict``/``load_state_dict`` resume exactly.
-
-    >>> import tempfile
-    >>> x = torch.arange(24.0).reshape(12, 2)
-    >>> d = write_cache([{"h": x}], tempfile.mkdtemp(), shard_tokens=5, progress=False)
-    >>> src = CachedActivations(d, batch_size=4, holdout=2)
-    >>> len(src), src.d_in
-    (2, {'h': 2})
-    >>> rows = torch.cat([b["h"] for b in src])[:, 0]  # 8 of the 10 training rows, shuffled
-    >>> len(rows), len(set(rows.tolist())), bool((rows < 20).all())
-    (8, 8, True)
-    >>> src.heldout()["h"][:, 0].tolist()
-    [20.0, 22.0]
-    """
-
-    def __init__(
-        self,
-        cache_dir: str | os.PathLike,
-        *,
-        batch_size: int = 4096,
-        hookpoints: list[str] | str | None = None,
-        seed: int = 0,
-        epochs: int | None = 1,
-        shuffle: bool = True,
-        holdout: int = 0,
-        verify: bool = False,
-        dtype: torch.dtype = torch.float32,
-        device: str | torch.device = "cpu",
-        window_shards: int = 2,
-        massive_factor: float | None = None,
-        allow_incomplete: bool = False,
-    ) -> None:
-        self.cache_dir = Path(cache_dir)
-        m = read_manifest(self.cache_dir)
-        if not m["complete"] and not allow_incomplete:
-            raise ValueError(
-                f"the cache at {self.cache_dir} is incomplete ({m['total_rows']} rows; its writer "
-                "was interrupted): finish it with write_cache(..., resume=True), or pass "
-                "allow_incomplete=True to read the shards written so far"
-            )
-        if hookpoints is None:
-            hps = list(m["hookpoints"])
-        else:
-            hps = [hookpoints] if isinstance(hookpoints, str) else list(hookpoints)
-        unknown = [hp for hp in hps if hp not in m["hookpoints"]]
-        if unknown or not hps or len(set(hps)) != len(hps):
-            raise ValueError(
-                f"hookpoints={hps} must be distinct hook points of the cache at "
-                f"{self.cache_dir}, which holds {m['hookpoints']}"
-                + (f" (not there: {unknown})" if unknown else "")
-            )
-        check_int("holdout", holdout, 0)
-        check_int("window_shards", window_shards, 1)
-        n = sum(s["rows"] for s in m["shards"])
-        if holdout >= n:
-            raise ValueError(
-                f"holdout={holdout} leaves no training rows: the cache at {self.cache_dir} "
-                f"holds {n} rows"
-            )
-        self.manifest = m
-        self.metadata: dict = m.get("metadata", {})
-        self.hookpoints = hps
-        self.d_in: dict[str, int] = {hp: int(m["d_in"][hp]) for hp in hps}
-        self.storage_dtype = DTYPES[m["dtype"]]
-        self.n_rows = n
-        self.holdout = holdout
-        self.n_train = n - holdout
-        self.verify = bool(verify)
-        self._verified: set[tuple[int, str]] = set()
-        self._starts = [0]
-        for s in m["shards"]:
-            self._starts.append(self._starts[-1] + s["rows"])
-        self._units = [i for i in range(len(m["shards"])) if self._starts[i] < self.n_train]
-        self._unit_rows = [
-            min(m["shards"][i]["rows"], self.n_train - self._starts[i]) for i in self._units
-        ]
-        self._setup(
-            batch_size=batch_size,
-            seed=seed,
-            epochs=epochs,
-            shuffle=shuffle,
-            group=window_shards,
-            massive_factor=massive_factor,
-            dtype=dtype,
-            device=device,
-        )
-
-    def _load_shard(self, index: int, hp: str) -> Tensor:
-        shard = self.manifest["shards"][index]
-        info = shard["files"][hp]
-        path = self.cache_dir / info["path"]
-        if not path.is_file():
-            raise FileNotFoundError(
-                f"shard {info['path']} listed in the manifest of {self.cache_dir} is missing"
-            )
-        if self.verify and (index, hp) not in self._verified:
-            data = path.read_bytes()
-            digest = hashlib.sha256(data).hexdigest()
-            if digest != info["sha256"]:
-                raise ValueError(
-                    f"shard {info['path']} of the cache at {self.cache_dir} is corrupt: its "
-                    f"sha256 is {digest}, the manifest says {info['sha256']}"
-                )
-            tensors = safetensors.torch.load(data)
-            self._verified.add((index, hp))
-        else:
-            tensors = safetensors.torch.load_file(path)
-        x = tensors.get(_TENSOR)
-        want = (shard["rows"], self.d_in[hp])
-        if x is None or tuple(x.shape) != want or x.dtype != self.storage_dtype:
-            got = "no tensor" if x is None else f"{tuple(x.shape)} {x.dtype}"
-            raise ValueError(
-                f"shard {info['path']} of the cache at {self.cache_dir} holds {got}, the "
-                f"manifest says {want} {self.storage_dtype} in {_TENSOR!r}"
-            )
-        return x
-
-    def _read_unit(self, unit: int) -> dict[str, Tensor]:
-        index, rows = self._units[unit], self._unit_rows[unit]
-        return {hp: self._load_shard(index, hp)[:rows] for hp in self.hookpoints}
-
-    def heldout(self) -> dict[str, Tensor]:
-        """The cache's last ``holdout`` rows per hook point (massive rows dropped if filtering)."""
-        if self.holdout == 0:
-            raise ValueError("no rows are held out: construct the source with holdout=N")
-        parts: dict[str, list[Tensor]] = {hp: [] for hp in self.hookpoints}
-        for i, s in enumerate(self.manifest["shards"]):
-            lo = max(self.n_train - self._starts[i], 0)
-            if lo >= s["rows"]:
-                continue
-            for hp in self.hookpoints:
-                parts[hp].append(self._load_shard(i, hp)[lo:])
-        out = {hp: torch.cat(p) for hp, p in parts.items()}
-        keep = self.massive.keep(out)
-        if keep is not None:
-            out = {hp: x[keep] for hp, x in out.items()}
-        return {hp: x.to(device=self.device, dtype=self.dtype) for hp, x in out.items()}
-
-    def __repr__(self) -> str:
-        return (
-            f"CachedActivations({str(self.cache_dir)!r}, rows={self.n_rows}, "
-            f"hookpoints={self.hookpoints}, batch_size={self.batch_size}, holdout={self.holdout})"
-        )
