@@ -37,17 +37,15 @@ The table is printed and also written, with versions and all numbers, to
 # ruff: noqa: E402  (thread counts must be set in the environment before numpy is imported)
 
 import os
+
+from common import pin_threads, threads_from_argv
+
+N_THREADS = pin_threads(threads_from_argv())
+
 import sys
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
-sys.path[:0] = [str(HERE), str(HERE.parent)]  # `common` and the repository's `sparsecode`
-
-from common import THREAD_ENV_VARS
-
-N_THREADS = 2
-for _var in THREAD_ENV_VARS:
-    os.environ[_var] = str(N_THREADS)
 
 import argparse
 import inspect

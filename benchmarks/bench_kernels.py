@@ -49,8 +49,6 @@ import sys
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
-sys.path[:0] = [str(HERE), str(HERE.parent)]
-
 import argparse
 import gc
 import json
@@ -58,6 +56,7 @@ import re
 import statistics
 import time
 
+import common  # noqa: F401  (puts this checkout's packages on sys.path)
 import torch
 import torch.nn.functional as F
 from common import format_table, git_commit, now_iso, package_versions, tree_digest, write_json

@@ -18,14 +18,10 @@ Results: ``benchmarks/results/lista-<device>.{json,md}``.
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 import time
-from pathlib import Path
 
-from common import THREAD_ENV_VARS, cpu_name, device_tag, git_commit, now_iso, write_json
-
-ROOT = Path(__file__).resolve().parents[1]
+from common import ROOT, cpu_name, device_tag, git_commit, now_iso, pin_threads, write_json
 
 
 def main(argv=None) -> int:
@@ -42,13 +38,11 @@ def main(argv=None) -> int:
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args(argv)
-    for var in THREAD_ENV_VARS:
-        os.environ[var] = str(args.threads)
+    pin_threads(args.threads)
     import numpy as np
     import torch
 
     torch.set_num_threads(args.threads)
-    sys.path.insert(0, str(ROOT))
     from sparsecode import LISTA, sparse_encode
     from sparsecode.core import LeastSquares, fista
     from sparsecode.core.operators import L1

@@ -23,9 +23,8 @@ import argparse
 import os
 import sys
 import time
-from pathlib import Path
 
-from common import THREAD_ENV_VARS
+from common import ROOT, pin_threads
 
 SETTINGS = {
     "50%": dict(sparsity=0.5, pattern="unstructured", allocation="uniform"),
@@ -60,8 +59,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    for var in THREAD_ENV_VARS:
-        os.environ[var] = str(args.threads)
+    pin_threads(args.threads)
     import torch
     from common import (
         cpu_name,
@@ -74,8 +72,6 @@ def main(argv=None) -> int:
     )
 
     torch.set_num_threads(args.threads)
-    root = Path(__file__).resolve().parent.parent
-    sys.path.insert(0, str(root))
     from sparsecode.lm import load_model
     from sparsecode.prune import evaluate_perplexity, prune
     from sparsecode.text import builtin_texts, pack_tokens, split_texts
@@ -92,10 +88,10 @@ def main(argv=None) -> int:
     device = f"{cpu_name()} ({os.cpu_count()} cores)" if not torch.cuda.is_available() \
         else torch.cuda.get_device_name()
     stem = args.out or f"prune-{device_tag(args.threads)}"
-    out_dir = root / "benchmarks" / "results"
+    out_dir = ROOT / "benchmarks" / "results"
     meta = {
         "date": now_iso(), "device": device, "threads": args.threads,
-        "versions": package_versions("torch", "transformers"), "git": git_commit(root),
+        "versions": package_versions("torch", "transformers"), "git": git_commit(ROOT),
         "model": "SmolLM2-135M-Instruct (GGUF Q4_1 de-quantised to float32)",
         "calibration": f"{len(calib)} x {args.seq_len} tokens of builtin_texts() training split",
         "evaluation": f"{len(evals)} x {args.seq_len} tokens of the held-out split "

@@ -31,15 +31,13 @@ Results go to ``benchmarks/results/sae-paths-<device>.json`` and ``.md``.
 
 # ruff: noqa: E402
 
-import sys
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
-sys.path[:0] = [str(HERE), str(HERE.parent)]
-
 import argparse
 import math
 
+import common  # noqa: F401  (puts this checkout's packages on sys.path)
 import torch
 from bench_kernels import device_slug, measure
 from common import format_table, git_commit, now_iso, package_versions, write_json

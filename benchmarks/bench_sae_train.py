@@ -59,28 +59,15 @@ reported). Results go to ``benchmarks/results/sae-train-<cpu>-<threads>t.json`` 
 
 # ruff: noqa: E402  (thread counts must be set in the environment before numpy/torch import)
 
+from common import THREAD_ENV_VARS, pin_threads, threads_from_argv
+
+N_THREADS = pin_threads(threads_from_argv())
+
 import os
 import sys
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
-sys.path[:0] = [str(HERE), str(HERE.parent)]  # `common` and the repository's packages
-
-from common import THREAD_ENV_VARS
-
-
-def _threads_from_argv(argv: list[str], default: int = 2) -> int:
-    for i, a in enumerate(argv):
-        if a == "--threads" and i + 1 < len(argv):
-            return int(argv[i + 1])
-        if a.startswith("--threads="):
-            return int(a.split("=", 1)[1])
-    return default
-
-
-N_THREADS = _threads_from_argv(sys.argv[1:])
-for _var in THREAD_ENV_VARS:
-    os.environ[_var] = str(N_THREADS)
 
 import argparse
 import json

@@ -1,7 +1,13 @@
 """Small helpers shared by the benchmark scripts in ``benchmarks/`` (standard library only).
 
 Import it from a script in this folder with ``from common import ...`` (the script's own folder
-is on ``sys.path`` when it is run as ``python benchmarks/<script>.py``).
+is on ``sys.path`` when it is run as ``python benchmarks/<script>.py``); importing it also puts
+the repository on ``sys.path``, so the scripts measure this checkout's packages. Every script
+starts with the same preamble, before numpy or torch is imported::
+
+    from common import pin_threads, threads_from_argv
+
+    N_THREADS = pin_threads(threads_from_argv())  # --threads N, default 2
 """
 
 from __future__ import annotations
@@ -10,15 +16,43 @@ import datetime
 import hashlib
 import importlib.metadata
 import json
+import os
 import platform
 import re
 import statistics
 import subprocess
+import sys
 import time
 from pathlib import Path
 
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:
+    sys.path.insert(1, str(ROOT))
+
 THREAD_ENV_VARS = ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS",
                    "VECLIB_MAXIMUM_THREADS", "NUMEXPR_NUM_THREADS")
+
+
+def threads_from_argv(argv: list[str] | None = None, default: int = 2) -> int:
+    """The ``--threads N`` (or ``--threads=N``) of the command line, else ``default``: read
+    before argparse runs, because the thread pools must be sized before numpy / torch start."""
+    argv = sys.argv[1:] if argv is None else argv
+    for i, a in enumerate(argv):
+        if a == "--threads" and i + 1 < len(argv):
+            return int(argv[i + 1])
+        if a.startswith("--threads="):
+            return int(a.split("=", 1)[1])
+    return default
+
+
+def pin_threads(n: int) -> int:
+    """Run on ``n`` threads: every BLAS / OpenMP pool (environment variables, read when numpy,
+    torch or SPAMS start) and torch's own pool if torch is imported already. Returns ``n``."""
+    for var in THREAD_ENV_VARS:
+        os.environ[var] = str(n)
+    if "torch" in sys.modules:
+        sys.modules["torch"].set_num_threads(n)
+    return n
 
 
 def time_median(fn, repeats: int = 3, warmup: bool = False, budget_s: float | None = None):

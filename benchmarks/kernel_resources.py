@@ -17,11 +17,10 @@ import sys
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
-sys.path[:0] = [str(HERE), str(HERE.parent)]
-
 import argparse
 import dataclasses
 
+import common  # noqa: F401  (puts this checkout's packages on sys.path)
 import torch
 from common import git_commit, now_iso, package_versions, write_json
 
