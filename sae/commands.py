@@ -255,25 +255,21 @@ def cmd_plot(args: argparse.Namespace) -> int:
 
 def add_parsers(sub) -> None:
     """The subcommands of this module, on the ``sae`` parser's subparsers."""
-    e = sub.add_parser("eval", help="metrics of saved SAEs (spliced into the model, or on .npy)",
-                       description=cmd_eval.__doc__)
-    e.add_argument("run", help="a run folder or one SAE folder")
-    add_flags(e, ModelConfig, skip=("seed",), defaults=RECORDED)
-    add_flags(e, EvalOptions)
-    e.set_defaults(func=cmd_eval)
+    saved = (("eval", "metrics of saved SAEs (spliced into the model, or on .npy)", cmd_eval,
+              EvalOptions),
+             ("browse", "HTML feature browser of saved SAEs", cmd_browse, BrowseOptions))
+    for name, help, cmd, options in saved:  # commands on saved SAEs: model settings recorded
+        p = sub.add_parser(name, help=help, description=cmd.__doc__)
+        p.add_argument("run", help="a run folder or one SAE folder")
+        add_flags(p, ModelConfig, skip=("seed",), defaults=RECORDED)
+        add_flags(p, options)
+        p.set_defaults(func=cmd)
 
     c = sub.add_parser("cache", help="write model activations to a sharded on-disk cache",
                        description=cmd_cache.__doc__)
     add_flags(c, ModelConfig)
     add_flags(c, CacheOptions)
     c.set_defaults(func=cmd_cache)
-
-    b = sub.add_parser("browse", help="HTML feature browser of saved SAEs",
-                       description=cmd_browse.__doc__)
-    b.add_argument("run", help="a run folder or one SAE folder")
-    add_flags(b, ModelConfig, skip=("seed",), defaults=RECORDED)
-    add_flags(b, BrowseOptions)
-    b.set_defaults(func=cmd_browse)
 
     p = sub.add_parser("plot", help="L0 vs FVU scatter of trained SAEs",
                        description=cmd_plot.__doc__)

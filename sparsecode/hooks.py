@@ -220,6 +220,17 @@ def _hooked(handles: list) -> Iterator[None]:
             h.remove()
 
 
+@contextmanager
+def _editing(edits: dict[str, tuple[nn.Module, Callable[[Tensor], Tensor]]]) -> Iterator[None]:
+    """Replace the output of each module by ``edit(output)`` (``edits``: point -> (module,
+    edit)) inside the block; the hooks are removed on exit, also on error."""
+    handles: list = []
+    with _hooked(handles):
+        for point, (module, edit) in edits.items():
+            handles.append(module.register_forward_hook(_edit_hook(edit, point)))
+        yield
+
+
 # ----------------------------------------------------------------------------- capture
 
 
@@ -413,10 +424,7 @@ def splice(
 
         return edit
 
-    handles: list = []
-    with _hooked(handles):
-        for point, (module, sae) in targets.items():
-            handles.append(module.register_forward_hook(_edit_hook(make(point, sae), point)))
+    with _editing({p: (module, make(p, sae)) for p, (module, sae) in targets.items()}):
         yield state
 
 
@@ -466,10 +474,7 @@ def steer(
             )
         return x + delta.to(device=x.device, dtype=x.dtype)
 
-    handles: list = []
-    with _hooked(handles):
-        for p, module in _modules(model, point).items():
-            handles.append(module.register_forward_hook(_edit_hook(edit, p)))
+    with _editing({p: (module, edit) for p, module in _modules(model, point).items()}):
         yield delta
 
 
@@ -523,8 +528,5 @@ def ablate(
 
         return edit
 
-    handles: list = []
-    with _hooked(handles):
-        for point, (module, sae) in targets.items():
-            handles.append(module.register_forward_hook(_edit_hook(make(point, sae), point)))
+    with _editing({p: (module, make(p, sae)) for p, (module, sae) in targets.items()}):
         yield state
