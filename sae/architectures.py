@@ -14,8 +14,9 @@ An architecture is not a branch in the model: it is a choice of independent part
   dead latents on the residual) or ``aux_zipf`` (under-used latents weighted by their shortfall
   against a Zipf target);
 * **prefixes**: Matryoshka's loss summed over nested prefixes of the latents;
+* **tied**: the encoder is the decoder's transpose (no ``W_enc`` / ``b_enc`` parameters);
 * **saelens**: the inference form written to disk (SAELens' ``architecture``: ``standard``,
-  ``topk`` or ``jumprelu``), computed by :data:`INFERENCE`.
+  ``topk``, ``jumprelu`` or ``matching_pursuit``), computed by :data:`INFERENCE`.
 
 Adding an activation is one operator in the core plus one row here.
 
@@ -34,6 +35,7 @@ from typing import TYPE_CHECKING
 from torch import Tensor
 
 from sparsecode.core.operators import BatchTopK, FeatureChoice, Jump, Projection, TopK
+from sparsecode.core.pursuit import MatchingPursuit
 
 if TYPE_CHECKING:
     from .config import SAEConfig
@@ -48,12 +50,13 @@ class Architecture:
 
     name: str
     description: str
-    activation: Callable[[SAEConfig, Tensor], Projection]
+    activation: Callable[[SAEConfig, Tensor], Projection | MatchingPursuit]
     saelens: str
     threshold: str | None = None
     penalty: str | None = None
     aux: str | None = None
     prefixes: bool = False
+    tied: bool = False
 
     @property
     def unit_decoder(self) -> bool:
@@ -87,6 +90,10 @@ def _jumprelu(cfg: SAEConfig, theta: Tensor) -> Projection:
     return Jump(theta, bandwidth=cfg.bandwidth)
 
 
+def _matching_pursuit(cfg: SAEConfig, theta: Tensor) -> MatchingPursuit:
+    return MatchingPursuit(cfg.k, cfg.residual_threshold)
+
+
 _ROWS = [
     Architecture("relu", "ReLU + L1 penalty weighted by decoder norms (Anthropic's April 2024 "
                  "recipe)", _relu, "standard", penalty="l1"),
@@ -103,6 +110,8 @@ _ROWS = [
                  "aux_zipf", _batch_topk, "jumprelu", threshold="batch", aux="aux_zipf"),
     Architecture("feature_choice", "each latent picks its top m tokens (Ayonrinde 2024), "
                  "aux_zipf", _feature_choice, "jumprelu", threshold="latent", aux="aux_zipf"),
+    Architecture("mp", "matching pursuit with a tied encoder, k steps (Costa et al. 2025)",
+                 _matching_pursuit, "matching_pursuit", tied=True),
 ]
 ARCHITECTURES: dict[str, Architecture] = {a.name: a for a in _ROWS}
 
@@ -116,10 +125,11 @@ def _inference_jumprelu(cfg: SAEConfig, theta: Tensor) -> Projection:
 
 
 #: SAELens inference form -> the activation a saved SAE computes (per token, batch-free).
-INFERENCE: dict[str, Callable[[SAEConfig, Tensor], Projection]] = {
+INFERENCE: dict[str, Callable[[SAEConfig, Tensor], Projection | MatchingPursuit]] = {
     "standard": _inference_relu,
     "topk": _topk,
     "jumprelu": _inference_jumprelu,
+    "matching_pursuit": _matching_pursuit,
 }
 
 #: SAELens inference form -> the architecture a saved SAE loads as: the one whose training

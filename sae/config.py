@@ -65,6 +65,9 @@ class SAEConfig:
         "aux_zipf: exponent of the target firing-rate distribution"))
     threshold_rate: float = field(default=0.05, metadata=_help(
         "batch architectures: EMA rate of the running inference threshold"))
+    residual_threshold: float = field(default=0.0, metadata=_help(
+        "mp: a token's pursuit stops once its residual norm is at most this (0: after k steps "
+        "or a repeated latent)"))
     metadata: dict[str, Any] = field(default_factory=dict, metadata=_help(
         "saved with the SAE (hook point, model, ...)", cli=False))
 
@@ -82,6 +85,8 @@ class SAEConfig:
             )
         if self.target_l0 is None:
             self.target_l0 = float(self.k)
+        if not self.residual_threshold >= 0:
+            raise ValueError(f"residual_threshold must be >= 0, got {self.residual_threshold}")
         if self.target_l0 <= 0:
             raise ValueError(f"target_l0 must be > 0, got {self.target_l0}")
         if self.aux_k is None:

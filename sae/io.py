@@ -131,25 +131,47 @@ def _json_text(cfg: Mapping[str, Any], folder: Path) -> str:
         ) from e
 
 
+#: Tensors of each SAELens inference form (``matching_pursuit`` is tied: no encoder).
+SAELENS_TENSORS = {
+    "standard": ("W_enc", "W_dec", "b_enc", "b_dec"),
+    "topk": ("W_enc", "W_dec", "b_enc", "b_dec"),
+    "jumprelu": ("W_enc", "W_dec", "b_enc", "b_dec", "threshold"),
+    "matching_pursuit": ("W_dec", "b_dec"),
+}
+
+
 def _inference_tensors(sae: SAE, input_scale: float, dtype: Any) -> dict[str, Tensor]:
     """The saved model's parameters with the training input scale ``s`` folded in:
-    ``W_enc * s``, ``W_dec / s``, ``b_dec / s``; ``b_enc`` and thresholds are unchanged."""
+    ``W_enc * s``, ``W_dec / s``, ``b_dec / s``; ``b_enc`` and thresholds are unchanged. A
+    matching pursuit keeps its unit-norm atoms (``W_dec`` unchanged): its codes scale with the
+    input, so only ``b_dec / s`` (and the residual threshold, :func:`_form_config`) change."""
     s = _check_scale(input_scale)
-    out = _as_dtype(dtype) or sae.W_enc.dtype
-    work = torch.promote_types(sae.W_enc.dtype, torch.float32)
+    out = _as_dtype(dtype) or sae.W_dec.dtype
+    work = torch.promote_types(sae.W_dec.dtype, torch.float32)
 
     def get(t: Tensor) -> Tensor:
         return t.detach().to("cpu", work)
 
+    form = sae.inference_architecture
     tensors = {
-        "W_enc": get(sae.W_enc) * s,
-        "W_dec": get(sae.W_dec) / s,
-        "b_enc": get(sae.b_enc),
-        "b_dec": get(sae.b_dec) / s,
+        "W_enc": lambda: get(sae.W_enc) * s,
+        "W_dec": lambda: get(sae.W_dec) / (1.0 if form == "matching_pursuit" else s),
+        "b_enc": lambda: get(sae.b_enc),
+        "b_dec": lambda: get(sae.b_dec) / s,
+        "threshold": lambda: get(sae.threshold).clamp_min(0),  # as the module's inference
     }
-    if sae.inference_architecture == "jumprelu":
-        tensors["threshold"] = get(sae.threshold).clamp_min(0)  # as the module's inference
-    return {k: v.to(out).contiguous() for k, v in tensors.items()}
+    return {k: tensors[k]().to(out).contiguous() for k in SAELENS_TENSORS[form]}
+
+
+def _form_config(sae: SAE, s: float) -> dict[str, Any]:
+    """The ``cfg.json`` entries of the inference form besides the common ones."""
+    form = sae.inference_architecture
+    if form == "topk":
+        return {"k": sae.cfg.k, "rescale_acts_by_decoder_norm": False}
+    if form == "matching_pursuit":  # the threshold is on residual norms: raw units
+        return {"residual_threshold": sae.cfg.residual_threshold / s,
+                "max_iterations": sae.cfg.k, "stop_on_duplicate_support": True}
+    return {}
 
 
 def _saved_metadata(sae: SAE, metadata: Mapping[str, Any] | None, s: float) -> dict[str, Any]:
@@ -208,15 +230,13 @@ def save_sae(
         "architecture": inference,
         "d_in": sae.cfg.d_in,
         "d_sae": sae.cfg.d_sae,
-        "dtype": _dtype_name(tensors["W_enc"].dtype),
+        "dtype": _dtype_name(tensors["W_dec"].dtype),
         "device": "cpu",
         "apply_b_dec_to_input": True,
         "normalize_activations": "none",
         "reshape_activations": "none",
     }
-    if inference == "topk":
-        cfg["k"] = sae.cfg.k
-        cfg["rescale_acts_by_decoder_norm"] = False
+    cfg.update(_form_config(sae, s))
     cfg["metadata"] = _saved_metadata(sae, metadata, s)
     text = _json_text(cfg, folder)
 
@@ -277,7 +297,7 @@ def _stored_config(meta: Mapping[str, Any]) -> dict[str, Any]:
     config = ours.get("config") if isinstance(ours, Mapping) else None
     if not isinstance(config, Mapping):
         return {}
-    skip = {"metadata", "architecture", "d_in", "d_sae", "k"}
+    skip = {"metadata", "architecture", "d_in", "d_sae", "k", "residual_threshold"}
     return {k: v for k, v in config.items() if k in _CONFIG_FIELDS and k not in skip}
 
 
@@ -296,7 +316,7 @@ def _read_density(path: Path, d_sae: int) -> Tensor | None:
 
 def _build(
     architecture: str,
-    k: int | None,
+    form_fields: Mapping[str, Any],
     tensors: Mapping[str, Tensor],
     metadata: dict[str, Any],
     fire_rate: Tensor | None,
@@ -307,8 +327,7 @@ def _build(
     d_sae, d_in = tensors["W_dec"].shape
     fields = _stored_config(metadata)
     fields.update(d_in=d_in, d_sae=d_sae, architecture=architecture, metadata=metadata)
-    if k is not None:
-        fields["k"] = k
+    fields.update(form_fields)
     try:
         cfg = SAEConfig(**fields)
     except (TypeError, ValueError) as e:
@@ -329,10 +348,11 @@ def _build(
 
 
 def _check_shapes(tensors: Mapping[str, Tensor], d_in: int, d_sae: int, path: Path) -> None:
-    want = {"W_enc": (d_in, d_sae), "W_dec": (d_sae, d_in), "b_enc": (d_sae,), "b_dec": (d_in,)}
-    if "threshold" in tensors:
-        want["threshold"] = (d_sae,)
+    want = {"W_enc": (d_in, d_sae), "W_dec": (d_sae, d_in), "b_enc": (d_sae,), "b_dec": (d_in,),
+            "threshold": (d_sae,)}
     for name, shape in want.items():
+        if name not in tensors:
+            continue
         if tuple(tensors[name].shape) != shape:
             raise ValueError(
                 f"{path}: {name} has shape {tuple(tensors[name].shape)}, expected {shape} "
@@ -365,21 +385,21 @@ def load_sae(
     meta = {k: v for k, v in meta.items() if k in _PRE6_METADATA_KEYS}
     if isinstance(raw.get("metadata"), dict):
         meta.update(raw["metadata"])
-    form, k = _saelens_form(raw, cfg_path)
+    form, form_fields = _saelens_form(raw, cfg_path)
     tensors = st.load_file(str(weights_path))
     if "log_threshold" in tensors and "threshold" not in tensors:
         tensors["threshold"] = tensors.pop("log_threshold").exp()
-    needed = ["W_enc", "W_dec", "b_enc", "b_dec"] + (["threshold"] if form == "jumprelu" else [])
+    needed = list(SAELENS_TENSORS[form])
     missing = [name for name in needed if name not in tensors]
     if missing:
         raise ValueError(f"{weights_path} lacks {', '.join(missing)} ({form} SAE)")
-    d_in, d_sae = tensors["W_enc"].shape
+    d_sae, d_in = tensors["W_dec"].shape
     for name, n in (("d_in", d_in), ("d_sae", d_sae)):
         if name in raw and raw[name] != n:
-            raise ValueError(f"{cfg_path}: {name}={raw[name]} but W_enc has shape {(d_in, d_sae)}")
+            raise ValueError(f"{cfg_path}: {name}={raw[name]} but W_dec has shape {(d_sae, d_in)}")
     _check_shapes(tensors, d_in, d_sae, weights_path)
-    out_dtype = _as_dtype(dtype) or _as_dtype(raw.get("dtype")) or tensors["W_enc"].dtype
-    work = torch.promote_types(tensors["W_enc"].dtype, torch.float32)
+    out_dtype = _as_dtype(dtype) or _as_dtype(raw.get("dtype")) or tensors["W_dec"].dtype
+    work = torch.promote_types(tensors["W_dec"].dtype, torch.float32)
     t = {name: tensors[name].to(work) for name in needed}
     # pre-6 per-latent output scale: decode is (z * scaling_factor) @ W_dec
     if "scaling_factor" in tensors:
@@ -392,11 +412,13 @@ def load_sae(
         t["b_enc"] = t["b_enc"] + t["b_dec"] @ t["W_enc"]
     _fold_normalization(t, raw, meta, folder, scaling_factor, work)
     fire_rate = _read_density(folder / SPARSITY_FILENAME, d_sae)
-    return _build(SAELENS_ARCHITECTURES[form], k, t, meta, fire_rate, device, out_dtype, folder)
+    return _build(SAELENS_ARCHITECTURES[form], form_fields, t, meta, fire_rate, device, out_dtype,
+                  folder)
 
 
-def _saelens_form(raw: Mapping[str, Any], cfg_path: Path) -> tuple[str, int | None]:
-    """The SAELens inference form (``standard``, ``topk``, ``jumprelu``) and ``k``."""
+def _saelens_form(raw: Mapping[str, Any], cfg_path: Path) -> tuple[str, dict[str, Any]]:
+    """The SAELens inference form (``standard``, ``topk``, ``jumprelu``, ``matching_pursuit``)
+    and the SAEConfig fields it sets (``k``; a pursuit's ``residual_threshold``)."""
     activation = raw.get("activation_fn", raw.get("activation_fn_str", "relu"))
     act_kwargs = raw.get("activation_fn_kwargs") or {}
     form = raw.get("architecture") or "standard"
@@ -412,7 +434,16 @@ def _saelens_form(raw: Mapping[str, Any], cfg_path: Path) -> tuple[str, int | No
         raise ValueError(f"{cfg_path}: activation {activation!r} is not supported (only relu)")
     if form == "topk" and _number(k) is None:
         raise ValueError(f"{cfg_path}: a topk SAE needs an integer 'k'")
-    return form, (int(k) if form == "topk" else None)
+    if form == "topk":
+        return form, {"k": int(k)}
+    if form == "matching_pursuit":
+        if False in (raw.get("stop_on_duplicate_support"), raw.get("apply_b_dec_to_input")):
+            raise ValueError(f"{cfg_path}: a matching pursuit SAE with stop_on_duplicate_support "
+                             "or apply_b_dec_to_input false is not supported")
+        steps = raw.get("max_iterations") or raw.get("d_in")
+        return form, {"k": int(steps), "residual_threshold": float(raw.get("residual_threshold",
+                                                                           0.01))}
+    return form, {}
 
 
 def _fold_normalization(t: dict[str, Tensor], raw: Mapping[str, Any], meta: Mapping[str, Any],
@@ -547,7 +578,7 @@ def load_sparsify(
         t["b_enc"] = t["b_enc"] + t["b_dec"] @ t["W_enc"]
         meta["transcode"] = True
     t["W_enc"] = t["W_enc"].contiguous()
-    return _build("topk", int(raw["k"]), t, meta, None, device, out_dtype, folder)
+    return _build("topk", {"k": int(raw["k"])}, t, meta, None, device, out_dtype, folder)
 
 
 def find_sae_folders(path: str | os.PathLike[str]) -> dict[str, Path]:

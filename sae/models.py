@@ -55,12 +55,16 @@ from torch import Tensor, nn
 
 from sparsecode.core import operators as ops
 from sparsecode.core.kernels import preact, sorted_pairs, sparse_decode
+from sparsecode.core.pursuit import MatchingPursuit
 
 from . import aux, losses
 from .architectures import ARCHITECTURES, INFERENCE, Architecture, default_group_sizes
 from .config import SAEConfig
 
 __all__ = ["ARCHITECTURES", "SAE", "Code", "OneProcess", "SAEConfig", "TrainOutput"]
+
+#: What an SAE encodes with: a projection of the core, or a pursuit.
+Activation = ops.Projection | MatchingPursuit
 
 #: ReLU / JumpReLU train on sparse pairs when the last batch had at most this fraction of its
 #: ``(N, d_sae)`` code entries above the cut (CPU crossover measured at 0.09 for ReLU and 0.14
@@ -193,8 +197,11 @@ class SAE(nn.Module):
         if not self.arch.unit_decoder:
             W = W * 0.1  # decoder-norm-weighted L1: start small (April 2024 update)
         self.W_dec = nn.Parameter(W.clone())
-        self.W_enc = nn.Parameter(W.T.clone().contiguous())
-        self.b_enc = nn.Parameter(torch.zeros(n))
+        if self.arch.tied:  # W_enc is W_dec^T (see __getattr__); no encoder bias
+            self.register_buffer("b_enc", torch.zeros(n))
+        else:
+            self.W_enc = nn.Parameter(W.T.clone().contiguous())
+            self.b_enc = nn.Parameter(torch.zeros(n))
         self.b_dec = nn.Parameter(torch.zeros(d))
         if self.arch.threshold == "learned":
             self.threshold = nn.Parameter(torch.full((n,), float(cfg.threshold_init)))
@@ -212,6 +219,11 @@ class SAE(nn.Module):
         #: Fraction of code entries above the cut in the last batch of an unbounded activation
         #: (chooses the sparse or dense training path; 1.0 until a batch has been seen).
         self._last_density = 1.0
+
+    def __getattr__(self, name: str) -> Any:
+        if name == "W_enc" and self.arch.tied:  # a tied SAE's encoder is its decoder
+            return self.W_dec.T
+        return super().__getattr__(name)
 
     # ------------------------------------------------------------------ parts
     @property
@@ -234,12 +246,13 @@ class SAE(nn.Module):
         return self.arch.saelens
 
     @property
-    def activation(self) -> ops.Projection:
+    def activation(self) -> Activation:
         """The training activation: the preset's core operator, bound to this SAE's threshold."""
         return self.arch.activation(self.cfg, self.threshold)
 
-    def inference_activation(self) -> ops.Projection:
-        """The per-token activation of the saved model (TopK, ReLU or JumpReLU)."""
+    def inference_activation(self) -> Activation:
+        """The per-token activation of the saved model (TopK, ReLU, JumpReLU or matching
+        pursuit)."""
         return INFERENCE[self.arch.saelens](self.cfg, self.threshold)
 
     def dead_mask(self) -> Tensor:
@@ -256,7 +269,13 @@ class SAE(nn.Module):
     def encode(self, x: Tensor) -> Tensor:
         """Dense latents ``(..., d_sae)`` as the saved (inference) model computes them."""
         shape = x.shape
-        z = self.inference_activation().project(self._pre(x.reshape(-1, shape[-1])))
+        x2 = x.reshape(-1, shape[-1])
+        op = self.inference_activation()
+        if isinstance(op, ops.Projection):
+            z = op.project(self._pre(x2))
+        else:  # a pursuit: no pre-activations, its pairs scattered
+            rows, cols, vals = self.encode_pairs(x2)
+            z = vals.new_zeros(x2.shape[0], self.cfg.d_sae).index_put((rows, cols), vals)
         return z.reshape(*shape[:-1], self.cfg.d_sae)
 
     def decode(self, z: Tensor) -> Tensor:

@@ -277,3 +277,26 @@ def test_config_errors(kwargs, match):
 def test_wrong_input_width():
     with pytest.raises(ValueError, match=r"shape \(N, 12\), got \(5, 7\)"):
         _sae("topk").training_forward(torch.randn(5, 7))
+
+
+def test_matching_pursuit_sae_loss_and_gradients_equal_the_unrolled_reference():
+    """``--arch mp``: the loss and every gradient equal autograd through SAELens' own unrolled
+    matching pursuit (float64, tiny case; our selection runs in the Gram domain, values along
+    the picks with autograd, decode through the sparse decode)."""
+    from sae_lens.saes.matching_pursuit_sae import _encode_matching_pursuit
+
+    sae = _sae("mp", k=5).double()
+    sae.constrain()
+    assert [n for n, _ in sae.named_parameters()] == ["W_dec", "b_dec"]
+    x = torch.randn(32, 12, dtype=torch.float64, generator=torch.Generator().manual_seed(3))
+    z = _encode_matching_pursuit(x - sae.b_dec, sae.W_dec, 0.0, max_iterations=5,
+                                 stop_on_duplicate_support=True)
+    ref = (x - (z @ sae.W_dec + sae.b_dec)).pow(2).sum(-1).mean()
+    want = torch.autograd.grad(ref, [sae.W_dec, sae.b_dec])
+    out = sae.training_forward(x)
+    torch.testing.assert_close(out.loss, ref)
+    assert out.l0 == pytest.approx(float((z != 0).sum()) / 32)
+    got = torch.autograd.grad(out.loss, [sae.W_dec, sae.b_dec])
+    for a, e in zip(got, want, strict=True):
+        torch.testing.assert_close(a, e)
+    torch.testing.assert_close(sae.eval().encode(x), z.detach())

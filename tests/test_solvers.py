@@ -293,3 +293,78 @@ def test_support_lstsq_after_iht_lowers_the_objective():
         z2 = support_lstsq(prob, z != 0, init=z, max_iter=100).codes
         assert (prob.loss(z2) <= prob.loss(z) + 1e-10).all()
         assert bool(proj.contains(z2).all())
+
+
+# --------------------------------------------------------------------------------------------
+# matching pursuit
+# --------------------------------------------------------------------------------------------
+
+
+def _textbook_mp(x, D, steps, tol=None, positive=False, stop_on_repeat=False):
+    """Matching pursuit written row by row from its definition (residual space)."""
+    r, z, n = x.copy(), np.zeros(D.shape[0]), 0
+    norms = np.linalg.norm(D, axis=1)
+    for _ in range(steps):
+        if tol is not None and r @ r <= tol:
+            break
+        c = D @ r / norms
+        j = int(np.argmax(c if positive else np.abs(c)))
+        if (c[j] if positive else abs(c[j])) <= 0:
+            break
+        repeat = z[j] != 0
+        v = (D[j] @ r) / norms[j] ** 2
+        z[j] += v
+        r = r - v * D[j]
+        n += 1
+        if repeat and stop_on_repeat:
+            break
+    return z, n
+
+
+@pytest.mark.parametrize("positive, stop_on_repeat", [(False, False), (True, False), (True, True)])
+@pytest.mark.parametrize("chunk_size", [None, 7])
+def test_mp_matches_a_textbook_loop(positive, stop_on_repeat, chunk_size):
+    """Repeated atoms, non-unit atoms (the scaled dictionary) and a residual tolerance."""
+    from sparsecode.core import mp
+
+    X, D, _ = make_problem(n=30, feat=8, K=20, seed=3)
+    D = D * np.linspace(0.5, 2.0, 20)[:, None]
+    prob = LeastSquares.from_data(torch.tensor(X), torch.tensor(D))
+    for steps, tol in ((12, None), (40, 0.3)):
+        res = mp(prob, n_nonzero_coefs=steps, tol=tol, positive=positive,
+                 stop_on_repeat=stop_on_repeat, chunk_size=chunk_size)
+        Z = res.codes.to_dense().numpy()
+        for i in range(len(X)):
+            z, n = _textbook_mp(X[i], D, steps, tol, positive, stop_on_repeat)
+            np.testing.assert_allclose(Z[i], z, atol=1e-10, err_msg=str(i))
+            assert int(res.n_iter[i]) == n
+    if not stop_on_repeat:
+        assert (res.n_iter > 8).any()  # steps beyond the dimension: atoms were picked again
+
+
+def test_mp_is_saelens_matching_pursuit_encoder():
+    """positive + stop_on_repeat on unit-norm atoms is SAELens' MatchingPursuitSAE encoder."""
+    from sae_lens.saes.matching_pursuit_sae import _encode_matching_pursuit
+
+    from sparsecode.core import mp
+
+    X, D, _ = make_problem(n=64, feat=16, K=96, seed=4, dtype=torch.float32)
+    x, W = torch.tensor(X, dtype=torch.float32), torch.tensor(D, dtype=torch.float32)
+    for k in (4, 16):
+        ref = _encode_matching_pursuit(x, W, 0.0, max_iterations=k,
+                                       stop_on_duplicate_support=True)
+        got = mp(LeastSquares.from_data(x, W), n_nonzero_coefs=k, positive=True,
+                 stop_on_repeat=True).codes.to_dense()
+        torch.testing.assert_close(got, ref, atol=1e-5, rtol=1e-5)
+
+
+def test_mp_bad_arguments():
+    from sparsecode.core import mp
+
+    _, _, prob = make_problem()
+    with pytest.raises(ValueError, match="n_nonzero_coefs or tol"):
+        mp(prob)
+    with pytest.raises(ValueError, match="n_nonzero_coefs must be an integer >= 1"):
+        mp(prob, n_nonzero_coefs=0)
+    with pytest.raises(ValueError, match="tol must be >= 0"):
+        mp(prob, tol=-1.0)

@@ -4,7 +4,18 @@ Torch only (no scikit-learn, no transformers); runs on any device, float32 or fl
 """
 
 from . import operators
-from .solvers import LeastSquares, SolverResult, fista, iht, ista, lars, lasso, lipschitz, omp
+from .solvers import (
+    LeastSquares,
+    SolverResult,
+    fista,
+    iht,
+    ista,
+    lars,
+    lasso,
+    lipschitz,
+    mp,
+    omp,
+)
 from .sparse import SparseCodes
 
 __all__ = [
@@ -18,5 +29,6 @@ __all__ = [
     "lars",
     "lasso",
     "lipschitz",
+    "mp",
     "omp",
 ]

@@ -23,10 +23,13 @@ OMP_CHUNK_BYTES = 20 * 2**20
 
 @dataclass
 class SolverResult:
-    """Codes (dense tensor, or :class:`SparseCodes` for OMP) and iterations used per row."""
+    """Codes (dense tensor, or :class:`SparseCodes` for the pursuits) and iterations used per
+    row; ``path`` (matching pursuit, on request) is the atom picked at each step, ``-1`` after a
+    row stopped."""
 
     codes: Tensor | SparseCodes
     n_iter: Tensor  # (N,) int64
+    path: Tensor | None = None  # (N, steps) int64
 
 
 class LeastSquares:

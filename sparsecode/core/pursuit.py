@@ -1,4 +1,4 @@
-"""Greedy pursuits in the Gram domain: OMP / ORMP, and least squares on a chosen support."""
+"""Greedy pursuits in the Gram domain: MP, OMP / ORMP, and least squares on a chosen support."""
 
 from __future__ import annotations
 
@@ -6,8 +6,108 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .problem import OMP_CHUNK_BYTES, LeastSquares, SolverResult, _check_iter
+from .problem import CHUNK_BYTES, OMP_CHUNK_BYTES, LeastSquares, SolverResult, _check_iter
 from .sparse import SparseCodes
+
+
+def mp(
+    problem: LeastSquares,
+    *,
+    n_nonzero_coefs: int | None = None,
+    tol: float | None = None,
+    positive: bool = False,
+    stop_on_repeat: bool = False,
+    return_path: bool = False,
+    chunk_size: int | None = None,
+    progress: bool = False,
+) -> SolverResult:
+    """Batched matching pursuit (Mallat & Zhang 1993) in the Gram domain.
+
+    Each step picks, for every row at once, the atom ``j`` whose normalised correlation with
+    the residual, ``rho_j / ||d_j||``, is largest in magnitude (with ``positive``: the largest
+    positive one), adds the residual's projection ``v = rho_j / ||d_j||^2`` to that atom's code
+    (an atom may be picked again: its value accumulates) and updates the residual correlations
+    with one row of the Gram matrix, ``rho -= v G[j]``. Codes are never re-fitted (that is
+    :func:`omp`). A row stops after ``n_nonzero_coefs`` steps, when its squared residual norm is
+    ``<= tol``, when no atom correlates with the residual (positively, with ``positive``), or,
+    with ``stop_on_repeat``, after a step that picked an atom already in its code (that step is
+    kept: the rule of SAELens' ``MatchingPursuitSAE``).
+
+    Returns :class:`SparseCodes` with ``n_nonzero_coefs`` slots (a repeated atom shares its
+    slot); ``n_iter`` is the number of steps per row; with ``return_path`` also ``path``, the
+    atom of each step (``-1`` once a row has stopped), which is what
+    :class:`MatchingPursuit` differentiates through.
+
+    >>> import torch
+    >>> D = torch.eye(3, dtype=torch.float64)
+    >>> X = torch.tensor([[3.0, -1.0, 0.5]], dtype=torch.float64)
+    >>> mp(LeastSquares.from_data(X, D), n_nonzero_coefs=2).codes.to_dense()
+    tensor([[ 3., -1.,  0.]], dtype=torch.float64)
+    """
+    if n_nonzero_coefs is None and tol is None:
+        raise ValueError("mp needs n_nonzero_coefs or tol")
+    kmax = problem.max_support if n_nonzero_coefs is None else n_nonzero_coefs
+    if isinstance(kmax, bool) or not isinstance(kmax, int) or kmax < 1:
+        raise ValueError(f"n_nonzero_coefs must be an integer >= 1, got {n_nonzero_coefs!r}")
+    if tol is not None and not tol >= 0:
+        raise ValueError(f"tol must be >= 0, got {tol!r}")
+    K = problem.n_atoms
+    values = problem.new_codes(kmax)
+    indices = problem.new_codes(kmax, torch.long)
+    n_iter = problem.new_codes(1, torch.long).squeeze(1)
+    path = problem.new_codes(kmax, torch.long)
+    chunk = chunk_size or max(64, CHUNK_BYTES // (values.element_size() * 3 * K))
+    for sl, sub in problem.chunks(chunk, progress):
+        values[sl], indices[sl], n_iter[sl], path[sl] = _mp_chunk(sub, kmax, tol, positive,
+                                                                  stop_on_repeat)
+    return SolverResult(SparseCodes(values, indices, K), n_iter, path if return_path else None)
+
+
+def _mp_chunk(prob: LeastSquares, kmax: int, tol: float | None, positive: bool,
+              stop_on_repeat: bool) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Matching pursuit for one chunk (see :func:`mp`); the working set of rows still picking
+    atoms is compacted when half of them have stopped."""
+    G = prob.gram
+    rho = prob.cov.clone()  # residual correlations
+    n, K = rho.shape
+    dev, dt = rho.device, rho.dtype
+    norms2 = torch.diagonal(G).clamp(min=torch.finfo(dt).tiny)
+    inv_norm = norms2.rsqrt()
+    vals = torch.zeros(n, kmax, dtype=dt, device=dev)
+    idx = torch.zeros(n, kmax, dtype=torch.long, device=dev)
+    count = torch.zeros(n, dtype=torch.long, device=dev)
+    steps = torch.zeros(n, dtype=torch.long, device=dev)
+    path = torch.full((n, kmax), -1, dtype=torch.long, device=dev)
+    rows = torch.arange(n, device=dev)
+    resid = None if tol is None else prob.sq_norms.clone()
+    live = torch.ones(n, dtype=torch.bool, device=dev) if tol is None else resid > tol
+    slots = torch.arange(kmax, device=dev)
+    for t in range(kmax):
+        if not bool(live.any()):
+            break
+        if int(live.sum()) <= 0.5 * rows.numel():
+            keep = live
+            rows, rho, live = rows[keep], rho[keep], live[keep]
+            resid = resid[keep] if resid is not None else None
+        score = rho * inv_norm
+        best, j = (score if positive else score.abs()).max(dim=1)
+        ok = live & (best > 0)
+        v = torch.where(ok, rho.gather(1, j[:, None]).squeeze(1) / norms2[j], 0.0)
+        rho.addcmul_(v[:, None], G.index_select(0, j), value=-1)
+        r = rows
+        hit = (idx[r] == j[:, None]) & (slots[None, :] < count[r, None])
+        repeat = hit.any(dim=1)
+        slot = torch.where(repeat, hit.int().argmax(dim=1), count[r].clamp(max=kmax - 1))
+        vals[r, slot] += v
+        idx[r, slot] = torch.where(ok, j, idx[r, slot])
+        count[r] += (ok & ~repeat).long()
+        steps[r] += ok.long()
+        path[r, t] = torch.where(ok, j, -1)
+        live = ok & ~(repeat & stop_on_repeat)
+        if resid is not None:
+            resid = resid - v * v * norms2[j]
+            live &= resid > tol
+    return vals, idx, steps, path
 
 
 def omp(
@@ -229,3 +329,81 @@ def support_lstsq(
         rr = rr_new
         live = live & (rr > stop)
     return SolverResult(z, n_iter)
+
+
+class MatchingPursuit:
+    """Matching pursuit as an encoder step: the activation of a matching-pursuit SAE (Costa et
+    al. 2025, "From Flat to Hierarchical: Extracting Sparse Representations with Matching
+    Pursuit"; SAELens' ``MatchingPursuitSAE``). The rows of ``W_enc`` are the atoms (tied: the
+    SAE's decoder rows); at most ``k`` steps, positive selection, a token stops once its
+    residual norm is at most ``residual_threshold`` (when > 0) or after picking an atom again.
+
+    :meth:`encode` picks the atoms with :func:`mp` (no gradient) and recomputes the values along
+    the picks with autograd, ``v_t = relu(<r_t, d_t>) / ||d_t||^2`` (the norm held constant:
+    1 for the unit-norm atoms of an SAE, where this is SAELens' gradient), ``r_{t+1} = r_t -
+    v_t d_t``, so gradients reach ``x``, ``b_dec`` and the picked atoms through the unrolled
+    steps (no ``(N, n_atoms)`` gradient). Pairs come grouped by row and sorted by atom, a repeated atom's
+    values summed. ``b_enc`` is not used (an MP-SAE has no encoder bias).
+
+    >>> import torch
+    >>> op = MatchingPursuit(k=2)
+    >>> rows, cols, vals = op.encode(torch.tensor([[3.0, 1.0, 0.0]]), torch.eye(3), None)
+    >>> cols.tolist(), vals.tolist()
+    ([0, 1], [3.0, 1.0])
+    """
+
+    bounded = True
+
+    def __init__(self, k: int, residual_threshold: float = 0.0, positive: bool = True,
+                 stop_on_repeat: bool = True):
+        if isinstance(k, bool) or not isinstance(k, int) or k < 1:
+            raise ValueError(f"k must be an integer >= 1, got {k!r}")
+        if not residual_threshold >= 0:
+            raise ValueError(f"residual_threshold must be >= 0, got {residual_threshold!r}")
+        self.k = k
+        self.residual_threshold = float(residual_threshold)
+        self.positive = bool(positive)
+        self.stop_on_repeat = bool(stop_on_repeat)
+
+    def __repr__(self) -> str:
+        return (f"MatchingPursuit(k={self.k}, residual_threshold={self.residual_threshold}, "
+                f"positive={self.positive}, stop_on_repeat={self.stop_on_repeat})")
+
+    def picks(self, xc: Tensor, W: Tensor) -> Tensor:
+        """``(N, steps)`` atom picked at each step for centred inputs ``xc`` (``-1``: stopped)."""
+        thr = self.residual_threshold
+        with torch.no_grad():
+            prob = LeastSquares.from_data(xc.detach(), W.detach().to(xc.dtype))
+            res = mp(prob, n_nonzero_coefs=self.k, tol=thr * thr if thr > 0 else None,
+                     positive=self.positive, stop_on_repeat=self.stop_on_repeat,
+                     return_path=True)
+        steps = int(res.n_iter.max()) if res.n_iter.numel() else 0
+        return res.path[:, :steps]
+
+    def encode(self, x: Tensor, W_enc: Tensor, b_enc: Tensor | None, b_dec: Tensor | None = None,
+               *, matmul_dtype: torch.dtype | None = None) -> tuple[Tensor, Tensor, Tensor]:
+        """``(rows, cols, values)`` of the pursuit's code of a 2-D ``x`` (see the class)."""
+        xc = x if b_dec is None else x - b_dec.to(x.dtype)
+        path = self.picks(xc, W_enc)
+        N, K = xc.shape[0], W_enc.shape[0]
+        r, values = xc.to(W_enc.dtype), []
+        for t in range(path.shape[1]):
+            j = path[:, t]
+            d = W_enc[j.clamp(min=0)]
+            c = (r * d).sum(dim=1)
+            norm2 = (d * d).sum(dim=1).detach().clamp_min(1e-30)  # a constant: 1 for unit atoms
+            v = (c.relu() if self.positive else c) / norm2
+            v = v * (j >= 0).to(v.dtype)
+            r = r - v[:, None] * d
+            values.append(v)
+        if not values:
+            empty = torch.empty(0, dtype=torch.long, device=x.device)
+            return empty, empty, W_enc.new_empty(0)
+        V, keep = torch.stack(values, dim=1), path >= 0
+        keys = (torch.arange(N, device=x.device)[:, None] * K + path)[keep]
+        uniq, inv = torch.unique(keys, sorted=True, return_inverse=True)
+        vals = V.new_zeros(uniq.numel()).index_add(0, inv, V[keep])
+        return uniq // K, uniq % K, vals
+
+    def project_pairs(self, pre: Tensor, cols: Tensor) -> Tensor:
+        return pre

@@ -11,7 +11,7 @@ row chunks so memory stays bounded (``progress=True`` shows a progress bar over 
 have converged drop out of the batch, and every solver returns per-row iteration counts.
 
 The solvers live in :mod:`.problem` (the problem), :mod:`.proximal` (FISTA, ISTA, IHT),
-:mod:`.lars` (LARS, exact Lasso) and :mod:`.pursuit` (OMP, ORMP, support least squares); this
+:mod:`.lars` (LARS, exact Lasso) and :mod:`.pursuit` (MP, OMP, ORMP, support least squares); this
 module gathers them.
 
 Example
@@ -30,7 +30,7 @@ from __future__ import annotations
 from .lars import lars, lasso
 from .problem import CHUNK_BYTES, OMP_CHUNK_BYTES, LeastSquares, SolverResult, lipschitz
 from .proximal import fista, fista_momentum, iht, ista
-from .pursuit import omp, support_lstsq
+from .pursuit import mp, omp, support_lstsq
 
 __all__ = [
     "CHUNK_BYTES",
@@ -44,6 +44,7 @@ __all__ = [
     "lars",
     "lasso",
     "lipschitz",
+    "mp",
     "omp",
     "support_lstsq",
 ]
