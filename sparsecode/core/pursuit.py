@@ -342,8 +342,8 @@ class MatchingPursuit:
     the picks with autograd, ``v_t = relu(<r_t, d_t>) / ||d_t||^2`` (the norm held constant:
     1 for the unit-norm atoms of an SAE, where this is SAELens' gradient), ``r_{t+1} = r_t -
     v_t d_t``, so gradients reach ``x``, ``b_dec`` and the picked atoms through the unrolled
-    steps (no ``(N, n_atoms)`` gradient). Pairs come grouped by row and sorted by atom, a repeated atom's
-    values summed. ``b_enc`` is not used (an MP-SAE has no encoder bias).
+    steps (no ``(N, n_atoms)`` gradient). Pairs come grouped by row and sorted by atom, a
+    repeated atom's values summed. ``b_enc`` is not used (an MP-SAE has no encoder bias).
 
     >>> import torch
     >>> op = MatchingPursuit(k=2)
