@@ -266,8 +266,14 @@ class SAE(nn.Module):
             W = W.to(dtype)
         return preact(x, W, self.b_enc, self.b_dec).to(x.dtype)
 
-    def encode(self, x: Tensor) -> Tensor:
-        """Dense latents ``(..., d_sae)`` as the saved (inference) model computes them."""
+    def encode(self, x: Tensor, encoder: str = "trained", **settings: Any) -> Tensor:
+        """Dense latents ``(..., d_sae)`` as the saved (inference) model computes them; with
+        ``encoder`` (``mp``, ``omp``, ``ormp``, ``nnomp``, ``fista``) by that pursuit on the
+        decoder instead (:mod:`sae.encoders`; ``k``, ``tol``, ``alpha`` in ``settings``)."""
+        if encoder != "trained":
+            from .encoders import Encoded
+
+            return Encoded(self, encoder, **settings).encode(x)
         shape = x.shape
         x2 = x.reshape(-1, shape[-1])
         op = self.inference_activation()
@@ -285,9 +291,11 @@ class SAE(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         return self.decode(self.encode(x))
 
-    def encode_pairs(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    def encode_pairs(self, x: Tensor, encoder: str = "trained", **settings: Any
+                     ) -> tuple[Tensor, Tensor, Tensor]:
         """Inference code of a 2-D ``x`` as ``(rows, cols, values)`` sorted by row then latent,
-        without the ``(N, d_sae)`` pre-activations (the inference activation's fused encode).
+        without the ``(N, d_sae)`` pre-activations (the inference activation's fused encode;
+        another ``encoder`` as in :meth:`encode`).
 
         >>> sae = SAE(SAEConfig(d_in=8, d_sae=32, architecture="topk", k=4)).eval()
         >>> x = torch.randn(5, 8)
@@ -295,6 +303,10 @@ class SAE(nn.Module):
         >>> torch.allclose(sae.decode_pairs(rows, cols, vals, 5), sae(x), atol=1e-6)
         True
         """
+        if encoder != "trained":
+            from .encoders import encode_pairs
+
+            return encode_pairs(self, x, encoder, **settings)
         op = self.inference_activation()
         rows, cols, pre = op.encode(x, self.W_enc.T, self.b_enc, self.b_dec)
         return sorted_pairs(rows, cols, op.project_pairs(pre, cols), self.cfg.d_sae,

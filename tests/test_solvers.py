@@ -368,3 +368,30 @@ def test_mp_bad_arguments():
         mp(prob, n_nonzero_coefs=0)
     with pytest.raises(ValueError, match="tol must be >= 0"):
         mp(prob, tol=-1.0)
+
+
+def test_nnomp_selects_like_the_textbook_and_solves_nnls_on_its_support():
+    """Each step adds the atom most positively correlated with the residual of the NNLS fit;
+    the final codes are scipy's NNLS on the selected atoms."""
+    from scipy.optimize import nnls
+
+    from sparsecode.core import nnomp
+
+    X, D, prob = make_problem(n=25, feat=12, K=30, seed=6)
+    res = nnomp(prob, n_nonzero_coefs=5, max_iter=2000)
+    Z = res.codes.to_dense().numpy()
+    idx = res.codes.indices.numpy()
+    for i in range(len(X)):
+        support: list[int] = []
+        z = np.zeros(0)
+        for _ in range(int(res.n_iter[i])):
+            r = X[i] - z @ D[support] if support else X[i]
+            c = D @ r
+            c[support] = -np.inf
+            support.append(int(np.argmax(c)))
+            z, _ = nnls(D[support].T, X[i])
+        assert idx[i, : len(support)].tolist() == support
+        ref = np.zeros(D.shape[0])
+        ref[support] = z
+        np.testing.assert_allclose(Z[i], ref, atol=1e-6)
+    assert (Z >= 0).all() and (res.n_iter == 5).any()

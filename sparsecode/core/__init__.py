@@ -14,6 +14,7 @@ from .solvers import (
     lasso,
     lipschitz,
     mp,
+    nnomp,
     omp,
 )
 from .sparse import SparseCodes
@@ -30,5 +31,6 @@ __all__ = [
     "lasso",
     "lipschitz",
     "mp",
+    "nnomp",
     "omp",
 ]

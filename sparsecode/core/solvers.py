@@ -11,8 +11,8 @@ row chunks so memory stays bounded (``progress=True`` shows a progress bar over 
 have converged drop out of the batch, and every solver returns per-row iteration counts.
 
 The solvers live in :mod:`.problem` (the problem), :mod:`.proximal` (FISTA, ISTA, IHT),
-:mod:`.lars` (LARS, exact Lasso) and :mod:`.pursuit` (MP, OMP, ORMP, support least squares); this
-module gathers them.
+:mod:`.lars` (LARS, exact Lasso) and :mod:`.pursuit` (MP, OMP, ORMP, non-negative OMP,
+support least squares); this module gathers them.
 
 Example
 -------
@@ -30,7 +30,7 @@ from __future__ import annotations
 from .lars import lars, lasso
 from .problem import CHUNK_BYTES, OMP_CHUNK_BYTES, LeastSquares, SolverResult, lipschitz
 from .proximal import fista, fista_momentum, iht, ista
-from .pursuit import mp, omp, support_lstsq
+from .pursuit import mp, nnomp, omp, support_lstsq
 
 __all__ = [
     "CHUNK_BYTES",
@@ -45,6 +45,7 @@ __all__ = [
     "lasso",
     "lipschitz",
     "mp",
+    "nnomp",
     "omp",
     "support_lstsq",
 ]

@@ -1,0 +1,73 @@
+"""Pursuit encoders on an SAE's decoder (sae.encoders) against the core's solvers."""
+
+import numpy as np
+import pytest
+import torch
+
+from sae.encoders import ENCODERS, Encoded, encode_pairs
+from sae.metrics import evaluate
+from sae.models import SAE, SAEConfig
+from sparsecode.core import LeastSquares, fista, mp, nnomp, omp
+from sparsecode.core.operators import L1
+
+
+def _sae(scale=1.0):
+    sae = SAE(SAEConfig(d_in=12, d_sae=48, k=4), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        sae.b_dec.normal_(0, 0.3, generator=torch.Generator().manual_seed(1))
+        sae.W_dec.mul_(scale)
+    return sae.double().eval()
+
+
+def _x():
+    return torch.randn(30, 12, dtype=torch.float64, generator=torch.Generator().manual_seed(2))
+
+
+@pytest.mark.parametrize("encoder", ["mp", "omp", "ormp", "nnomp", "fista"])
+def test_pursuit_encoders_are_the_core_solvers_on_the_normalised_decoder(encoder):
+    """Non-unit decoder rows (norm 0.25): the solver codes against the normalised rows, the
+    latents are its codes divided by the norms, so decoding reproduces the solver's fit."""
+    sae, x = _sae(scale=0.25), _x()
+    D = sae.W_dec.detach() / 0.25
+    prob = LeastSquares.from_data(x - sae.b_dec.detach(), D)
+    want = {
+        "mp": lambda: mp(prob, n_nonzero_coefs=4, positive=True).codes.to_dense(),
+        "omp": lambda: omp(prob, n_nonzero_coefs=4).codes.to_dense(),
+        "ormp": lambda: omp(prob, n_nonzero_coefs=4, selection="ormp").codes.to_dense(),
+        "nnomp": lambda: nnomp(prob, n_nonzero_coefs=4).codes.to_dense(),
+        "fista": lambda: fista(prob, L1(0.05, positive=True), tol=1e-6, max_iter=2000).codes,
+    }[encoder]() / 0.25
+    with pytest.warns(UserWarning, match="not unit-norm"):
+        kw = {"alpha": 0.05} if encoder == "fista" else {"k": 4}
+        rows, cols, vals = encode_pairs(sae, x, encoder, **kw)
+    got = torch.zeros(30, 48, dtype=torch.float64).index_put((rows, cols), vals)
+    tol = {"atol": 1e-5, "rtol": 1e-5} if encoder == "fista" else {}  # FISTA's own tolerance
+    torch.testing.assert_close(got, want, **tol)
+    assert (rows.diff() >= 0).all()
+    torch.testing.assert_close(sae.decode(got), want @ sae.W_dec + sae.b_dec)
+
+
+def test_fista_encoder_finds_the_alpha_for_a_mean_l0():
+    sae, x = _sae(), torch.randn(400, 12, dtype=torch.float64)
+    z = Encoded(sae, "fista", k=4).encode(x)
+    assert (z >= 0).all()
+    assert float((z != 0).sum(1).double().mean()) == pytest.approx(4, abs=0.3)
+
+
+def test_pursuits_beat_the_untrained_one_step_encoder_and_reach_their_l0():
+    sae, x = _sae(), torch.randn(200, 12, dtype=torch.float64)
+    fvu = {name: evaluate(Encoded(sae, name, k=4), x)["fvu"] for name in ENCODERS}
+    l0 = evaluate(Encoded(sae, "omp", k=4), x)["l0"]
+    assert l0 == pytest.approx(4.0) and SAE.encode(sae, x, "omp", k=4).shape == (200, 48)
+    assert fvu["omp"] <= fvu["mp"] + 1e-9 and fvu["omp"] < fvu["trained"]
+    assert np.isfinite(list(fvu.values())).all()
+
+
+def test_bad_encoder_arguments():
+    sae, x = _sae(), _x()
+    with pytest.raises(ValueError, match="unknown encoder 'lista'; known encoders: trained, mp"):
+        encode_pairs(sae, x, "lista")
+    with pytest.raises(ValueError, match=r"k=49 must be in \[1, d_sae=48\]"):
+        encode_pairs(sae, x, "omp", k=49)
+    with pytest.raises(ValueError, match="tol must be >= 0"):
+        encode_pairs(sae, x, "omp", tol=-1.0)
