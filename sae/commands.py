@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import json
 from dataclasses import dataclass, field, replace
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -68,14 +69,40 @@ class EvalOptions:
         "(N, d_in) .npy array; without it the SAE is spliced into the model"))
     batch_size: int = field(default=8192, metadata=meta("tokens per evaluation batch"))
     max_tokens: int = field(default=0, metadata=meta("held-out tokens to use (0: all)"))
+    encoder: str = field(default="trained", metadata=meta(
+        "encoder(s), comma-separated: trained, mp, omp, ormp, nnomp, fista; the pursuits run on "
+        "the decoder at the trained encoder's mean L0 (or --k), with the support agreement"))
+    k: int | None = field(default=None, metadata=meta(
+        "latents per token of the pursuit encoders (default: the trained encoder's mean L0)"))
+    alpha: float | None = field(default=None, metadata=meta(
+        "l1 weight of the fista encoder (default: chosen to give the pursuits' L0)"))
     json: bool = field(default=False, metadata=meta("print one JSON object"))
+
+
+def _with_encoders(sae: Any, opts: EvalOptions, measure) -> dict[str, Any]:
+    """``measure(view, reference)`` with the trained encoder, then, for each other encoder of
+    ``--encoder``, of the SAE seen through it at the trained encoder's mean L0 (or ``--k``),
+    with the support agreement against the trained encoder: the amortisation gap."""
+    from .encoders import Encoded, check_encoder
+
+    names = [check_encoder(e) for e in split_list(opts.encoder)]
+    trained = measure(sae, None)
+    others = [e for e in names if e != "trained"]
+    if not others:
+        return trained
+    k = opts.k or max(1, round(trained["l0"]))
+    out = {"trained": trained}
+    for name in others:
+        view = Encoded(sae, name, k=None if name == "fista" and opts.alpha else k,
+                       alpha=opts.alpha if name == "fista" else None)
+        out[name] = {"k": k, **measure(view, sae)}
+    return out
 
 
 def _eval_on_array(saes: dict, folders: dict, path: str, opts: EvalOptions,
                    device: torch.device) -> dict[str, Any]:
     import numpy as np
 
-    from . import metrics
     from .data import check_finite
 
     apath = Path(path)
@@ -92,15 +119,23 @@ def _eval_on_array(saes: dict, folders: dict, path: str, opts: EvalOptions,
         if x.shape[1] != sae.cfg.d_in:
             raise fail(f"activations have d_in={x.shape[1]} but SAE {folders[name]} expects "
                        f"d_in={sae.cfg.d_in}")
-        out[name] = metrics.evaluate(sae, x, batch_size=opts.batch_size)
+        out[name] = _with_encoders(sae, opts, partial(_on_array, x, opts.batch_size))
     return out
+
+
+def _on_array(x: torch.Tensor, batch_size: int, view: Any, reference: Any) -> dict[str, Any]:
+    from . import metrics
+
+    m = metrics.evaluate(view, x, batch_size=batch_size)
+    if reference is not None:
+        m["support_jaccard"] = metrics.support_jaccard(reference, view, x)
+    return m
 
 
 def _eval_in_model(saes: dict, folders: dict, args, opts: EvalOptions,
                    device: torch.device) -> dict[str, Any]:
     from sparsecode import lm
 
-    from . import metrics
 
     models: dict[str, Any] = {}
     held: dict[str, list[str]] = {}
@@ -115,16 +150,30 @@ def _eval_in_model(saes: dict, folders: dict, args, opts: EvalOptions,
         tokens = _held_tokens(tokenizer, cfg, held)
         if opts.max_tokens:
             tokens = tokens[: max(1, opts.max_tokens // cfg.context_size)]
-        out[name] = metrics.model_metrics(model, sae, cfg.hookpoint, tokens,
-                                          progress=cfg.progress)
-        out[name].update({"model_name": cfg.model, "hook_name": cfg.hookpoint})
+        out[name] = _with_encoders(sae, opts, partial(_in_model, model, cfg, tokens))
     return out
+
+
+def _in_model(model: Any, cfg: ModelConfig, tokens: torch.Tensor, view: Any,
+              reference: Any) -> dict[str, Any]:
+    from . import metrics
+
+    m = metrics.model_metrics(model, view, cfg.hookpoint, tokens, progress=cfg.progress,
+                              reference=reference)
+    return {**m, "model_name": cfg.model, "hook_name": cfg.hookpoint}
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
     """Metrics of saved SAEs: on stored activations (``--activations``), or spliced into the
     language model over held-out text (CE-loss recovered, delta LM loss, KL)."""
+    from .encoders import check_encoder
+
     opts = EvalOptions(**values(EvalOptions, args))
+    try:
+        for name in split_list(opts.encoder):
+            check_encoder(name)
+    except ValueError as e:
+        raise fail(e) from e
     device = torch_device(args.device)
     folders, saes = _saes(args.run, device)
     if opts.activations:
@@ -133,10 +182,13 @@ def cmd_eval(args: argparse.Namespace) -> int:
         results = _eval_in_model(saes, folders, args, opts, device)
     if opts.json:
         print(json.dumps(results))
-    else:
-        for name, m in results.items():
-            print(name, " ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
-                                 for k, v in m.items()))
+        return 0
+    for name, res in results.items():
+        per_encoder = res if "trained" in res else {None: res}
+        for encoder, m in per_encoder.items():
+            label = name if encoder is None else f"{name}/{encoder}"
+            print(label, " ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
+                                  for k, v in m.items()))
     return 0
 
 

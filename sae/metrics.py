@@ -102,6 +102,34 @@ def evaluate(sae, x: Tensor, batch_size: int = 8192) -> dict[str, float]:
     }
 
 
+@torch.no_grad()
+def support_jaccard(a, b, x: Tensor, batch_size: int = 8192) -> float:
+    """Mean over tokens of ``|A ∩ B| / |A ∪ B|``, ``A`` and ``B`` the latents that ``a`` and
+    ``b`` (SAEs, or SAEs seen through another encoder) make nonzero on the token (1 when both
+    are empty): how much two encoders of one dictionary agree on the support.
+
+    >>> import torch
+    >>> from sae.models import SAE, SAEConfig
+    >>> sae = SAE(SAEConfig(d_in=8, d_sae=32, k=4)).eval()
+    >>> support_jaccard(sae, sae, torch.randn(10, 8))
+    1.0
+    """
+    total = 0.0
+    for start in range(0, x.shape[0], batch_size):
+        xb = x[start : start + batch_size]
+        n, width = xb.shape[0], a.cfg.d_sae
+        keys = []
+        for enc in (a, b):
+            rows, cols, vals = enc.encode_pairs(xb)
+            keep = vals != 0
+            keys.append((rows[keep] * width + cols[keep], rows[keep]))
+        (ka, ra), (kb, rb) = keys
+        inter = torch.bincount(ra[torch.isin(ka, kb)], minlength=n).double()
+        union = torch.bincount(ra, minlength=n) + torch.bincount(rb, minlength=n) - inter
+        total += float(torch.where(union > 0, inter / union.clamp_min(1), 1.0).sum())
+    return total / max(x.shape[0], 1)
+
+
 def log_density(dens: Tensor) -> Tensor:
     """``log10`` feature density with dead latents at ``-inf`` replaced by -10 (SAELens'
     ``sparsity.safetensors`` convention stores log10 density)."""
@@ -119,6 +147,7 @@ __all__ = [
     "log_density",
     "model_metrics",
     "mse",
+    "support_jaccard",
 ]
 
 
@@ -151,6 +180,7 @@ def model_metrics(
     batch_contexts: int = 8,
     massive_factor: float | None = MASSIVE_FACTOR,
     progress: bool = False,
+    reference=None,
 ) -> dict[str, float]:
     """Language-model metrics of an SAE spliced in at ``hookpoint`` (see docs/metrics.md).
 
@@ -163,7 +193,9 @@ def model_metrics(
     Returns ``ce_clean``, ``ce_sae``, ``ce_zero``, ``ce_loss_recovered`` =
     ``(ce_zero - ce_sae) / (ce_zero - ce_clean)``, ``delta_lm_loss`` = ``ce_sae - ce_clean``,
     ``kl_sae``, ``kl_zero``, ``kl_recovered`` = ``1 - kl_sae / kl_zero``, the activation metrics
-    of :func:`evaluate` on the spliced positions, ``n_tokens`` and ``fraction_spliced``.
+    of :func:`evaluate` on the spliced positions, ``n_tokens`` and ``fraction_spliced``; with a
+    ``reference`` (the same SAE's trained encoder, when ``sae`` is seen through a pursuit) also
+    ``support_jaccard`` (:func:`support_jaccard`) on the spliced positions.
     """
     from tqdm.auto import tqdm
 
@@ -207,6 +239,9 @@ def model_metrics(
     x = torch.cat(xs)
     out["fraction_spliced"] = x.shape[0] / max(n_positions, 1)
     if x.numel():
-        out.update(evaluate(sae, x.to(next(sae.parameters()).device)))
+        x = x.to(next(sae.parameters()).device)
+        out.update(evaluate(sae, x))
+        if reference is not None:
+            out["support_jaccard"] = support_jaccard(reference, sae, x)
     out["n_tokens"] = n_pred
     return out

@@ -241,3 +241,37 @@ def test_every_config_field_is_a_train_flag_with_the_config_default():
                                       "--group-sizes", "4,12", "--no-normalize-input"])
     assert (args.architecture, args.l0_coefficient, args.group_sizes) == ("jumprelu", 3.0, [4, 12])
     assert args.normalize_input is False
+
+
+def test_eval_with_pursuit_encoders_reports_the_amortisation_gap(acts, tmp_path, capsys):
+    """`sae eval --encoder omp,mp`: each pursuit at the trained encoder's mean L0, its FVU and
+    its support agreement with the trained encoder as computed directly; an unknown encoder is
+    named with the known ones."""
+    import warnings
+
+    from sae.encoders import Encoded
+    from sae.metrics import evaluate, support_jaccard
+
+    assert _train(acts, tmp_path / "run", "--arch", "topk", "--matmul-dtype", "float32") == 0
+    capsys.readouterr()
+    args = ["eval", str(tmp_path / "run"), "--activations", str(acts), "--json", "--device",
+            "cpu", "--max-tokens", "2000"]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # saved decoder rows carry the input scale
+        assert main([*args, "--encoder", "trained,omp,mp"]) == 0
+    out = json.loads(capsys.readouterr().out)["topk"]
+    assert set(out) == {"trained", "omp", "mp"}
+    assert out["omp"]["k"] == round(out["trained"]["l0"]) == 3
+    assert out["omp"]["l0"] == pytest.approx(3.0)
+    for name in ("omp", "mp"):
+        assert 0.0 <= out[name]["support_jaccard"] <= 1.0
+    # the same numbers computed directly
+    sae = load(tmp_path / "run" / "topk")
+    X = torch.from_numpy(np.load(acts)[:2000])
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        view = Encoded(sae, "omp", k=3)
+        assert out["omp"]["fvu"] == pytest.approx(evaluate(view, X)["fvu"], rel=1e-6)
+        assert out["omp"]["support_jaccard"] == pytest.approx(support_jaccard(sae, view, X))
+    with pytest.raises(SystemExit, match="unknown encoder 'lista'; known encoders"):
+        main([*args, "--encoder", "omp,lista"])
