@@ -15,6 +15,8 @@ An architecture is not a branch in the model: it is a choice of independent part
   against a Zipf target);
 * **prefixes**: Matryoshka's loss summed over nested prefixes of the latents;
 * **tied**: the encoder is the decoder's transpose (no ``W_enc`` / ``b_enc`` parameters);
+* **learner**: ``gradient`` (Adam on the loss) or ``online`` (online dictionary learning on the
+  decoder, :mod:`sae.learners`);
 * **saelens**: the inference form written to disk (SAELens' ``architecture``: ``standard``,
   ``topk``, ``jumprelu`` or ``matching_pursuit``), computed by :data:`INFERENCE`.
 
@@ -57,6 +59,7 @@ class Architecture:
     aux: str | None = None
     prefixes: bool = False
     tied: bool = False
+    learner: str = "gradient"
 
     @property
     def unit_decoder(self) -> bool:
@@ -112,6 +115,9 @@ _ROWS = [
                  "aux_zipf", _feature_choice, "jumprelu", threshold="latent", aux="aux_zipf"),
     Architecture("mp", "matching pursuit with a tied encoder, k steps (Costa et al. 2025)",
                  _matching_pursuit, "matching_pursuit", tied=True),
+    Architecture("online_dl", "online dictionary learning (Mairal et al. 2010) on the decoder, "
+                 "coding with matching pursuit", _matching_pursuit, "matching_pursuit",
+                 tied=True, learner="online"),
 ]
 ARCHITECTURES: dict[str, Architecture] = {a.name: a for a in _ROWS}
 

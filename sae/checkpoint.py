@@ -60,23 +60,28 @@ def capture(trainer: Trainer) -> tuple[dict[str, Tensor], dict[str, Any]]:
         whole = sae.collective.whole
         for key, t in sae.state_dict().items():
             tensors[f"sae/{name}/{key}"] = whole(key, t.detach()).contiguous()
-        opt_state = trainer.optimizers[name].state_dict()
-        pnames = [n for n, _ in sae.named_parameters()]
-        scalars: dict[str, Any] = {}
-        for idx, state in opt_state["state"].items():
-            for key, v in state.items():
-                if isinstance(v, Tensor):
-                    v = whole(pnames[idx], v) if v.dim() else v
-                    tensors[f"opt/{name}/{pnames[idx]}/{key}"] = v.detach().contiguous()
-                else:
-                    scalars[f"{pnames[idx]}/{key}"] = v
-        meta["saes"][name] = {
-            "config": sae.cfg.to_dict(),
-            "param_groups": opt_state["param_groups"],
-            "opt_scalars": scalars,
-        }
+        meta["saes"][name] = {"config": sae.cfg.to_dict()}
+        if name in trainer.optimizers:  # an online learner keeps its state in SAE buffers
+            meta["saes"][name].update(_capture_optimizer(sae, name, trainer.optimizers[name],
+                                                         tensors))
     tensors["rng/generator"] = trainer.generator.get_state()
     return tensors, meta
+
+
+def _capture_optimizer(sae: Any, name: str, optimizer: Any, tensors: dict[str, Tensor]
+                       ) -> dict[str, Any]:
+    """The optimiser's moments into ``tensors`` (by parameter name); the JSON-able rest."""
+    opt_state = optimizer.state_dict()
+    pnames = [n for n, _ in sae.named_parameters()]
+    scalars: dict[str, Any] = {}
+    for idx, state in opt_state["state"].items():
+        for key, v in state.items():
+            if isinstance(v, Tensor):
+                v = sae.collective.whole(pnames[idx], v) if v.dim() else v
+                tensors[f"opt/{name}/{pnames[idx]}/{key}"] = v.detach().contiguous()
+            else:
+                scalars[f"{pnames[idx]}/{key}"] = v
+    return {"param_groups": opt_state["param_groups"], "opt_scalars": scalars}
 
 
 def write(path: str | Path, tensors: dict[str, Tensor], meta: dict[str, Any]) -> Path:
@@ -139,8 +144,9 @@ def restore(trainer: Trainer, tensors: dict[str, Tensor], meta: dict[str, Any]) 
         prefix = f"sae/{name}/"
         sae.load_state_dict({k[len(prefix):]: sae.collective.part(k[len(prefix):], v)
                              for k, v in tensors.items() if k.startswith(prefix)})
-        trainer.optimizers[name].load_state_dict(
-            _optimizer_state(sae, name, tensors, saved, trainer.device))
+        if name in trainer.optimizers:
+            trainer.optimizers[name].load_state_dict(
+                _optimizer_state(sae, name, tensors, saved, trainer.device))
     trainer.step = meta["step"]
     trainer.tokens = meta["tokens"]
     trainer.n_steps = meta["n_steps"]

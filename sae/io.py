@@ -50,6 +50,7 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import safetensors.torch as st
 import torch
 from torch import Tensor
@@ -581,6 +582,50 @@ def load_sparsify(
     return _build("topk", {"k": int(raw["k"])}, t, meta, None, device, out_dtype, folder)
 
 
+def from_dictionary(
+    D: Any,
+    *,
+    k: int,
+    encoder: str = "mp",
+    b_dec: Any = None,
+    metadata: Mapping[str, Any] | None = None,
+) -> SAE:
+    """An SAE whose decoder is a learned dictionary ``D`` (atoms as rows, e.g. a
+    :mod:`sparsecode` estimator's ``components_``, numpy or torch), so that ``sae eval``
+    (with any ``--encoder``), ``sae browse`` and :func:`save_sae` (read by SAELens) work on it.
+
+    ``encoder``: ``"mp"`` (matching pursuit, ``k`` steps: the ``mp`` architecture) or
+    ``"topk"`` (a TopK SAE whose encoder is the dictionary: ``W_enc = D^T``, ``b_enc = 0``).
+    Rows are normalised to unit norm. ``b_dec`` is the offset the dictionary was learned
+    around (default zero, e.g. for mean-removed signals).
+
+    >>> import numpy as np
+    >>> sae = from_dictionary(np.eye(4)[:3] * 2.0, k=1)
+    >>> sae.encode(torch.tensor([[0.0, 3.0, 0.0, 1.0]])).tolist()
+    [[0.0, 3.0, 0.0]]
+    """
+    if encoder not in ("mp", "topk"):
+        raise ValueError(f"encoder must be 'mp' or 'topk', got {encoder!r}")
+    W = torch.as_tensor(np.asarray(D) if not isinstance(D, Tensor) else D).detach().float()
+    if W.dim() != 2 or W.shape[0] == 0 or not bool(torch.isfinite(W).all()):
+        raise ValueError(f"D must be a finite (n_atoms, n_features) array, got {tuple(W.shape)}")
+    norms = W.norm(dim=1, keepdim=True)
+    if bool((norms == 0).any()):
+        raise ValueError("D has zero atoms; remove them first")
+    d_sae, d_in = W.shape
+    cfg = SAEConfig(d_in=d_in, d_sae=d_sae, architecture=encoder, k=k,
+                    metadata={"source": "dictionary", **(metadata or {})})
+    with torch.device("meta"):
+        sae = SAE(cfg)
+    bias = torch.zeros(d_in) if b_dec is None else torch.as_tensor(np.asarray(b_dec)).float()
+    state = {name: torch.zeros(t.shape, dtype=t.dtype) for name, t in sae.state_dict().items()}
+    state.update(W_dec=W / norms, b_dec=bias.reshape(d_in))
+    if "W_enc" in state:
+        state["W_enc"] = (W / norms).T.contiguous()
+    sae.load_state_dict(state, assign=True)
+    return sae.eval()
+
+
 def find_sae_folders(path: str | os.PathLike[str]) -> dict[str, Path]:
     """SAE folders (holding ``cfg.json``) at ``path``: the folder itself, or its subfolders;
     leftovers of interrupted writes (hidden ``.*.tmp`` / ``.*.old`` folders) are not SAEs.
@@ -622,6 +667,7 @@ def load(
 __all__ = [
     "SAELENS_ARCHITECTURES",
     "find_sae_folders",
+    "from_dictionary",
     "load",
     "load_sae",
     "load_sparsify",

@@ -211,6 +211,10 @@ class SAE(nn.Module):
         self.register_buffer("tokens_since_fired", torch.zeros(n, dtype=torch.int64))
         self.register_buffer("fire_rate", torch.zeros(n))  # EMA of per-token firing frequency
         self.register_buffer("tokens_seen", torch.zeros((), dtype=torch.int64))
+        if self.arch.learner == "online":  # code statistics of online dictionary learning
+            self.register_buffer("stat_A", torch.zeros(n, n))
+            self.register_buffer("stat_B", torch.zeros(n, d))
+            self.register_buffer("online_steps", torch.zeros((), dtype=torch.int64))
         #: Process group over which the firing statistics and the running threshold are reduced
         #: (the data-parallel group; set by the trainer). ``None``: this process's batch only.
         self.stats_group: Any = None

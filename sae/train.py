@@ -42,8 +42,9 @@ from . import checkpoint, metrics
 from .config import TrainConfig
 from .data import ActivationSource
 from .initialise import geometric_median, initialise
+from .learners import LEARNERS
 from .models import SAE
-from .optim import adam, base_lr, default_warmup, schedule
+from .optim import default_warmup, schedule
 
 if TYPE_CHECKING:
     from .distributed import Dist
@@ -119,6 +120,9 @@ class Trainer:
         if dist is not None:
             from .distributed import check_consistent
 
+            online = [n for n, sae in saes.items() if sae.arch.learner != "gradient"]
+            if online:
+                raise ValueError(f"{online}: online dictionary learning runs on one process")
             check_consistent("training configuration", {
                 "train": asdict(self.cfg),
                 "saes": {name: sae.cfg.to_dict() for name, sae in saes.items()},
@@ -148,10 +152,11 @@ class Trainer:
         self.generator = torch.Generator().manual_seed(self.cfg.seed)
         self.history: list[dict[str, Any]] = []
         self.matmul_dtype = resolve_matmul_dtype(self.cfg.matmul_dtype, self.device)
-        self.optimizers = {
-            name: adam(sae, base_lr(sae, self.cfg.lr), self.cfg.betas)
-            for name, sae in self.saes.items()
-        }
+        self.learners = {name: LEARNERS[sae.arch.learner](sae, self.cfg.lr, self.cfg.betas)
+                         for name, sae in self.saes.items()}
+        #: The optimisers of the gradient-trained SAEs (what checkpoints hold besides weights).
+        self.optimizers = {name: lr.optimizer for name, lr in self.learners.items()
+                           if lr.optimizer is not None}
         self._data_size = dist.data_size if dist is not None else 1
         self._forward = {name: sae.training_forward for name, sae in self.saes.items()}
         if dist is not None and dist.data_size > 1:
@@ -301,20 +306,11 @@ class Trainer:
         matmul_dtype = None if self.matmul_dtype == torch.float32 else self.matmul_dtype
         for name, sae in self.saes.items():
             x = batch[self.hookpoints[name]].to(self.device, torch.float32) * self.scales[name]
-            opt = self.optimizers[name]
-            for group in opt.param_groups:
-                group["lr"] = base_lr(sae, cfg.lr) * mult
             warm = sae.cfg.sparsity_warmup_tokens
             sparsity_scale = min(1.0, (self.tokens + 1) / warm) if warm else 1.0
-            out = self._forward[name](x, sparsity_scale=sparsity_scale,
-                                      matmul_dtype=matmul_dtype, generator=self.generator)
-            opt.zero_grad(set_to_none=True)
-            out.loss.backward()
-            sae.remove_parallel_gradient()
-            if cfg.grad_clip:
-                sae.collective.clip_grad_norm_(sae, cfg.grad_clip)
-            opt.step()
-            sae.constrain()
+            out = self.learners[name].step(
+                self._forward[name], x, mult, cfg.grad_clip, sparsity_scale=sparsity_scale,
+                matmul_dtype=matmul_dtype, generator=self.generator)
             with torch.no_grad():
                 row[f"{name}/loss"] = float(out.loss.detach())
                 row[f"{name}/fvu"] = metrics.fvu(x, out.x_hat.detach())

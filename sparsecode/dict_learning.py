@@ -44,7 +44,7 @@ from ._base import (
     TRANSFORM_CONSTRAINTS,
     DictionaryTransformerMixin,
 )
-from .core.dictionary import project_atoms, update_dictionary
+from .core.dictionary import accumulate, project_atoms, update_dictionary
 from .core.solvers import LeastSquares
 from .decomposition import ALGORITHMS, encode
 
@@ -345,10 +345,7 @@ class MiniBatchDictionaryLearning(_DictionaryLearner):
         bs = X.shape[0]
         Z = self._code(X, D)
         cost = self._cost(X, Z, D) / bs
-        theta = (step + 1) * bs if step < bs - 1 else bs * bs + step + 1 - bs
-        beta = (theta + 1 - bs) / (theta + 1)
-        self._A.mul_(beta).add_(Z.T @ Z, alpha=1.0 / bs)
-        self._B.mul_(beta).add_(Z.T @ X, alpha=1.0 / bs)
+        accumulate(self._A, self._B, Z.T @ Z, Z.T @ X, step, bs)
         return self._update(D, self._A, self._B, X, Z, self._rng), cost
 
     def fit(self, X: Any, y: Any = None) -> MiniBatchDictionaryLearning:

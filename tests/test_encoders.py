@@ -71,3 +71,33 @@ def test_bad_encoder_arguments():
         encode_pairs(sae, x, "omp", k=49)
     with pytest.raises(ValueError, match="tol must be >= 0"):
         encode_pairs(sae, x, "omp", tol=-1.0)
+
+
+@pytest.mark.parametrize("encoder", ["mp", "topk"])
+def test_a_learned_dictionary_becomes_an_sae_that_saelens_reads(encoder, tmp_path):
+    """``from_dictionary``: a sparsecode estimator's ``components_`` as an SAE; saved, SAELens
+    loads it as its own matching-pursuit / TopK SAE with the same latents and reconstruction,
+    and the pursuit encoders run on it."""
+    import warnings
+
+    from sae_lens import SAE as SaeLensSAE
+
+    from sae.io import from_dictionary, save_sae
+    from sae.synthetic import planted_features
+    from sparsecode import MiniBatchDictionaryLearning
+
+    X, _ = planted_features(3000, 16, 24, l0=3, seed=1)
+    X = X.numpy()
+    est = MiniBatchDictionaryLearning(24, alpha=0.1, batch_size=256, max_iter=2,
+                                      random_state=0).fit(X)
+    sae = from_dictionary(est.components_, k=3, encoder=encoder, metadata={"hook_name": "h"})
+    path = save_sae(sae, tmp_path / "dl")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        theirs = SaeLensSAE.load_from_disk(path)
+    x = torch.from_numpy(X[:50])
+    z = sae.encode(x)
+    assert ((z != 0).sum(1) <= 3).all() and (z != 0).any()
+    torch.testing.assert_close(theirs.encode(x), z, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(theirs.decode(z), sae.decode(z), atol=1e-5, rtol=1e-5)
+    assert 2 < evaluate(Encoded(sae, "omp", k=3), x)["l0"] <= 3  # fewer on exactly-fit rows

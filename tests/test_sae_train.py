@@ -210,3 +210,18 @@ def test_wandb_offline_logging(tmp_path, monkeypatch):
     t.close()
     assert wandb.run is None
     assert (tmp_path / "wandb").exists() and "offline-run" in str(run_dir)
+
+
+@pytest.mark.parametrize("arch", ["mp", "online_dl"])
+def test_pursuit_architectures_recover_planted_features(planted, arch):
+    """The matching-pursuit SAE (tied, gradient-trained) and online dictionary learning (the
+    decoder updated from the code statistics, coded by matching pursuit) both find the planted
+    directions (measured: 0.993 and 0.994 mean max cosine)."""
+    X, F = planted
+    sae, trainer = _train(arch, X)
+    assert max_cosine(F, sae.W_dec.detach()).mean() >= 0.9
+    m = evaluate(sae, X[:4000] * trainer.scales[arch])
+    assert m["l0"] <= L0 and m["fvu"] < 0.2
+    if arch == "online_dl":
+        assert not any(p.requires_grad and p.grad is not None for p in sae.parameters())
+        assert trainer.optimizers == {} and int(sae.online_steps) == trainer.step

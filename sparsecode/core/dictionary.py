@@ -43,6 +43,50 @@ from .solvers import lipschitz
 UNUSED_TOL = 1e-6
 
 
+def forgetting_factor(step: int, batch_size: int) -> float:
+    """Weight of the old statistics at online step ``step`` (0-based) with batches of
+    ``batch_size`` rows: scikit-learn's ``beta = (theta + 1 - b) / (theta + 1)`` with
+    ``theta = (step + 1) b`` for the first ``b`` steps and ``b^2 + step + 1 - b`` after
+    (Mairal et al. 2010, section 3.4.3)."""
+    b = batch_size
+    theta = (step + 1) * b if step < b - 1 else b * b + step + 1 - b
+    return (theta + 1 - b) / (theta + 1)
+
+
+def accumulate(A: Tensor, B: Tensor, batch_A: Tensor, batch_B: Tensor, step: int,
+               batch_size: int) -> None:
+    """The online statistics, in place: ``A <- beta A + batch_A / b``, same for ``B``."""
+    beta = forgetting_factor(step, batch_size)
+    A.mul_(beta).add_(batch_A, alpha=1.0 / batch_size)
+    B.mul_(beta).add_(batch_B, alpha=1.0 / batch_size)
+
+
+def pair_statistics(rows: Tensor, cols: Tensor, values: Tensor, X: Tensor, n_atoms: int
+                    ) -> tuple[Tensor, Tensor]:
+    """``(Z^T Z, Z^T X)`` of a code given as ``(rows, cols, values)`` pairs grouped by row,
+    without the dense ``(N, n_atoms)`` code: ``O(N k^2 + nnz d)`` for ``k`` pairs per row.
+
+    >>> import torch
+    >>> Z = torch.tensor([[1.0, 0.0, 2.0], [0.0, 3.0, 0.0]])
+    >>> X = torch.tensor([[1.0, 1.0], [2.0, 0.0]])
+    >>> r, c = Z.nonzero(as_tuple=True)
+    >>> A, B = pair_statistics(r, c, Z[r, c], X, 3)
+    >>> torch.equal(A, Z.T @ Z), torch.equal(B, Z.T @ X)
+    (True, True)
+    """
+    n = X.shape[0]
+    counts = torch.bincount(rows, minlength=n)
+    width = int(counts.max()) if rows.numel() else 0
+    rank = torch.arange(rows.numel(), device=rows.device) - (counts.cumsum(0) - counts)[rows]
+    V = values.new_zeros(n, width).index_put((rows, rank), values)
+    idx = cols.new_zeros(n, width).index_put((rows, rank), cols)
+    A = values.new_zeros(n_atoms, n_atoms)
+    A.index_put_((idx[:, :, None].expand(-1, -1, width), idx[:, None, :].expand(-1, width, -1)),
+                 V[:, :, None] * V[:, None, :], accumulate=True)
+    B = X.new_zeros(n_atoms, X.shape[1]).index_add_(0, cols, values[:, None].to(X.dtype) * X[rows])
+    return A, B
+
+
 def project_atoms(D: Tensor, positive: bool = False) -> Tensor:
     """Project each row onto ``{||d|| <= 1}`` (and ``d >= 0`` first if ``positive``)."""
     if positive:
