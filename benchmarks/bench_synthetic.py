@@ -8,7 +8,8 @@ firing probabilities, a feature hierarchy, low-rank correlations, varying magnit
   process each, our defaults, ``k`` = the model's mean L0);
 * SAELens: its own training SAE of the same architecture (``BatchTopKTrainingSAE``,
   ``MatryoshkaBatchTopKTrainingSAE``, ``MatchingPursuitTrainingSAE``) trained by
-  ``sae_lens.synthetic.train_toy_sae`` on as many fresh samples of the same model, its defaults;
+  ``sae_lens.synthetic.train_toy_sae`` with its defaults, on the same samples (its loop's
+  generator is replaced by the rows of the ``.npy``, so data generation is not in its time);
 
 and both are scored by SAELens' evaluator (``eval_sae_on_synthetic_data``: F1 of latents as
 feature detectors, MCC of decoder and true features, uniqueness, explained variance, L0, dead
@@ -66,7 +67,7 @@ def synthetic_model(args):
     return SyntheticModel(cfg, device="cpu")
 
 
-def write_samples(model, n: int, path: Path, chunk: int = 65536) -> float:
+def write_samples(model, n: int, path: Path, chunk: int = 8192) -> float:
     """``n`` samples of the model into a float32 ``.npy``; returns the mean true L0."""
     arr = np.lib.format.open_memmap(path, mode="w+", dtype=np.float32,
                                     shape=(n, model.cfg.hidden_dim))
@@ -91,7 +92,25 @@ def train_ours(arch: str, acts: Path, out: Path, args, k: int) -> dict:
     return json.loads((out / "metrics.json").read_text())[arch]
 
 
-def train_saelens(arch: str, model, args, k: int):
+class _ArrayBatches:
+    """Batches of rows of an array, in order, cycling: what SAELens trains on here, the same
+    samples ours trains on (its own loop would generate fresh ones, inside its timing)."""
+
+    def __init__(self, arr: np.ndarray, batch_size: int):
+        self.arr, self.batch_size, self.pos = arr, batch_size, 0
+
+    def __iter__(self):
+        return self
+
+    def __next__(self) -> torch.Tensor:
+        if self.pos + self.batch_size > len(self.arr):
+            self.pos = 0
+        batch = self.arr[self.pos : self.pos + self.batch_size]
+        self.pos += self.batch_size
+        return torch.from_numpy(np.array(batch))
+
+
+def train_saelens(arch: str, model, args, k: int, acts: Path):
     from sae_lens.saes.batchtopk_sae import BatchTopKTrainingSAE, BatchTopKTrainingSAEConfig
     from sae_lens.saes.matching_pursuit_sae import (
         MatchingPursuitTrainingSAE,
@@ -101,7 +120,7 @@ def train_saelens(arch: str, model, args, k: int):
         MatryoshkaBatchTopKTrainingSAE,
         MatryoshkaBatchTopKTrainingSAEConfig,
     )
-    from sae_lens.synthetic import train_toy_sae
+    from sae_lens.synthetic import training
 
     common = dict(d_in=args.hidden, d_sae=args.width, device="cpu")
     if arch == "batchtopk":
@@ -114,11 +133,17 @@ def train_saelens(arch: str, model, args, k: int):
     else:
         sae = MatchingPursuitTrainingSAE(MatchingPursuitTrainingSAEConfig(
             max_iterations=k, residual_threshold=0.0, **common))
+    arr = np.load(acts, mmap_mode="r")[: args.samples]
+    original = training.SyntheticActivationIterator
+    training.SyntheticActivationIterator = lambda *a, **kw: _ArrayBatches(arr, args.batch_size)
     t0 = time.perf_counter()
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        train_toy_sae(sae, model.feature_dict, model.activation_generator,
-                      training_samples=args.samples, batch_size=args.batch_size)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            training.train_toy_sae(sae, model.feature_dict, model.activation_generator,
+                                   training_samples=args.samples, batch_size=args.batch_size)
+    finally:
+        training.SyntheticActivationIterator = original
     return sae, args.samples / (time.perf_counter() - t0)
 
 
@@ -185,7 +210,7 @@ def run(args) -> list[dict]:
                          **score(_Pursuit(ours, enc, k), model, args)})
             print(rows[-1], flush=True)
         if arch in ARCHS:
-            sae, tps = train_saelens(arch, model, args, k)
+            sae, tps = train_saelens(arch, model, args, k, acts)
             rows.append({"arch": arch, "library": "SAELens", "tokens_per_s": tps,
                          **score(sae, model, args)})
             print(rows[-1], flush=True)
