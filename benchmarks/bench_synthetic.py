@@ -189,8 +189,16 @@ def run(args) -> list[dict]:
     torch.manual_seed(args.seed)
     model = synthetic_model(args)
     work = Path(tempfile.mkdtemp(prefix="bench-synthetic-"))
-    acts = work / "acts.npy"
-    true_l0 = write_samples(model, args.samples + 8192, acts)
+    acts = HERE / "data" / (f"synthetic-{args.features}x{args.hidden}-{args.samples}"
+                            f"-s{args.seed}.npy")
+    info = acts.with_suffix(".json")
+    if info.exists() and acts.exists():  # the samples of a previous run (same model, seed)
+        true_l0 = json.loads(info.read_text())["true_l0"]
+    else:
+        acts.parent.mkdir(parents=True, exist_ok=True)
+        torch.manual_seed(args.seed)
+        true_l0 = write_samples(model, args.samples + 8192, acts)
+        info.write_text(json.dumps({"true_l0": true_l0}))
     k = max(1, round(true_l0))
     print(f"synthetic model: {args.features} features in {args.hidden} dims, mean L0 "
           f"{true_l0:.2f} -> k={k}; {args.samples:,} training samples", flush=True)

@@ -393,10 +393,12 @@ class SAE(nn.Module):
         if not self.arch.prefixes:
             x_hat = self._decode_code(code) + self.b_dec
             return x_hat, {"mse": losses.mse(x, x_hat)}
-        parts = self._decode_code(code, groups=self._groups(generator, x.device))
-        prefixes = parts.cumsum(dim=1) + self.b_dec  # (N, G, d): every prefix, one pass
-        errs = (x.unsqueeze(1) - prefixes).pow(2).sum(dim=-1).mean(dim=0)  # (G,)
-        return prefixes[:, -1], {"mse": errs[-1], "matryoshka": errs[:-1].sum()}
+        parts = self._decode_code(code, groups=self._groups(generator, x.device))  # (N, G, d)
+        residual, errs = x - self.b_dec, []
+        for part in parts.unbind(dim=1):  # the residual of every prefix: G (N, d) subtractions
+            residual = residual - part
+            errs.append(residual.pow(2).sum(dim=-1).mean())
+        return x - residual, {"mse": errs[-1], "matryoshka": sum(errs[:-1])}
 
     def _groups(self, generator, device) -> Tensor:
         """Prefix group of each latent: the fixed ``group_sizes``, or random log-uniform cuts."""

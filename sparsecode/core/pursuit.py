@@ -72,7 +72,9 @@ def _mp_chunk(prob: LeastSquares, kmax: int, tol: float | None, positive: bool,
     n, K = rho.shape
     dev, dt = rho.device, rho.dtype
     norms2 = torch.diagonal(G).clamp(min=torch.finfo(dt).tiny)
-    inv_norm = norms2.rsqrt()
+    # unit-norm atoms (an SAE's decoder) select on rho itself: one (N, K) pass less per step
+    unit = bool(((norms2 - 1).abs() <= 16 * torch.finfo(dt).eps).all())
+    inv_norm = None if unit else norms2.rsqrt()
     vals = torch.zeros(n, kmax, dtype=dt, device=dev)
     idx = torch.zeros(n, kmax, dtype=torch.long, device=dev)
     count = torch.zeros(n, dtype=torch.long, device=dev)
@@ -89,7 +91,7 @@ def _mp_chunk(prob: LeastSquares, kmax: int, tol: float | None, positive: bool,
             keep = live
             rows, rho, live = rows[keep], rho[keep], live[keep]
             resid = resid[keep] if resid is not None else None
-        score = rho * inv_norm
+        score = rho if inv_norm is None else rho * inv_norm
         best, j = (score if positive else score.abs()).max(dim=1)
         ok = live & (best > 0)
         v = torch.where(ok, rho.gather(1, j[:, None]).squeeze(1) / norms2[j], 0.0)
