@@ -67,6 +67,18 @@ def test_topk_rows_matches_reference_on_random_ties():
         assert torch.equal(vals, pre.gather(1, ref))
 
 
+@pytest.mark.parametrize("shape", [(40, 256), (7, 300), (5, 64), (0, 512), (3, 1000)])
+def test_row_max_is_torch_max_with_the_lowest_index_on_ties(shape):
+    from sparsecode.core.select import row_max
+
+    g = torch.Generator().manual_seed(2)
+    for x in (torch.randint(0, 3, shape, generator=g).float(), torch.randn(shape, generator=g)):
+        if shape[0]:
+            x[0, -1] = 9.0  # the maximum in the tail past the last whole block
+        v, j = row_max(x)
+        assert torch.equal(v, x.amax(dim=1)) and torch.equal(j, x.argmax(dim=1))
+
+
 # ------------------------------------------------------------------ topk_encode (torch path)
 @pytest.mark.parametrize("N,d,n,k", [(13, 7, 29, 5), (1, 3, 4, 4), (9, 5, 6, 10), (17, 11, 40, 1)])
 def test_topk_encode_matches_dense(N, d, n, k):

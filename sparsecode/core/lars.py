@@ -17,6 +17,7 @@ from torch import Tensor
 from .operators import L1
 from .problem import LeastSquares, SolverResult, _default_chunk
 from .proximal import fista
+from .select import row_max
 
 
 def lasso(
@@ -184,7 +185,7 @@ def _lars_chunk(prob, alpha, cap, k_stop, lasso, positive, max_iter):
     st = _lars_start(prob.cov.clone(), alpha, width, positive)  # rho = x D^T - z G
     n_live = int(st["live"].sum())
     if n_live:
-        j0 = (st["rho"] if positive else st["rho"].abs()).max(dim=1).indices
+        j0 = row_max(st["rho"] if positive else st["rho"].abs())[1]
         _lars_add(st, st["live"], j0, G, positive)
     for _ in range(max_iter):
         if n_live == 0:
