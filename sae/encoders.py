@@ -44,21 +44,32 @@ if TYPE_CHECKING:
 Pairs = tuple[Tensor, Tensor, Tensor]
 
 
-def _atoms(sae: SAE) -> tuple[Tensor, Tensor]:
-    """Unit-norm atoms (decoder rows) and the row norms (warns when they are not 1)."""
+def _dictionary(sae: SAE) -> tuple[Tensor, Tensor, Tensor]:
+    """Unit-norm atoms (the decoder rows), the row norms and the atoms' Gram matrix, computed
+    once per decoder state (cached on the SAE, keyed by ``W_dec``'s storage and version
+    counter: an optimiser step invalidates it). The Gram matrix is the pursuits' main cost
+    when batches are smaller than the dictionary (9,216 atoms: 98 GFLOP per computation).
+    Warns once when the rows are not unit-norm."""
     W = sae.W_dec.detach()
+    key = (W.data_ptr(), W._version, W.device, W.dtype, W.shape)
+    cached = sae.__dict__.get("_pursuit_dictionary")
+    if cached is not None and cached[0] == key:
+        return cached[1]
     norms = W.norm(dim=1).clamp_min(1e-12)
     if not torch.allclose(norms, torch.ones_like(norms), rtol=0, atol=1e-3):
         warnings.warn(
             f"the decoder rows are not unit-norm (norms {float(norms.min()):.4g} to "
             f"{float(norms.max()):.4g}): the pursuit codes against normalised rows and rescales "
-            "the codes, so decoding is unchanged", stacklevel=3)
-    return W / norms[:, None], norms
+            "the codes, so decoding is unchanged", stacklevel=4)
+    D = W / norms[:, None]
+    value = (D, norms, D @ D.T)
+    sae.__dict__["_pursuit_dictionary"] = (key, value)
+    return value
 
 
 def _problem(sae: SAE, x: Tensor) -> tuple[LeastSquares, Tensor]:
-    D, norms = _atoms(sae)
-    return LeastSquares.from_data((x - sae.b_dec).detach().to(D.dtype), D), norms
+    D, norms, gram = _dictionary(sae)
+    return LeastSquares.from_data((x - sae.b_dec).detach().to(D.dtype), D, gram=gram), norms
 
 
 def _from_codes(codes: Any, norms: Tensor, n_latents: int) -> Pairs:

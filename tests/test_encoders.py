@@ -47,6 +47,22 @@ def test_pursuit_encoders_are_the_core_solvers_on_the_normalised_decoder(encoder
     torch.testing.assert_close(sae.decode(got), want @ sae.W_dec + sae.b_dec)
 
 
+def test_the_cached_dictionary_follows_the_decoder():
+    """The unit atoms and their Gram matrix are computed once per decoder state: an in-place
+    change of ``W_dec`` (an optimiser step) gives the codes of the new decoder."""
+    sae, x = _sae(), _x()
+    first = encode_pairs(sae, x, "omp", k=3)
+    assert all(torch.equal(a, b) for a, b in zip(first, encode_pairs(sae, x, "omp", k=3),
+                                                 strict=True))
+    with torch.no_grad():
+        sae.W_dec[:24] *= -1.0
+    fresh = SAE(SAEConfig(d_in=12, d_sae=48, k=4)).double().eval()
+    fresh.load_state_dict(sae.state_dict())
+    for a, b in zip(encode_pairs(sae, x, "omp", k=3), encode_pairs(fresh, x, "omp", k=3),
+                    strict=True):
+        torch.testing.assert_close(a, b)
+
+
 def test_fista_encoder_finds_the_alpha_for_a_mean_l0():
     sae, x = _sae(), torch.randn(400, 12, dtype=torch.float64)
     z = Encoded(sae, "fista", k=4).encode(x)
