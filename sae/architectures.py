@@ -37,10 +37,13 @@ from typing import TYPE_CHECKING
 from torch import Tensor
 
 from sparsecode.core.operators import BatchTopK, FeatureChoice, Jump, Projection, TopK
-from sparsecode.core.pursuit import MatchingPursuit
+from sparsecode.core.pursuit import MatchingPursuit, OrthogonalPursuit
 
 if TYPE_CHECKING:
     from .config import SAEConfig
+
+#: What an SAE encodes with: a projection of the core, or a pursuit.
+Activation = Projection | MatchingPursuit | OrthogonalPursuit
 
 #: Threshold kinds estimated while training (the batch-dependent activations' inference form).
 RUNNING_THRESHOLDS = ("batch", "latent")
@@ -52,7 +55,7 @@ class Architecture:
 
     name: str
     description: str
-    activation: Callable[[SAEConfig, Tensor], Projection | MatchingPursuit]
+    activation: Callable[[SAEConfig, Tensor], Activation]
     saelens: str
     threshold: str | None = None
     penalty: str | None = None
@@ -93,8 +96,16 @@ def _jumprelu(cfg: SAEConfig, theta: Tensor) -> Projection:
     return Jump(theta, bandwidth=cfg.bandwidth)
 
 
-def _matching_pursuit(cfg: SAEConfig, theta: Tensor) -> MatchingPursuit:
-    return MatchingPursuit(cfg.k, cfg.residual_threshold)
+#: The pursuits a tied dictionary codes with (``SAEConfig.pursuit``): non-negative, as SAE
+#: latents are; only ``mp`` has a gradient, ``nnomp`` (OMP with a non-negative refit) codes
+#: ``online_dl`` dictionaries.
+PURSUITS = ("mp", "nnomp")
+
+
+def _pursuit(cfg: SAEConfig, theta: Tensor) -> Activation:
+    if cfg.pursuit == "mp":
+        return MatchingPursuit(cfg.k, cfg.residual_threshold)
+    return OrthogonalPursuit(cfg.k, cfg.residual_threshold, selection=cfg.pursuit)
 
 
 _ROWS = [
@@ -114,9 +125,9 @@ _ROWS = [
     Architecture("feature_choice", "each latent picks its top m tokens (Ayonrinde 2024), "
                  "aux_zipf", _feature_choice, "jumprelu", threshold="latent", aux="aux_zipf"),
     Architecture("mp", "matching pursuit with a tied encoder, k steps (Costa et al. 2025)",
-                 _matching_pursuit, "matching_pursuit", tied=True),
+                 _pursuit, "matching_pursuit", tied=True),
     Architecture("online_dl", "online dictionary learning (Mairal et al. 2010) on the decoder, "
-                 "coding with matching pursuit", _matching_pursuit, "matching_pursuit",
+                 "coding with a pursuit (mp or nnomp)", _pursuit, "matching_pursuit",
                  tied=True, learner="online"),
 ]
 ARCHITECTURES: dict[str, Architecture] = {a.name: a for a in _ROWS}
@@ -131,18 +142,20 @@ def _inference_jumprelu(cfg: SAEConfig, theta: Tensor) -> Projection:
 
 
 #: SAELens inference form -> the activation a saved SAE computes (per token, batch-free).
-INFERENCE: dict[str, Callable[[SAEConfig, Tensor], Projection | MatchingPursuit]] = {
+INFERENCE: dict[str, Callable[[SAEConfig, Tensor], Activation]] = {
     "standard": _inference_relu,
     "topk": _topk,
     "jumprelu": _inference_jumprelu,
-    "matching_pursuit": _matching_pursuit,
+    "matching_pursuit": _pursuit,
 }
 
-#: SAELens inference form -> the architecture a saved SAE loads as: the one whose training
-#: activation is its inference form (no running threshold).
-LOADED_AS: dict[str, str] = {
-    a.saelens: a.name for a in _ROWS if a.threshold not in RUNNING_THRESHOLDS
-}
+#: SAELens inference form -> the architecture a saved SAE loads as: the first one whose
+#: training activation is its inference form (no running threshold), so a matching-pursuit
+#: file loads as ``mp`` (gradient-trained), not ``online_dl``.
+LOADED_AS: dict[str, str] = {}
+for _row in _ROWS:
+    if _row.threshold not in RUNNING_THRESHOLDS:
+        LOADED_AS.setdefault(_row.saelens, _row.name)
 
 
 def check_architecture(name: str) -> Architecture:

@@ -12,7 +12,7 @@ from typing import Any
 
 from sparsecode.flags import meta as _help
 
-from .architectures import ARCHITECTURES, check_architecture, default_group_sizes
+from .architectures import ARCHITECTURES, PURSUITS, check_architecture, default_group_sizes
 
 JUMPRELU_MODES = ("step", "tanh", "quadratic")
 
@@ -68,6 +68,11 @@ class SAEConfig:
     residual_threshold: float = field(default=0.0, metadata=_help(
         "mp: a token's pursuit stops once its residual norm is at most this (0: after k steps "
         "or a repeated latent)"))
+    pursuit: str = field(default="mp", metadata=_help(
+        "online_dl: the pursuit that codes each batch and encodes with the saved SAE: mp, or "
+        "nnomp (OMP with a non-negative refit; SAELens reads the file as its matching-pursuit "
+        "SAE and encodes it with mp)",
+        choices=PURSUITS))
     metadata: dict[str, Any] = field(default_factory=dict, metadata=_help(
         "saved with the SAE (hook point, model, ...)", cli=False))
 
@@ -85,6 +90,12 @@ class SAEConfig:
             )
         if self.target_l0 is None:
             self.target_l0 = float(self.k)
+        if self.pursuit not in PURSUITS:
+            raise ValueError(f"unknown pursuit {self.pursuit!r}; known pursuits: "
+                             f"{', '.join(PURSUITS)}")
+        if self.pursuit != "mp" and arch.learner != "online":
+            raise ValueError(f"pursuit {self.pursuit!r} codes online_dl dictionaries only (it has "
+                             "no gradient); gradient-trained pursuit SAEs use mp")
         if not self.residual_threshold >= 0:
             raise ValueError(f"residual_threshold must be >= 0, got {self.residual_threshold}")
         if self.target_l0 <= 0:

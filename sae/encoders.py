@@ -35,7 +35,7 @@ import torch
 from torch import Tensor, nn
 
 from sparsecode.core import LeastSquares, fista, mp, nnomp, omp
-from sparsecode.core.kernels import row_pairs, sorted_pairs
+from sparsecode.core.kernels import sorted_pairs
 from sparsecode.core.operators import L1
 
 if TYPE_CHECKING:
@@ -74,12 +74,10 @@ def _problem(sae: SAE, x: Tensor) -> tuple[LeastSquares, Tensor]:
 
 def _from_codes(codes: Any, norms: Tensor, n_latents: int) -> Pairs:
     """Solver codes against unit atoms -> latent pairs (sorted, zeros dropped)."""
-    if isinstance(codes, Tensor):
-        rows, cols = codes.nonzero(as_tuple=True)
-        vals = codes[rows, cols]
-    else:
-        rows, cols, vals = row_pairs(codes.values, codes.indices, keep=codes.values != 0)
-    return sorted_pairs(rows, cols, vals / norms[cols], n_latents)
+    if not isinstance(codes, Tensor):
+        return codes.pairs(norms)
+    rows, cols = codes.nonzero(as_tuple=True)
+    return sorted_pairs(rows, cols, codes[rows, cols] / norms[cols], n_latents)
 
 
 def _trained(sae: SAE, x: Tensor, k: int | None, tol: float | None, alpha: float | None) -> Pairs:

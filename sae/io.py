@@ -58,7 +58,7 @@ from torch import Tensor
 from sparsecode import __version__
 from sparsecode._files import atomic_folder, is_temporary
 
-from .architectures import ARCHITECTURES, LOADED_AS
+from .architectures import ARCHITECTURES, LOADED_AS, PURSUITS, RUNNING_THRESHOLDS
 from .config import SAEConfig
 from .metrics import log_density
 from .models import SAE
@@ -302,6 +302,19 @@ def _stored_config(meta: Mapping[str, Any]) -> dict[str, Any]:
     return {k: v for k, v in config.items() if k in _CONFIG_FIELDS and k not in skip}
 
 
+def _loaded_architecture(form: str, meta: Mapping[str, Any]) -> str:
+    """The architecture a file of SAELens form ``form`` loads as: the one we saved it from
+    when that one computes the same function at inference (``online_dl`` and its pursuit), the
+    form's default (:data:`SAELENS_ARCHITECTURES`) otherwise (e.g. a batchtopk file is a
+    jumprelu SAE once saved)."""
+    ours = meta.get("sparsecode")
+    name = ours.get("architecture") if isinstance(ours, Mapping) else None
+    arch = ARCHITECTURES.get(name) if isinstance(name, str) else None
+    if arch is not None and arch.saelens == form and arch.threshold not in RUNNING_THRESHOLDS:
+        return arch.name
+    return SAELENS_ARCHITECTURES[form]
+
+
 def _read_density(path: Path, d_sae: int) -> Tensor | None:
     """Per-latent firing rate from a SAELens ``sparsity.safetensors`` (log10 density)."""
     if not path.is_file():
@@ -413,8 +426,8 @@ def load_sae(
         t["b_enc"] = t["b_enc"] + t["b_dec"] @ t["W_enc"]
     _fold_normalization(t, raw, meta, folder, scaling_factor, work)
     fire_rate = _read_density(folder / SPARSITY_FILENAME, d_sae)
-    return _build(SAELENS_ARCHITECTURES[form], form_fields, t, meta, fire_rate, device, out_dtype,
-                  folder)
+    return _build(_loaded_architecture(form, meta), form_fields, t, meta, fire_rate, device,
+                  out_dtype, folder)
 
 
 def _saelens_form(raw: Mapping[str, Any], cfg_path: Path) -> tuple[str, dict[str, Any]]:
@@ -594,18 +607,20 @@ def from_dictionary(
     :mod:`sparsecode` estimator's ``components_``, numpy or torch), so that ``sae eval``
     (with any ``--encoder``), ``sae browse`` and :func:`save_sae` (read by SAELens) work on it.
 
-    ``encoder``: ``"mp"`` (matching pursuit, ``k`` steps: the ``mp`` architecture) or
-    ``"topk"`` (a TopK SAE whose encoder is the dictionary: ``W_enc = D^T``, ``b_enc = 0``).
-    Rows are normalised to unit norm. ``b_dec`` is the offset the dictionary was learned
-    around (default zero, e.g. for mean-removed signals).
+    ``encoder``: ``"mp"`` (matching pursuit, ``k`` steps: the ``mp`` architecture), ``"nnomp"``
+    (OMP with a non-negative refit, up to ``k`` atoms: an ``online_dl`` SAE, which SAELens
+    reads as a matching-pursuit SAE and encodes with mp) or ``"topk"`` (a TopK SAE
+    whose encoder is the dictionary: ``W_enc = D^T``, ``b_enc = 0``). Rows are normalised to
+    unit norm. ``b_dec`` is the offset the dictionary was learned around (default zero, e.g.
+    for mean-removed signals).
 
     >>> import numpy as np
     >>> sae = from_dictionary(np.eye(4)[:3] * 2.0, k=1)
     >>> sae.encode(torch.tensor([[0.0, 3.0, 0.0, 1.0]])).tolist()
     [[0.0, 3.0, 0.0]]
     """
-    if encoder not in ("mp", "topk"):
-        raise ValueError(f"encoder must be 'mp' or 'topk', got {encoder!r}")
+    if encoder not in (*PURSUITS, "topk"):
+        raise ValueError(f"encoder must be one of {(*PURSUITS, 'topk')}, got {encoder!r}")
     W = torch.as_tensor(np.asarray(D) if not isinstance(D, Tensor) else D).detach().float()
     if W.dim() != 2 or W.shape[0] == 0 or not bool(torch.isfinite(W).all()):
         raise ValueError(f"D must be a finite (n_atoms, n_features) array, got {tuple(W.shape)}")
@@ -613,7 +628,9 @@ def from_dictionary(
     if bool((norms == 0).any()):
         raise ValueError("D has zero atoms; remove them first")
     d_sae, d_in = W.shape
-    cfg = SAEConfig(d_in=d_in, d_sae=d_sae, architecture=encoder, k=k,
+    arch = encoder if encoder in ("mp", "topk") else "online_dl"
+    cfg = SAEConfig(d_in=d_in, d_sae=d_sae, architecture=arch, k=k,
+                    pursuit=encoder if arch == "online_dl" else "mp",
                     metadata={"source": "dictionary", **(metadata or {})})
     with torch.device("meta"):
         sae = SAE(cfg)

@@ -55,16 +55,19 @@ from torch import Tensor, nn
 
 from sparsecode.core import operators as ops
 from sparsecode.core.kernels import preact, sorted_pairs, sparse_decode
-from sparsecode.core.pursuit import MatchingPursuit
 
 from . import aux, losses
-from .architectures import ARCHITECTURES, INFERENCE, Architecture, default_group_sizes
+from .architectures import (
+    ARCHITECTURES,
+    INFERENCE,
+    Activation,
+    Architecture,
+    default_group_sizes,
+)
 from .config import SAEConfig
 
 __all__ = ["ARCHITECTURES", "SAE", "Code", "OneProcess", "SAEConfig", "TrainOutput"]
 
-#: What an SAE encodes with: a projection of the core, or a pursuit.
-Activation = ops.Projection | MatchingPursuit
 
 #: ReLU / JumpReLU train on sparse pairs when the last batch had at most this fraction of its
 #: ``(N, d_sae)`` code entries above the cut (CPU crossover measured at 0.09 for ReLU and 0.14

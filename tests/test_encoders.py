@@ -117,3 +117,38 @@ def test_a_learned_dictionary_becomes_an_sae_that_saelens_reads(encoder, tmp_pat
     torch.testing.assert_close(theirs.encode(x), z, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(theirs.decode(z), sae.decode(z), atol=1e-5, rtol=1e-5)
     assert 2 < evaluate(Encoded(sae, "omp", k=3), x)["l0"] <= 3  # fewer on exactly-fit rows
+
+
+def test_an_nnomp_coded_dictionary_encodes_with_nnomp_and_saves_as_matching_pursuit(tmp_path):
+    """``from_dictionary(encoder="nnomp")`` is an ``online_dl`` SAE with ``pursuit="nnomp"``:
+    its own encoder is the core's non-negative OMP on the (unit) atoms, the saved folder loads back as the same
+    SAE, and SAELens reads it as its matching-pursuit SAE (which encodes with mp)."""
+    import warnings
+
+    from sae_lens import SAE as SaeLensSAE
+
+    from sae.io import from_dictionary, load, save_sae
+
+    D = torch.randn(40, 12, generator=torch.Generator().manual_seed(3))
+    sae = from_dictionary(D * 3.0, k=4, encoder="nnomp")
+    assert (sae.architecture, sae.cfg.pursuit) == ("online_dl", "nnomp")
+    x = torch.randn(25, 12, generator=torch.Generator().manual_seed(4))
+    prob = LeastSquares.from_data(x, D / D.norm(dim=1, keepdim=True))
+    want = nnomp(prob, n_nonzero_coefs=4).codes.to_dense()
+    assert (want > 0).sum(1).float().mean() > 2
+    torch.testing.assert_close(sae.encode(x), want, atol=1e-5, rtol=1e-5)
+    path = save_sae(sae, tmp_path / "nnomp")
+    back = load(path)
+    assert (back.architecture, back.cfg.pursuit) == ("online_dl", "nnomp")
+    torch.testing.assert_close(back.encode(x), sae.encode(x))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        theirs = SaeLensSAE.load_from_disk(path)
+    torch.testing.assert_close(theirs.encode(x), sae.encode(x, "mp", k=4), atol=1e-5, rtol=1e-5)
+
+
+def test_only_online_dl_codes_with_a_pursuit_other_than_mp():
+    with pytest.raises(ValueError, match="pursuit 'nnomp' codes online_dl dictionaries only"):
+        SAEConfig(d_in=8, d_sae=16, k=4, architecture="mp", pursuit="nnomp")
+    with pytest.raises(ValueError, match="unknown pursuit 'omp'; known pursuits: mp, nnomp"):
+        SAEConfig(d_in=8, d_sae=16, k=4, architecture="online_dl", pursuit="omp")

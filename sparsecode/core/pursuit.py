@@ -430,6 +430,60 @@ class MatchingPursuit:
         return pre
 
 
+class OrthogonalPursuit:
+    """OMP, ORMP or non-negative OMP as an encoder step (forward only): the activation of a
+    dictionary learned online with that pursuit coding its batches (``sae train --arch
+    online_dl --pursuit omp``). The rows of ``W_enc`` are the atoms, normalised for the solver
+    and the codes rescaled back; at most ``k`` atoms, or until the residual norm is at most
+    ``residual_threshold`` (when > 0). The values are least-squares refits on the picked atoms,
+    so there is no gradient through them (the online learner needs none).
+
+    >>> import torch
+    >>> op = OrthogonalPursuit(k=2)
+    >>> rows, cols, vals = op.encode(torch.tensor([[3.0, 1.0, 0.0]]), 2 * torch.eye(3), None)
+    >>> cols.tolist(), vals.tolist()
+    ([0, 1], [1.5, 0.5])
+    """
+
+    bounded = True
+    SELECTIONS = ("omp", "ormp", "nnomp")
+
+    def __init__(self, k: int, residual_threshold: float = 0.0, selection: str = "omp"):
+        if isinstance(k, bool) or not isinstance(k, int) or k < 1:
+            raise ValueError(f"k must be an integer >= 1, got {k!r}")
+        if not residual_threshold >= 0:
+            raise ValueError(f"residual_threshold must be >= 0, got {residual_threshold!r}")
+        if selection not in self.SELECTIONS:
+            raise ValueError(f"selection must be one of {self.SELECTIONS}, got {selection!r}")
+        self.k, self.residual_threshold, self.selection = k, float(residual_threshold), selection
+
+    def __repr__(self) -> str:
+        return (f"OrthogonalPursuit(k={self.k}, residual_threshold={self.residual_threshold}, "
+                f"selection={self.selection!r})")
+
+    def solve(self, problem: LeastSquares) -> SolverResult:
+        """The pursuit on ``problem`` (unit atoms): :func:`omp` or :func:`nnomp`."""
+        thr = self.residual_threshold
+        tol = thr * thr if thr > 0 else None
+        if self.selection == "nnomp":
+            return nnomp(problem, n_nonzero_coefs=self.k, tol=tol)
+        return omp(problem, n_nonzero_coefs=self.k, tol=tol, selection=self.selection)
+
+    @torch.no_grad()
+    def encode(self, x: Tensor, W_enc: Tensor, b_enc: Tensor | None, b_dec: Tensor | None = None,
+               *, matmul_dtype: torch.dtype | None = None) -> tuple[Tensor, Tensor, Tensor]:
+        """``(rows, cols, values)`` of the pursuit's code of a 2-D ``x`` (see the class)."""
+        W = W_enc.detach()
+        norms = W.norm(dim=1).clamp_min(1e-12)
+        D = W / norms[:, None]
+        xc = x.detach() if b_dec is None else x.detach() - b_dec.detach().to(x.dtype)
+        codes = self.solve(LeastSquares.from_data(xc.to(D.dtype), D)).codes
+        return codes.pairs(norms)
+
+    def project_pairs(self, pre: Tensor, cols: Tensor) -> Tensor:
+        return pre
+
+
 def nnomp(
     problem: LeastSquares,
     *,

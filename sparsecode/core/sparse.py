@@ -28,7 +28,7 @@ import torch
 from torch import Tensor
 
 from .kernels import row_pairs, sparse_decode
-from .select import topk_rows
+from .select import sorted_pairs, topk_rows
 
 
 @dataclass
@@ -67,6 +67,15 @@ class SparseCodes:
         vals = z.gather(-1, idx)
         idx = torch.where(vals != 0, idx, torch.zeros_like(idx))
         return cls(vals, idx, z.shape[-1])
+
+    def pairs(self, scale: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor]:
+        """The nonzero codes as ``(rows, cols, values)`` sorted by row, then column; each value
+        divided by ``scale[col]`` when given (codes against unit atoms -> codes against the
+        unnormalised atoms)."""
+        rows, cols, vals = row_pairs(self.values, self.indices, keep=self.values != 0)
+        if scale is not None:
+            vals = vals / scale[cols]
+        return sorted_pairs(rows, cols, vals, self.n_atoms)
 
     def to_dense(self) -> Tensor:
         """The ``(N, n_atoms)`` dense code matrix."""
