@@ -14,8 +14,10 @@ firing probabilities, a feature hierarchy, low-rank correlations, varying magnit
 and both are scored by SAELens' evaluator (``eval_sae_on_synthetic_data``: F1 of latents as
 feature detectors, MCC of decoder and true features, uniqueness, explained variance, L0, dead
 latents), ours read through SAELens' loader from the folder ``sae train`` wrote. Also scored:
-``online_dl`` (ours only; nobody else has it) and the pursuit encoders on our trained decoders
-(``sae.encoders`` at the trained encoder's L0). Tokens/s: samples / wall time of the training
+``online_dl`` (ours only; nobody else has it), coded by matching pursuit and by non-negative OMP
+(``--online-pursuits``; SAELens' loader would encode the latter with mp, so it is scored through
+ours), and the pursuit encoders on our trained decoders (``sae.encoders`` at the trained
+encoder's L0). Tokens/s: samples / wall time of the training
 call (ours: the trainer's own figure; SAELens: ``train_toy_sae``).
 
 Targets (issue 19): each of our architectures at least matches SAELens' on F1 and MCC (within
@@ -23,6 +25,7 @@ Targets (issue 19): each of our architectures at least matches SAELens' on F1 an
 
     python benchmarks/bench_synthetic.py                 # ~25 min on 2 CPU cores
     python benchmarks/bench_synthetic.py --quick         # smoke test
+    python benchmarks/bench_synthetic.py --archs online_dl --online-pursuits nnomp
 """
 
 # ruff: noqa: E402  (thread counts must be set in the environment before numpy/torch import)
@@ -81,9 +84,10 @@ def write_samples(model, n: int, path: Path, chunk: int = 8192) -> float:
     return l0 / n
 
 
-def train_ours(arch: str, acts: Path, out: Path, args, k: int) -> dict:
+def train_ours(arch: str, acts: Path, out: Path, args, k: int, pursuit: str = "mp") -> dict:
     cmd = [sys.executable, "-m", "sae", "train", "--activations", str(acts), "--arch", arch,
-           "--k", str(k), "--d-sae", str(args.width), "--tokens", str(args.samples),
+           "--pursuit", pursuit, "--k", str(k), "--d-sae", str(args.width),
+           "--tokens", str(args.samples),
            "--batch-size", str(args.batch_size), "--holdout", "8192", "--out", str(out),
            "--no-progress", "--matmul-dtype", "float32", "--device", "cpu"]
     env = {"PYTHONPATH": str(HERE.parent)}
@@ -203,16 +207,22 @@ def run(args) -> list[dict]:
     print(f"synthetic model: {args.features} features in {args.hidden} dims, mean L0 "
           f"{true_l0:.2f} -> k={k}; {args.samples:,} training samples", flush=True)
     rows = []
-    for arch in (*ARCHS, "online_dl"):
-        m = train_ours(arch, acts, work / arch, args, k)
+    runs = [(a, "mp") for a in args.archs if a != "online_dl"]
+    runs += [("online_dl", p) for p in args.online_pursuits if "online_dl" in args.archs]
+    for arch, pursuit in runs:
+        m = train_ours(arch, acts, work / f"{arch}-{pursuit}", args, k, pursuit)
         folder = Path(m["path"])
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            theirs_view = SaeLensSAE.load_from_disk(folder)
-        rows.append({"arch": arch, "library": "ours", "tokens_per_s": m["tokens_per_s"],
-                     **score(theirs_view, model, args)})
-        print(rows[-1], flush=True)
         ours = load(folder)
+        if pursuit == "mp":  # scored through SAELens' loader (which encodes with mp)
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                view = SaeLensSAE.load_from_disk(folder)
+        else:
+            view = _Pursuit(ours, "trained", k)
+        library = "ours" if pursuit == "mp" else f"ours, {pursuit} coding"
+        rows.append({"arch": arch, "library": library, "tokens_per_s": m["tokens_per_s"],
+                     **score(view, model, args)})
+        print(rows[-1], flush=True)
         for enc in args.encoders:
             rows.append({"arch": arch, "library": f"ours + {enc}", "tokens_per_s": None,
                          **score(_Pursuit(ours, enc, k), model, args)})
@@ -228,8 +238,10 @@ def run(args) -> list[dict]:
 def targets(rows: list[dict]) -> list[str]:
     out = []
     for arch in ARCHS:
-        ours = next(r for r in rows if r["arch"] == arch and r["library"] == "ours")
-        ref = next(r for r in rows if r["arch"] == arch and r["library"] == "SAELens")
+        ours = next((r for r in rows if r["arch"] == arch and r["library"] == "ours"), None)
+        ref = next((r for r in rows if r["arch"] == arch and r["library"] == "SAELens"), None)
+        if ours is None or ref is None:
+            continue
         speed = ours["tokens_per_s"] / ref["tokens_per_s"]
         ok = (ours["f1"] >= ref["f1"] - 0.01 and ours["mcc"] >= ref["mcc"] - 0.01
               and speed >= 2.0)
@@ -249,6 +261,9 @@ def main(argv=None) -> int:
     p.add_argument("--samples", type=int, default=2_000_000)
     p.add_argument("--eval-samples", type=int, default=100_000)
     p.add_argument("--batch-size", type=int, default=1024)
+    p.add_argument("--archs", default=",".join((*ARCHS, "online_dl")))
+    p.add_argument("--online-pursuits", default="mp,nnomp",
+                   help="online_dl: one run per coding pursuit")
     p.add_argument("--encoders", default="omp,mp", help="pursuits scored on our decoders")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--seed", type=int, default=0)
@@ -257,6 +272,8 @@ def main(argv=None) -> int:
     p.add_argument("--out", type=Path, default=HERE / "results")
     args = p.parse_args(argv)
     args.encoders = [e for e in args.encoders.split(",") if e]
+    args.archs = [a for a in args.archs.split(",") if a]
+    args.online_pursuits = [p for p in args.online_pursuits.split(",") if p]
     if args.quick:
         args.features, args.hidden, args.width = 512, 64, 256
         args.samples, args.eval_samples = 50_000, 10_000
