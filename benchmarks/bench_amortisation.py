@@ -22,6 +22,10 @@ On the SmolLM2-135M layer-15 residual stream of ``bench_sae_train.py`` (an ``(N,
     python benchmarks/smollm2_activations.py      # once: benchmarks/data/smollm2-l15.npy
     python benchmarks/bench_amortisation.py       # ~1 h on 2 CPU cores
     python benchmarks/bench_amortisation.py --quick   # smoke test (synthetic data)
+    python benchmarks/bench_amortisation.py --sae RUN/topk --keep-frontier   # encoders again
+
+``--sae`` measures the encoders of an already trained TopK folder instead of training one;
+``--keep-frontier`` keeps the frontier (rows, time, date, commit) of the previous results file.
 
 Results go to ``benchmarks/results/amortisation-<cpu>-<threads>t.{json,md}`` and the plot to
 ``...-frontier.png``.
@@ -132,6 +136,9 @@ def main(argv=None) -> int:
     p.add_argument("--hookpoint", default="model.layers.15")
     p.add_argument("--model-tokens", type=int, default=8192,
                    help="held-out text tokens for CE-loss recovered (0: skip the model)")
+    p.add_argument("--sae", type=Path, help="a trained TopK folder to measure (skips training)")
+    p.add_argument("--keep-frontier", action="store_true",
+                   help="reuse the frontier of the previous results file")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--quick", action="store_true", help="tiny synthetic run: a smoke test")
     p.add_argument("--verbose", action="store_true")
@@ -146,27 +153,36 @@ def main(argv=None) -> int:
         quick_data(args.activations)
     torch.set_num_threads(N_THREADS)
     t0 = time.time()
-    folder = Path(train(args, work / "topk", "topk", str(args.k), args.d_sae,
-                        args.tokens)["topk"]["path"])
+    folder = args.sae or Path(train(args, work / "topk", "topk", str(args.k), args.d_sae,
+                                    args.tokens)["topk"]["path"])
     arr = np.load(args.activations, mmap_mode="r")
     x = torch.from_numpy(np.array(arr[-args.holdout :], dtype=np.float32))
     amort = amortisation(folder, x, args)
     model = in_model(folder, args) if args.model_tokens else {}
     for row in amort:
         m = model.get(row["encoder"], {})
-        row["ce_loss_score"], row["kl_div"] = m.get("ce_loss_score"), m.get("kl_div")
-    t1 = time.perf_counter()
-    trained = train(args, work / "frontier", args.archs, args.ks, args.frontier_d_sae,
-                    args.frontier_tokens)
-    args.frontier_seconds = time.perf_counter() - t1
-    frontier = [{"sae": name, "l0": m["l0"], "fvu": m["fvu"],
-                 "dead_pct": 100 * m["dead_fraction"]} for name, m in trained.items()]
+        row["ce_loss_recovered"], row["kl"] = m.get("ce_loss_recovered"), m.get("kl_sae")
     tag = device_tag(N_THREADS) + ("-quick" if args.quick else "")
     args.out.mkdir(parents=True, exist_ok=True)
     png = args.out / f"amortisation-{tag}-frontier.png"
-    sae_cli("plot", str(work / "frontier"), "--out", str(png))
+    if args.keep_frontier:
+        frontier = json.loads((args.out / f"amortisation-{tag}.json").read_text())["frontier"]
+    else:
+        frontier = run_frontier(args, work, png)
     write(args, argv, tag, time.time() - t0, amort, frontier, png)
     return 0
+
+
+def run_frontier(args, work: Path, png: Path) -> dict:
+    t1 = time.perf_counter()
+    trained = train(args, work / "frontier", args.archs, args.ks, args.frontier_d_sae,
+                    args.frontier_tokens)
+    rows = [{"sae": name, "l0": m["l0"], "fvu": m["fvu"], "dead_pct": 100 * m["dead_fraction"]}
+            for name, m in trained.items()]
+    sae_cli("plot", str(work / "frontier"), "--out", str(png))
+    return {"rows": rows, "seconds": time.perf_counter() - t1, "date": now_iso(),
+            "git": git_commit(HERE.parent), "d_sae": args.frontier_d_sae,
+            "tokens": args.frontier_tokens}
 
 
 def _cell(v) -> str:
@@ -178,7 +194,7 @@ def _cell(v) -> str:
 
 
 def write(args, argv, tag: str, seconds: float, amort, frontier, png: Path) -> None:
-    acols = ["encoder", "l0", "fvu", "dead_pct", "support_jaccard", "ce_loss_score", "kl_div",
+    acols = ["encoder", "l0", "fvu", "dead_pct", "support_jaccard", "ce_loss_recovered", "kl",
              "encode_tokens_per_s"]
     fcols = ["sae", "l0", "fvu", "dead_pct"]
     lines = [
@@ -193,9 +209,11 @@ def write(args, argv, tag: str, seconds: float, amort, frontier, png: Path) -> N
         "", "Encode throughput: `encode_pairs` over the held-out rows in batches of 4,096 (the "
         "pursuits' Gram matrix of the decoder is computed once per SAE, before the timing).", "",
         format_table(acols, [[_cell(r[c]) for c in acols] for r in amort], markdown=True), "",
-        f"## L0-FVU frontier ({args.frontier_d_sae:,} latents, {args.frontier_tokens:,} "
-        f"tokens; all SAEs trained together in {args.frontier_seconds:.0f} s)", "",
-        format_table(fcols, [[_cell(r[c]) for c in fcols] for r in frontier], markdown=True), "",
+        f"## L0-FVU frontier ({frontier['d_sae']:,} latents, {frontier['tokens']:,} "
+        f"tokens; all SAEs trained together in {frontier['seconds']:.0f} s; "
+        f"{frontier['date']}, git {frontier['git']})", "",
+        format_table(fcols, [[_cell(r[c]) for c in fcols] for r in frontier["rows"]],
+                     markdown=True), "",
         f"![L0 against FVU]({png.name})",
     ]
     (args.out / f"amortisation-{tag}.md").write_text("\n".join(lines) + "\n")

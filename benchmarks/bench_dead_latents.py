@@ -10,6 +10,9 @@ The default recipe's goal: under 1% dead at no loss of FVU.
     python benchmarks/bench_dead_latents.py --variants default,aux8 --tokens 500000
     python benchmarks/bench_dead_latents.py --quick             # smoke test
 
+The rows of variants not run are kept from the previous results file (same tag), so variants
+can be added one run at a time.
+
 Results: ``benchmarks/results/dead-latents-<cpu>-<threads>t.{json,md}``.
 """
 
@@ -41,6 +44,8 @@ VARIANTS = {
     "window25k": ["--dead-tokens", "25000"],
     "aux8-window25k": ["--aux-coefficient", "0.125", "--dead-tokens", "25000"],
     "lr1e-3": ["--lr", "1e-3"],
+    "lr1.5e-3": ["--lr", "1.5e-3"],
+    "warmup100": ["--warmup-steps", "100"],
     "auxk1024": ["--aux-k", "1024"],
 }
 
@@ -93,14 +98,17 @@ def main(argv=None) -> int:
         args.activations, args.tokens, args.holdout, args.d_sae = work / "q.npy", 60_000, 2048, 512
         quick_data(args.activations)
     t0 = time.time()
-    rows = [run_variant(n, args, work) for n in names]
+    tag = device_tag(N_THREADS) + ("-quick" if args.quick else "")
+    previous = args.out / f"dead-latents-{tag}.json"
+    kept = {r["variant"]: r for r in json.loads(previous.read_text())} if previous.exists() else {}
+    kept.update({n: run_variant(n, args, work) for n in names})
+    rows = [kept[n] for n in VARIANTS if n in kept]
     cols = ["variant", "flags", "fvu", "l0", "dead_pct", "seconds"]
 
     def cell(v):
         return f"{v:.4f}" if isinstance(v, float) and abs(v) < 1 else (
             f"{v:.1f}" if isinstance(v, float) else str(v))
 
-    tag = device_tag(N_THREADS) + ("-quick" if args.quick else "")
     lines = [f"# Dead latents of TopK recipe variants: {tag}", "",
              f"- date: {now_iso()}; CPU: {cpu_name()}; threads: {N_THREADS}; "
              f"{time.time() - t0:.0f} s in all; git {git_commit(HERE.parent)}",

@@ -121,8 +121,9 @@ def test_a_learned_dictionary_becomes_an_sae_that_saelens_reads(encoder, tmp_pat
 
 def test_an_nnomp_coded_dictionary_encodes_with_nnomp_and_saves_as_matching_pursuit(tmp_path):
     """``from_dictionary(encoder="nnomp")`` is an ``online_dl`` SAE with ``pursuit="nnomp"``:
-    its own encoder is the core's non-negative OMP on the (unit) atoms, the saved folder loads back as the same
-    SAE, and SAELens reads it as its matching-pursuit SAE (which encodes with mp)."""
+    its own encoder is the core's non-negative OMP on the (unit) atoms, the saved folder loads
+    back as the same SAE, and SAELens reads it as its matching-pursuit SAE (which encodes with
+    mp)."""
     import warnings
 
     from sae_lens import SAE as SaeLensSAE

@@ -216,8 +216,8 @@ def test_wandb_offline_logging(tmp_path, monkeypatch):
                                            ("online_dl", "nnomp")])
 def test_pursuit_architectures_recover_planted_features(planted, arch, pursuit):
     """The matching-pursuit SAE (tied, gradient-trained) and online dictionary learning (the
-    decoder updated from the code statistics, coded by matching pursuit or non-negative OMP) all find the
-    planted directions (measured: 0.993, 0.994 and 0.996 mean max cosine)."""
+    decoder updated from the code statistics, coded by matching pursuit or non-negative OMP)
+    all find the planted directions (measured: 0.993, 0.994 and 0.996 mean max cosine)."""
     X, F = planted
     sae, trainer = _train(arch, X, pursuit=pursuit)
     assert max_cosine(F, sae.W_dec.detach()).mean() >= 0.9
