@@ -49,7 +49,15 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from common import cpu_name, device_tag, format_table, git_commit, now_iso, package_versions
+from common import (
+    cpu_name,
+    device_tag,
+    format_table,
+    git_commit,
+    now_iso,
+    package_versions,
+    write_results,
+)
 
 HERE = Path(__file__).resolve().parent
 ENV = {**os.environ, "PYTHONPATH": str(HERE.parent)}
@@ -216,10 +224,8 @@ def write(args, argv, tag: str, seconds: float, amort, frontier, png: Path) -> N
                      markdown=True), "",
         f"![L0 against FVU]({png.name})",
     ]
-    (args.out / f"amortisation-{tag}.md").write_text("\n".join(lines) + "\n")
-    (args.out / f"amortisation-{tag}.json").write_text(
-        json.dumps({"encoders": amort, "frontier": frontier}, indent=1))
-    print("\n".join(lines))
+    write_results(args.out, f"amortisation-{tag}", lines,
+                  {"encoders": amort, "frontier": frontier})
 
 
 if __name__ == "__main__":

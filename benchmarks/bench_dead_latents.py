@@ -32,7 +32,7 @@ import time
 from pathlib import Path
 
 import numpy as np
-from common import cpu_name, device_tag, format_table, git_commit, now_iso
+from common import cpu_name, device_tag, format_table, git_commit, now_iso, write_results
 
 HERE = Path(__file__).resolve().parent
 
@@ -117,10 +117,7 @@ def main(argv=None) -> int:
              f"{' '.join(args.extra)}",
              f"- command: `{' '.join(['bench_dead_latents.py', *(argv or sys.argv[1:])])}`", "",
              format_table(cols, [[cell(r[c]) for c in cols] for r in rows], markdown=True)]
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / f"dead-latents-{tag}.md").write_text("\n".join(lines) + "\n")
-    (args.out / f"dead-latents-{tag}.json").write_text(json.dumps(rows, indent=1))
-    print("\n".join(lines))
+    write_results(args.out, f"dead-latents-{tag}", lines, rows)
     return 0
 
 

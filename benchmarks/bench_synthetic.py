@@ -45,7 +45,15 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from common import cpu_name, device_tag, format_table, git_commit, now_iso, package_versions
+from common import (
+    cpu_name,
+    device_tag,
+    format_table,
+    git_commit,
+    now_iso,
+    package_versions,
+    write_results,
+)
 
 HERE = Path(__file__).resolve().parent
 ARCHS = ("batchtopk", "matryoshka", "mp")
@@ -299,10 +307,7 @@ def main(argv=None) -> int:
              f"scored on {args.eval_samples:,} fresh samples by SAELens' evaluator",
              f"- command: `{' '.join(['bench_synthetic.py', *(argv or sys.argv[1:])])}`", "",
              table, "", "## Targets", "", *[f"- `{t}`" for t in targets(rows)]]
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / f"synthetic-{tag}.md").write_text("\n".join(lines) + "\n")
-    (args.out / f"synthetic-{tag}.json").write_text(json.dumps(rows, indent=1))
-    print("\n".join(lines))
+    write_results(args.out, f"synthetic-{tag}", lines, rows)
     return 0
 
 

@@ -145,3 +145,12 @@ def format_table(headers: list[str], rows: list[list[str]], markdown: bool = Fal
 def write_json(path: Path, data) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(data, indent=2, default=str) + "\n")
+
+
+def write_results(out: Path, stem: str, lines: list[str], data) -> None:
+    """``out/stem.md`` (the report's lines) and ``out/stem.json`` (``data``), and the report
+    printed."""
+    out.mkdir(parents=True, exist_ok=True)
+    (out / f"{stem}.md").write_text("\n".join(lines) + "\n")
+    write_json(out / f"{stem}.json", data)
+    print("\n".join(lines))
