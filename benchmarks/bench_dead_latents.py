@@ -46,6 +46,8 @@ VARIANTS = {
     "lr1e-3": ["--lr", "1e-3"],
     "lr1.5e-3": ["--lr", "1.5e-3"],
     "warmup100": ["--warmup-steps", "100"],
+    "aux2-warmup100": ["--aux-coefficient", "0.5", "--warmup-steps", "100"],
+    "lr1.5e-3-aux2": ["--lr", "1.5e-3", "--aux-coefficient", "0.5"],
     "auxk1024": ["--aux-k", "1024"],
 }
 
