@@ -181,11 +181,9 @@ class Encoded(nn.Module):
         return encode_pairs(self.sae, x, self.encoder, **s)
 
     def encode(self, x: Tensor) -> Tensor:
-        shape = x.shape
-        x2 = x.reshape(-1, shape[-1])
-        rows, cols, vals = self.encode_pairs(x2)
-        z = vals.new_zeros(x2.shape[0], self.cfg.d_sae).index_put((rows, cols), vals)
-        return z.reshape(*shape[:-1], self.cfg.d_sae)
+        from .models import dense_latents
+
+        return dense_latents(self.encode_pairs, x, self.cfg.d_sae)
 
     def decode(self, z: Tensor) -> Tensor:
         return self.sae.decode(z)

@@ -7,7 +7,8 @@ The architecture table names the learner (``Architecture.learner``); the trainer
   LR schedule, the unit-norm decoder's tangent projection, gradient clipping.
 * :class:`OnlineLearner`: online dictionary learning (Mairal et al. 2010; scikit-learn's
   ``MiniBatchDictionaryLearning``): the batch is coded with the SAE's activation (matching
-  pursuit on the decoder: the encoder it is saved with), the statistics ``A = Z^T Z``,
+  pursuit or non-negative OMP on the decoder, ``SAEConfig.pursuit``: the encoder it is saved
+  with), the statistics ``A = Z^T Z``,
   ``B = Z^T (x - b_dec)`` are accumulated with the same forgetting factor
   (:func:`sparsecode.core.dictionary.accumulate`, from the pairs: no dense code), and the
   decoder takes one accelerated projected-gradient step

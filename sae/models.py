@@ -47,6 +47,7 @@ torch.Size([16, 8])
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -67,6 +68,17 @@ from .architectures import (
 from .config import SAEConfig
 
 __all__ = ["ARCHITECTURES", "SAE", "Code", "OneProcess", "SAEConfig", "TrainOutput"]
+
+
+def dense_latents(encode_pairs: Callable[[Tensor], tuple[Tensor, Tensor, Tensor]], x: Tensor,
+                  d_sae: int) -> Tensor:
+    """Dense latents ``(..., d_sae)`` of ``x`` from an ``encode_pairs`` of 2-D inputs (its
+    ``(rows, cols, values)`` scattered)."""
+    shape = x.shape
+    x2 = x.reshape(-1, shape[-1])
+    rows, cols, vals = encode_pairs(x2)
+    z = vals.new_zeros(x2.shape[0], d_sae).index_put((rows, cols), vals)
+    return z.reshape(*shape[:-1], d_sae)
 
 
 #: ReLU / JumpReLU train on sparse pairs when the last batch had at most this fraction of its
@@ -281,14 +293,11 @@ class SAE(nn.Module):
             from .encoders import Encoded
 
             return Encoded(self, encoder, **settings).encode(x)
-        shape = x.shape
-        x2 = x.reshape(-1, shape[-1])
         op = self.inference_activation()
-        if isinstance(op, ops.Projection):
-            z = op.project(self._pre(x2))
-        else:  # a pursuit: no pre-activations, its pairs scattered
-            rows, cols, vals = self.encode_pairs(x2)
-            z = vals.new_zeros(x2.shape[0], self.cfg.d_sae).index_put((rows, cols), vals)
+        if not isinstance(op, ops.Projection):  # a pursuit: no pre-activations
+            return dense_latents(self.encode_pairs, x, self.cfg.d_sae)
+        shape = x.shape
+        z = op.project(self._pre(x.reshape(-1, shape[-1])))
         return z.reshape(*shape[:-1], self.cfg.d_sae)
 
     def decode(self, z: Tensor) -> Tensor:

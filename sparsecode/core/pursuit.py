@@ -433,7 +433,7 @@ class MatchingPursuit:
 class OrthogonalPursuit:
     """OMP, ORMP or non-negative OMP as an encoder step (forward only): the activation of a
     dictionary learned online with that pursuit coding its batches (``sae train --arch
-    online_dl --pursuit omp``). The rows of ``W_enc`` are the atoms, normalised for the solver
+    online_dl --pursuit nnomp``). The rows of ``W_enc`` are the atoms, normalised for the solver
     and the codes rescaled back; at most ``k`` atoms, or until the residual norm is at most
     ``residual_threshold`` (when > 0). The values are least-squares refits on the picked atoms,
     so there is no gradient through them (the online learner needs none).
