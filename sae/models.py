@@ -73,7 +73,12 @@ __all__ = ["ARCHITECTURES", "SAE", "Code", "OneProcess", "SAEConfig", "TrainOutp
 def dense_latents(encode_pairs: Callable[[Tensor], tuple[Tensor, Tensor, Tensor]], x: Tensor,
                   d_sae: int) -> Tensor:
     """Dense latents ``(..., d_sae)`` of ``x`` from an ``encode_pairs`` of 2-D inputs (its
-    ``(rows, cols, values)`` scattered)."""
+    ``(rows, cols, values)`` scattered).
+
+    >>> pairs = lambda x: (torch.tensor([0, 1]), torch.tensor([2, 0]), torch.tensor([5.0, 1.0]))
+    >>> dense_latents(pairs, torch.zeros(2, 4), d_sae=3).tolist()
+    [[0.0, 0.0, 5.0], [1.0, 0.0, 0.0]]
+    """
     shape = x.shape
     x2 = x.reshape(-1, shape[-1])
     rows, cols, vals = encode_pairs(x2)

@@ -71,7 +71,13 @@ class SparseCodes:
     def pairs(self, scale: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor]:
         """The nonzero codes as ``(rows, cols, values)`` sorted by row, then column; each value
         divided by ``scale[col]`` when given (codes against unit atoms -> codes against the
-        unnormalised atoms)."""
+        unnormalised atoms).
+
+        >>> codes = SparseCodes(torch.tensor([[2.0, 0.0], [4.0, 1.0]]),
+        ...                     torch.tensor([[1, 0], [2, 0]]), 3)
+        >>> [t.tolist() for t in codes.pairs(scale=torch.tensor([1.0, 1.0, 2.0]))]
+        [[0, 1, 1], [1, 0, 2], [2.0, 1.0, 2.0]]
+        """
         rows, cols, vals = row_pairs(self.values, self.indices, keep=self.values != 0)
         if scale is not None:
             vals = vals / scale[cols]
