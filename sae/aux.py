@@ -53,7 +53,7 @@ CANDIDATES: dict[str, Callable[[SAE], tuple[Tensor, Tensor | None]]] = {
 
 
 def reconstruction(sae: SAE, x: Tensor, matmul_dtype: torch.dtype | None) -> Tensor | None:
-    """``e_hat (N, d_in)``: the auxiliary code decoded without ``b_dec``, or None when the loss
+    """``e_hat (N, d_out)``: the auxiliary code decoded without ``b_dec``, or None when the loss
     is off this step (no candidate on any process, coefficient 0, or not training).
 
     When the code is dense within the candidates (``aux_k`` above ``SPARSE_CODE_MAX_DENSITY``
@@ -85,7 +85,7 @@ def _dense(sae: SAE, x: Tensor, cand: Tensor, u: Tensor | None, k_aux: int) -> T
     ``TopK(k_aux, positive=True)`` projection of the (weighted) pre-activations, in the
     parameters' precision. ``u > 0`` on the candidates, so ``relu(pre) * u`` is
     ``relu(pre * u)``: selection and values come from one key."""
-    key = preact(x, sae.W_enc.T[cand], sae.b_enc[cand], sae.b_dec)
+    key = preact(x, sae.W_enc.T[cand], sae.b_enc[cand], sae.b_in)
     if u is not None:
         key = key * u[cand].to(key.dtype)
     return ops.TopK(k_aux, positive=True).project(key) @ sae.W_dec[cand]
@@ -108,10 +108,12 @@ def _pairs(sae: SAE, x: Tensor, cand: Tensor, u: Tensor | None, k_aux: int,
         if u is not None:  # select on u * pre: scale the rows (u > 0 on candidates)
             scale = u[cand].to(W_c.dtype)
             W_c, b_c = W_c * scale[:, None], b_c * scale
-        rows, local, v = sae.collective.topk(x, W_c, b_c, sae.b_dec, k_aux, matmul_dtype,
+        rows, local, v = sae.collective.topk(x, W_c, b_c, sae.b_in, k_aux, matmul_dtype,
                                             latents=cand)
         if u is not None:
             v = v / scale[local]
     cols = cand[local]
-    vals = sparse_preact(x, W_rows, b_enc, sae.collective.share(sae.b_dec), rows, cols, v)
+    b_in = sae.b_in
+    b_in = None if b_in is None else sae.collective.share(b_in)
+    vals = sparse_preact(x, W_rows, b_enc, b_in, rows, cols, v)
     return rows, cols, vals if u is None else vals * u[cols]

@@ -28,6 +28,15 @@ class SAEConfig:
 
     d_in: int = field(metadata=_help("input width (read from the activations)", cli=False))
     d_sae: int = field(metadata=_help("number of latents", cli=False))
+    d_out: int | None = field(default=None, metadata=_help(
+        "width of the written activation (default d_in; set for a transcoder)", cli=False))
+    transcode: bool = field(default=False, metadata=_help(
+        "transcoder: the input is not centred by b_dec, which lives in the output space",
+        cli=False))
+    skip: bool = field(default=False, metadata=_help(
+        "transcoders: add a linear skip term x W_skip^T (W_skip starts at zero)"))
+    places: list[int] | None = field(default=None, metadata=_help(
+        "crosscoder: the width of each place it reads and writes (summing to d_in)", cli=False))
     architecture: str = field(default="topk", metadata=_help(
         f"architecture(s), comma-separated: {', '.join(ARCHITECTURES)}", flag="arch",
         sweep=True))
@@ -90,6 +99,7 @@ class SAEConfig:
             )
         if self.target_l0 is None:
             self.target_l0 = float(self.k)
+        self._check_shape(arch)
         if self.pursuit not in PURSUITS:
             raise ValueError(f"unknown pursuit {self.pursuit!r}; known pursuits: "
                              f"{', '.join(PURSUITS)}")
@@ -101,7 +111,7 @@ class SAEConfig:
         if self.target_l0 <= 0:
             raise ValueError(f"target_l0 must be > 0, got {self.target_l0}")
         if self.aux_k is None:
-            self.aux_k = max(1, min(self.d_in // 2, self.d_sae))
+            self.aux_k = max(1, min(self.d_out // 2, self.d_sae))
         if arch.prefixes and self.group_sizes is None:
             self.group_sizes = default_group_sizes(self.d_sae)
         if self.group_sizes is not None:
@@ -109,6 +119,43 @@ class SAEConfig:
                 raise ValueError(
                     f"group_sizes {self.group_sizes} must be positive and sum to d_sae={self.d_sae}"
                 )
+
+    def _check_shape(self, arch: Any) -> None:
+        """The shape fields: an autoencoder (``d_out == d_in``), a transcoder (``transcode``,
+        optionally ``skip``) or a crosscoder (``places``)."""
+        if self.d_out is None:
+            self.d_out = self.d_in
+        if isinstance(self.d_out, bool) or not isinstance(self.d_out, int) or self.d_out < 1:
+            raise ValueError(f"d_out must be a positive integer, got {self.d_out!r}")
+        if self.d_out != self.d_in and not self.transcode:
+            raise ValueError(f"d_out={self.d_out} differs from d_in={self.d_in}: only a "
+                             "transcoder (transcode=True) writes another width than it reads")
+        if self.skip and not self.transcode:
+            raise ValueError("skip needs a transcoder (transcode=True)")
+        if self.transcode and arch.tied:
+            raise ValueError(f"{arch.name!r} is a tied pursuit over the decoder: it reads and "
+                             "writes one space, so it cannot transcode")
+        if self.places is not None:
+            widths = list(self.places)
+            if self.transcode:
+                raise ValueError("a crosscoder reads and writes the same places: it cannot "
+                                 "also transcode")
+            if arch.tied:
+                raise ValueError(f"{arch.name!r} cannot be a crosscoder (per-place input "
+                                 "scales break its unit-norm atoms)")
+            if len(widths) < 2 or any(isinstance(w, bool) or not isinstance(w, int) or w < 1
+                                      for w in widths):
+                raise ValueError(f"places must list two or more positive widths, got {widths}")
+            if sum(widths) != self.d_in:
+                raise ValueError(f"places {widths} sum to {sum(widths)}, not d_in={self.d_in}")
+            self.places = widths
+
+    @property
+    def shape(self) -> str:
+        """``"sae"``, ``"transcoder"`` or ``"crosscoder"``."""
+        if self.places is not None:
+            return "crosscoder"
+        return "transcoder" if self.transcode else "sae"
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

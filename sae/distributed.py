@@ -349,7 +349,8 @@ class LatentShards:
     def encode(self, op, x, W_rows, b_enc, b_dec, matmul_dtype):
         """The exact global top-k: local candidates (values carry the sparse backward, through
         the shared ``b_dec``), the winners that are this shard's."""
-        return self._topk(x, W_rows, b_enc, self.share(b_dec), op.k, matmul_dtype)
+        b_dec = None if b_dec is None else self.share(b_dec)  # a transcoder does not centre
+        return self._topk(x, W_rows, b_enc, b_dec, op.k, matmul_dtype)
 
     def topk(self, x, W_rows, b_enc, b_dec, k, matmul_dtype, latents=None):
         with torch.no_grad():
@@ -378,14 +379,15 @@ class LatentShards:
         return row_pairs(v, idx, keep=mine)
 
     def clip_grad_norm_(self, sae: SAE, max_norm: float) -> Tensor:
-        """Clip by the norm of the whole SAE's gradient (shards' squares summed, ``b_dec``
-        counted once)."""
+        """Clip by the norm of the whole SAE's gradient (shards' squares summed, the replicated
+        ``b_dec`` and ``W_skip`` counted once)."""
         sharded = [p.grad for n, p in sae.named_parameters() if n in SHARD_DIMS
                    and p.grad is not None]
         sq = torch.stack([g.float().pow(2).sum() for g in sharded]).sum().reshape(1)
         dist.all_reduce(sq, group=self.group)
-        if sae.b_dec.grad is not None:
-            sq = sq + sae.b_dec.grad.float().pow(2).sum()
+        for n, p in sae.named_parameters():
+            if n not in SHARD_DIMS and p.grad is not None:
+                sq = sq + p.grad.float().pow(2).sum()
         norm = sq.sqrt()[0]
         coef = (max_norm / (norm + 1e-6)).clamp(max=1.0)
         for p in sae.parameters():
@@ -401,8 +403,8 @@ class _TrainingStep(nn.Module):
         super().__init__()
         self.sae = sae
 
-    def forward(self, x: Tensor, **kwargs: Any):
-        return self.sae.training_forward(x, **kwargs)
+    def forward(self, x: Tensor, y: Tensor | None = None, **kwargs: Any):
+        return self.sae.training_forward(x, y, **kwargs)
 
 
 def data_parallel(sae: SAE, d: Dist) -> nn.Module:

@@ -48,8 +48,9 @@ def normalized_mse(target: Tensor, estimate: Tensor, group: Any = None) -> Tenso
 
 def l1_penalty(sae: SAE, code: Code, scale: float) -> dict[str, Tensor]:
     """ReLU SAE: ``l1_coefficient * sum_j z_j ||W_dec[j]|| / N`` (Anthropic's April 2024 update:
-    the L1 weighted by decoder norms, which are then left free)."""
-    dn = code.at(sae.W_dec.norm(dim=1))
+    the L1 weighted by decoder norms, which are then left free; a crosscoder's norm is the sum
+    of its per-place norms, :meth:`sae.models.SAE.decoder_norms`)."""
+    dn = code.at(sae.decoder_norms())
     return {"l1": sae.cfg.l1_coefficient * scale * (code.values * dn).sum() / code.n_rows}
 
 
@@ -59,7 +60,7 @@ def l0_penalty(sae: SAE, code: Code, scale: float) -> dict[str, Tensor]:
     ``quadratic`` mode penalises ``(L0 / target_l0 - 1)^2`` (SAELens' L0 targeting)."""
     cfg, N = sae.cfg, code.n_rows
     if cfg.jumprelu_mode == "tanh":
-        dn = code.at(sae.W_dec.norm(dim=1))
+        dn = code.at(sae.decoder_norms())
         l0 = torch.tanh(cfg.tanh_scale * code.values * dn).sum() / N
     else:
         l0 = sae.activation.indicator(code.pre, code.cols).sum() / N

@@ -211,18 +211,26 @@ class SAE(nn.Module):
         super().__init__()
         self.cfg = cfg
         self.arch: Architecture = ARCHITECTURES[cfg.architecture]
-        d, n = cfg.d_in, n_latents or cfg.d_sae
+        d, d_out, n = cfg.d_in, cfg.d_out, n_latents or cfg.d_sae
         W = torch.randn(n, d, generator=generator)
         W = W / W.norm(dim=1, keepdim=True)
         if not self.arch.unit_decoder:
             W = W * 0.1  # decoder-norm-weighted L1: start small (April 2024 update)
-        self.W_dec = nn.Parameter(W.clone())
+        if d_out != d:  # a transcoder's decoder: its own random unit rows
+            W_dec = torch.randn(n, d_out, generator=generator)
+            W_dec = W_dec / W_dec.norm(dim=1, keepdim=True)
+            W_dec = W_dec * (1.0 if self.arch.unit_decoder else 0.1)
+        else:
+            W_dec = W.clone()
+        self.W_dec = nn.Parameter(W_dec)
         if self.arch.tied:  # W_enc is W_dec^T (see __getattr__); no encoder bias
             self.register_buffer("b_enc", torch.zeros(n))
         else:
             self.W_enc = nn.Parameter(W.T.clone().contiguous())
             self.b_enc = nn.Parameter(torch.zeros(n))
-        self.b_dec = nn.Parameter(torch.zeros(d))
+        self.b_dec = nn.Parameter(torch.zeros(d_out))
+        if cfg.skip:  # skip transcoder: a linear term, starting at zero (as SAELens, sparsify)
+            self.W_skip = nn.Parameter(torch.zeros(d_out, d))
         if self.arch.threshold == "learned":
             self.threshold = nn.Parameter(torch.full((n,), float(cfg.threshold_init)))
         else:
@@ -260,6 +268,23 @@ class SAE(nn.Module):
         return self.W_dec.shape[0]
 
     @property
+    def b_in(self) -> Tensor | None:
+        """What the encoder subtracts from its input: ``b_dec`` for an autoencoder or a
+        crosscoder (input and output are one space), nothing for a transcoder."""
+        return None if self.cfg.transcode else self.b_dec
+
+    def decoder_norms(self) -> Tensor:
+        """Each latent's decoder norm: the row norm, or for a crosscoder the sum over places of
+        the per-place row norms (Lindsey et al. 2024), which the L1 penalty weighs by."""
+        if self.cfg.places is None:
+            return self.W_dec.norm(dim=1)
+        return sum(part.norm(dim=1) for part in self.W_dec.split(self.cfg.places, dim=1))
+
+    def skip_term(self, x: Tensor) -> Tensor | None:
+        """A skip transcoder's linear term ``x W_skip^T`` (None without a skip)."""
+        return x @ self.W_skip.T.to(x.dtype) if self.cfg.skip else None
+
+    @property
     def unit_decoder(self) -> bool:
         """Decoder rows are kept at unit norm (all but relu, which weighs L1 by the norms)."""
         return self.arch.unit_decoder
@@ -288,7 +313,7 @@ class SAE(nn.Module):
         W = self.W_enc.T
         if dtype is not None and dtype != W.dtype:
             W = W.to(dtype)
-        return preact(x, W, self.b_enc, self.b_dec).to(x.dtype)
+        return preact(x, W, self.b_enc, self.b_in).to(x.dtype)
 
     def encode(self, x: Tensor, encoder: str = "trained", **settings: Any) -> Tensor:
         """Dense latents ``(..., d_sae)`` as the saved (inference) model computes them; with
@@ -306,11 +331,16 @@ class SAE(nn.Module):
         return z.reshape(*shape[:-1], self.cfg.d_sae)
 
     def decode(self, z: Tensor) -> Tensor:
-        """``z W_dec + b_dec`` for dense latents ``(..., d_sae)``."""
+        """``z W_dec + b_dec`` for dense latents ``(..., d_sae)`` (a skip transcoder's skip
+        term is added by :meth:`forward`, which has the input)."""
         return z @ self.W_dec + self.b_dec
 
     def forward(self, x: Tensor) -> Tensor:
-        return self.decode(self.encode(x))
+        """The reconstruction (an autoencoder), or the written activation ``(..., d_out)``
+        (a transcoder: decoded latents plus the skip term)."""
+        out = self.decode(self.encode(x))
+        skip = self.skip_term(x)
+        return out if skip is None else out + skip
 
     def encode_pairs(self, x: Tensor, encoder: str = "trained", **settings: Any
                      ) -> tuple[Tensor, Tensor, Tensor]:
@@ -329,14 +359,21 @@ class SAE(nn.Module):
 
             return encode_pairs(self, x, encoder, **settings)
         op = self.inference_activation()
-        rows, cols, pre = op.encode(x, self.W_enc.T, self.b_enc, self.b_dec)
+        rows, cols, pre = op.encode(x, self.W_enc.T, self.b_enc, self.b_in)
         return sorted_pairs(rows, cols, op.project_pairs(pre, cols), self.cfg.d_sae,
                             positive=True)
 
-    def decode_pairs(self, rows: Tensor, cols: Tensor, values: Tensor, n_rows: int) -> Tensor:
-        """``x_hat (n_rows, d_in)`` of a code given as pairs (what :meth:`encode_pairs` returns):
-        the core's sparse decode, ``k`` decoder rows gathered per token."""
-        return sparse_decode(values, rows, cols, self.W_dec, n_rows, bias=self.b_dec)
+    def decode_pairs(self, rows: Tensor, cols: Tensor, values: Tensor, n_rows: int,
+                     x: Tensor | None = None) -> Tensor:
+        """``x_hat (n_rows, d_out)`` of a code given as pairs (what :meth:`encode_pairs`
+        returns): the core's sparse decode, ``k`` decoder rows gathered per token; a skip
+        transcoder adds its skip term of the input ``x``."""
+        out = sparse_decode(values, rows, cols, self.W_dec, n_rows, bias=self.b_dec)
+        if self.cfg.skip:
+            if x is None:
+                raise ValueError("a skip transcoder's output needs its input: pass x")
+            out = out + self.skip_term(x).to(out.dtype)
+        return out
 
     # ------------------------------------------------------------------ training
     def training_code(self, x: Tensor, matmul_dtype: torch.dtype | None = None) -> Code:
@@ -348,7 +385,7 @@ class SAE(nn.Module):
             pre = self._pre(x, matmul_dtype)
             self._last_density = float((pre.detach() > op.cut).float().mean())  # op is a Jump
             return Code(pre, op.project(pre), N)
-        rows, cols, pre = self.collective.encode(op, x, self.W_enc.T, self.b_enc, self.b_dec,
+        rows, cols, pre = self.collective.encode(op, x, self.W_enc.T, self.b_enc, self.b_in,
                                                  matmul_dtype)
         if not op.bounded:
             self._last_density = rows.numel() / max(1, N * self.n_latents)
@@ -357,13 +394,15 @@ class SAE(nn.Module):
     def training_forward(
         self,
         x: Tensor,
+        y: Tensor | None = None,
         *,
         sparsity_scale: float = 1.0,
         matmul_dtype: torch.dtype | None = None,
         generator: torch.Generator | None = None,
     ) -> TrainOutput:
-        """Loss on a batch ``x (N, d_in)`` and statistics; updates the running threshold and
-        the dead-latent counters (buffers) when the module is in training mode.
+        """Loss on a batch ``x (N, d_in)`` with target ``y (N, d_out)`` (default ``x``: an
+        autoencoder) and statistics; updates the running threshold and the dead-latent
+        counters (buffers) when the module is in training mode.
 
         ``sparsity_scale`` multiplies the L1 / L0 coefficient (warm-up); ``matmul_dtype``
         (e.g. ``torch.bfloat16``) runs the encoder matmul in that precision."""
@@ -371,15 +410,22 @@ class SAE(nn.Module):
             raise ValueError(
                 f"expected activations of shape (N, {self.cfg.d_in}), got {tuple(x.shape)}"
             )
+        if y is None:
+            if self.cfg.transcode:
+                raise ValueError("a transcoder needs its target y (the written activation)")
+            y = x
+        elif y.dim() != 2 or y.shape != (x.shape[0], self.cfg.d_out):
+            raise ValueError(f"expected targets of shape ({x.shape[0]}, {self.cfg.d_out}), "
+                             f"got {tuple(y.shape)}")
         N = x.shape[0]
         code = self.training_code(x, matmul_dtype)
-        x_hat, terms = self._reconstruction_loss(x, code, generator)
+        x_hat, terms = self._reconstruction_loss(x, y, code, generator)
         if self.arch.penalty is not None:
             terms.update(losses.PENALTIES[self.arch.penalty](self, code, sparsity_scale))
         if self.arch.aux is not None:
             e_hat = aux.reconstruction(self, x, matmul_dtype)
             if e_hat is not None:
-                residual = (x - x_hat).detach()
+                residual = (y - x_hat).detach()
                 loss = losses.normalized_mse(residual, e_hat, self.stats_group)
                 terms[self.arch.aux] = self.cfg.aux_coefficient * loss
         counts = code.counts(self.n_latents)
@@ -404,18 +450,24 @@ class SAE(nn.Module):
         return self.collective.decode(code.values, code.rows, code.cols, self.W_dec,
                                       code.n_rows, groups)
 
-    def _reconstruction_loss(self, x: Tensor, code: Code, generator) -> tuple[Tensor, dict]:
-        """``x_hat`` and the reconstruction terms: ``mse``, plus ``matryoshka`` (the errors of
-        the shorter prefixes, all decoded in one pass) for the prefix architectures."""
+    def _reconstruction_loss(self, x: Tensor, y: Tensor, code: Code, generator
+                             ) -> tuple[Tensor, dict]:
+        """``y_hat`` (the estimate of the target ``y``) and the reconstruction terms: ``mse``,
+        plus ``matryoshka`` (the errors of the shorter prefixes, all decoded in one pass) for
+        the prefix architectures."""
+        base = self.b_dec
+        skip = self.skip_term(x)
+        if skip is not None:
+            base = base + skip
         if not self.arch.prefixes:
-            x_hat = self._decode_code(code) + self.b_dec
-            return x_hat, {"mse": losses.mse(x, x_hat)}
+            y_hat = self._decode_code(code) + base
+            return y_hat, {"mse": losses.mse(y, y_hat)}
         parts = self._decode_code(code, groups=self._groups(generator, x.device))  # (N, G, d)
-        residual, errs = x - self.b_dec, []
+        residual, errs = y - base, []
         for part in parts.unbind(dim=1):  # the residual of every prefix: G (N, d) subtractions
             residual = residual - part
             errs.append(residual.pow(2).sum(dim=-1).mean())
-        return x - residual, {"mse": errs[-1], "matryoshka": sum(errs[:-1])}
+        return y - residual, {"mse": errs[-1], "matryoshka": sum(errs[:-1])}
 
     def _groups(self, generator, device) -> Tensor:
         """Prefix group of each latent: the fixed ``group_sizes``, or random log-uniform cuts."""
