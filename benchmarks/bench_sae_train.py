@@ -281,7 +281,7 @@ def run_ours(args, data: Data, matmul_dtype: str) -> dict:
     setup_s = time.perf_counter() - t0
     loop_s, _ = timed(trainer.fit)
     peak = rss_peak_mib()
-    scale = trainer.scales["topk"]
+    scale = trainer.scales["topk"]["in"][0]
     sae.eval()
 
     def reconstruct(xb):

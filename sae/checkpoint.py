@@ -31,7 +31,7 @@ if TYPE_CHECKING:
 STATE_FILE = "state.safetensors"
 META_FILE = "trainer.json"
 #: Settings a resumed run must share with the checkpoint (the SAE's shape and selection).
-MUST_MATCH = ("d_in", "d_sae", "architecture", "k")
+MUST_MATCH = ("d_in", "d_sae", "architecture", "k", "d_out", "transcode", "skip", "places")
 
 
 def capture(trainer: Trainer) -> tuple[dict[str, Tensor], dict[str, Any]]:
@@ -135,9 +135,9 @@ def restore(trainer: Trainer, tensors: dict[str, Tensor], meta: dict[str, Any]) 
     for name, sae in trainer.saes.items():
         saved = meta["saes"][name]
         for key in MUST_MATCH:
-            if saved["config"][key] != getattr(sae.cfg, key):
+            if saved["config"].get(key) != getattr(sae.cfg, key):
                 raise ValueError(
-                    f"checkpoint SAE {name!r} has {key}={saved['config'][key]!r}, "
+                    f"checkpoint SAE {name!r} has {key}={saved['config'].get(key)!r}, "
                     f"this run has {getattr(sae.cfg, key)!r}"
                 )
         sae.cfg.dead_tokens = saved["config"]["dead_tokens"]
@@ -150,7 +150,8 @@ def restore(trainer: Trainer, tensors: dict[str, Tensor], meta: dict[str, Any]) 
     trainer.step = meta["step"]
     trainer.tokens = meta["tokens"]
     trainer.n_steps = meta["n_steps"]
-    trainer.scales = {k: float(v) for k, v in meta["scales"].items()}
+    trainer.scales = {k: {side: [float(f) for f in v[side]] for side in ("in", "out")}
+                      for k, v in meta["scales"].items()}
     trainer.history = meta.get("history", [])
     trainer.restore_source(_source_state(trainer, meta))
     trainer.generator.set_state(tensors["rng/generator"])

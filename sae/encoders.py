@@ -143,6 +143,10 @@ def encode_pairs(sae: SAE, x: Tensor, encoder: str = "trained", *, k: int | None
     ``(rows, cols, values)``. ``k`` defaults to the SAE's ``k``; ``tol`` (squared residual
     norm) stops the greedy pursuits early; ``alpha`` is the fista encoder's l1 weight."""
     check_encoder(encoder)
+    if encoder != "trained" and sae.cfg.transcode:
+        raise ValueError(f"the {encoder!r} encoder codes a signal against the decoder's atoms; a "
+                         "transcoder's decoder writes another place than it reads (use the "
+                         "trained encoder)")
     if k is not None and not 1 <= k <= sae.cfg.d_sae:
         raise ValueError(f"k={k} must be in [1, d_sae={sae.cfg.d_sae}]")
     if tol is not None and not tol >= 0:
@@ -188,8 +192,9 @@ class Encoded(nn.Module):
     def decode(self, z: Tensor) -> Tensor:
         return self.sae.decode(z)
 
-    def decode_pairs(self, rows: Tensor, cols: Tensor, values: Tensor, n_rows: int) -> Tensor:
-        return self.sae.decode_pairs(rows, cols, values, n_rows)
+    def decode_pairs(self, rows: Tensor, cols: Tensor, values: Tensor, n_rows: int,
+                     x: Tensor | None = None) -> Tensor:
+        return self.sae.decode_pairs(rows, cols, values, n_rows, x=x)
 
     def forward(self, x: Tensor) -> Tensor:
         return self.decode(self.encode(x))

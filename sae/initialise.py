@@ -1,15 +1,15 @@
 """Starting point of SAE training, from the first batch: input scale, ``b_dec``, dead window.
 
-* Inputs are scaled so that ``E||x|| = sqrt(d_in)`` (the scale is folded into the weights when
-  the SAE is saved), so that learning rates and coefficients transfer across models and layers.
-* ``b_dec`` starts at the geometric median of the first batch (or its mean, or zero): residual
-  streams have a mean far from zero, and an SAE that starts at zero leaves most latents dead.
+* Inputs are scaled so that ``E||x|| = sqrt(d_in)``, each place on its own
+  (:func:`sae.wiring.fit_scales`; the scales are folded into the weights when the SAE is saved),
+  so that learning rates and coefficients transfer across models and layers.
+* ``b_dec`` starts at the geometric median of the first batch of what the SAE writes (or its
+  mean, or zero): residual streams have a mean far from zero, and an SAE that starts at zero
+  leaves most latents dead.
 * The dead-latent window (tokens without firing) is scaled to the run: ``min(10M, tokens / 20)``.
 """
 
 from __future__ import annotations
-
-import math
 
 import torch
 from torch import Tensor
@@ -38,24 +38,17 @@ def geometric_median(x: Tensor, n_iter: int = 100, tol: float = 1e-6) -> Tensor:
     return y.to(x.dtype)
 
 
-def input_scale(x: Tensor) -> float:
-    """``sqrt(d_in) / mean ||x||``: the factor that brings the mean row norm to ``sqrt(d_in)``."""
-    return math.sqrt(x.shape[1]) / float(x.norm(dim=1).mean().clamp_min(1e-12))
-
-
 @torch.no_grad()
-def initialise(sae: SAE, x: Tensor, *, b_dec_init: str = "geometric_median",
-               normalize_input: bool = True, total_tokens: int | None = None) -> float:
-    """Set ``b_dec`` (and the dead window, if unset) from a first batch ``x`` of raw
-    activations; return the input scale (1.0 without ``normalize_input``)."""
+def initialise(sae: SAE, y: Tensor, *, b_dec_init: str = "geometric_median",
+               total_tokens: int | None = None) -> None:
+    """Set ``b_dec`` (and the dead window, if unset) from a first batch ``y`` of the scaled
+    activations the SAE writes (:func:`sae.wiring.fit_scales` gives the scales)."""
     if b_dec_init not in B_DEC_INITS:
         raise ValueError(f"unknown b_dec_init {b_dec_init!r}; use one of {B_DEC_INITS}")
-    scale = input_scale(x) if normalize_input else 1.0
-    xs = x * scale
+    xs = y
     if b_dec_init == "geometric_median":
         sae.b_dec.copy_(geometric_median(xs))
     elif b_dec_init == "mean":
         sae.b_dec.copy_(xs.mean(dim=0))
     if sae.cfg.dead_tokens is None and total_tokens is not None:
         sae.cfg.dead_tokens = int(min(10_000_000, max(total_tokens // 20, 1)))
-    return scale

@@ -46,7 +46,7 @@ import dataclasses
 import json
 import math
 import os
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -58,6 +58,7 @@ from torch import Tensor
 from sparsecode import __version__
 from sparsecode._files import atomic_folder, is_temporary
 
+from . import wiring
 from .architectures import ARCHITECTURES, LOADED_AS, PURSUITS, RUNNING_THRESHOLDS
 from .config import SAEConfig
 from .metrics import log_density
@@ -70,6 +71,8 @@ SPARSIFY_WEIGHTS_FILENAME = "sae.safetensors"
 SCALER_FILENAME = "activation_scaler.json"  # SAELens training checkpoints
 WHITENING_FILENAME = "activation_whitening.safetensors"
 
+#: The ``architecture`` of a crosscoder folder (our layout: :mod:`sae.io_crosscoder`).
+CROSSCODER = "crosscoder"
 #: SAELens reads ``cfg.json`` as v6 only when ``metadata.sae_lens_version`` is at least 6.
 SAELENS_FORMAT_VERSION = "6.0.0"
 #: SAELens inference architecture -> the architecture of the loaded :class:`SAE`.
@@ -116,6 +119,26 @@ def _check_scale(input_scale: float) -> float:
     return s
 
 
+def _scale_vectors(sae: SAE, input_scale: float | Sequence[float],
+                   output_scale: float | Sequence[float] | None) -> tuple[Tensor, Tensor]:
+    """Per-coordinate factors of the input and of the written activation: a number, or one
+    per place (:mod:`sae.wiring`); the output's default is the input's (same places)."""
+    if output_scale is None:
+        if sae.cfg.transcode and not isinstance(input_scale, (int, float)):
+            raise ValueError("a transcoder's output_scale must be given with a per-place "
+                             "input_scale")
+        output_scale = input_scale
+
+    def vector(scale: Any, widths: list[int], what: str) -> Tensor:
+        factors = [scale] * len(widths) if isinstance(scale, (int, float)) else list(scale)
+        if len(factors) != len(widths):
+            raise ValueError(f"{what} has {len(factors)} factors for {len(widths)} places")
+        return wiring.per_coordinate([_check_scale(f) for f in factors], widths)
+
+    return (vector(input_scale, wiring.widths_in(sae.cfg), "input_scale"),
+            vector(output_scale, wiring.widths_out(sae.cfg), "output_scale"))
+
+
 def _is_v6(version: Any) -> bool:
     try:
         return int(str(version).split(".")[0]) >= 6
@@ -139,29 +162,53 @@ SAELENS_TENSORS = {
     "jumprelu": ("W_enc", "W_dec", "b_enc", "b_dec", "threshold"),
     "matching_pursuit": ("W_dec", "b_dec"),
 }
+#: A transcoder's SAELens architecture by inference form (``+ skip``: with ``W_skip``). SAELens
+#: has the ReLU and JumpReLU ones; ``topk_transcoder`` is ours (sparsify's layout, which
+#: :func:`save_sparsify` writes, is the top-k transcoder format other tools read).
+TRANSCODER_FORMS = {
+    ("standard", False): "transcoder",
+    ("standard", True): "skip_transcoder",
+    ("jumprelu", False): "jumprelu_transcoder",
+    ("jumprelu", True): "jumprelu_skip_transcoder",
+    ("topk", False): "topk_transcoder",
+    ("topk", True): "topk_skip_transcoder",
+}
+_TRANSCODER_BASE = {name: key for key, name in TRANSCODER_FORMS.items()}
 
 
-def _inference_tensors(sae: SAE, input_scale: float, dtype: Any) -> dict[str, Tensor]:
-    """The saved model's parameters with the training input scale ``s`` folded in:
-    ``W_enc * s``, ``W_dec / s``, ``b_dec / s``; ``b_enc`` and thresholds are unchanged. A
-    matching pursuit keeps its unit-norm atoms (``W_dec`` unchanged): its codes scale with the
-    input, so only ``b_dec / s`` (and the residual threshold, :func:`_form_config`) change."""
-    s = _check_scale(input_scale)
+def _inference_tensors(sae: SAE, input_scale: float | Sequence[float], dtype: Any,
+                       output_scale: float | Sequence[float] | None = None) -> dict[str, Tensor]:
+    """The saved model's parameters with the training scales folded in (per coordinate:
+    ``s`` of the input, ``t`` of the written activation): ``W_enc * s``, ``W_dec / t``,
+    ``b_dec / t``, ``W_skip * s / t``; ``b_enc`` and thresholds are unchanged. A matching
+    pursuit keeps its unit-norm atoms (``W_dec`` unchanged): its codes scale with the input, so
+    only ``b_dec / s`` (and the residual threshold, :func:`_form_config`) change."""
+    s, t = _scale_vectors(sae, input_scale, output_scale)
     out = _as_dtype(dtype) or sae.W_dec.dtype
     work = torch.promote_types(sae.W_dec.dtype, torch.float32)
+    s, t = s.to(work), t.to(work)
 
-    def get(t: Tensor) -> Tensor:
-        return t.detach().to("cpu", work)
+    def get(x: Tensor) -> Tensor:
+        return x.detach().to("cpu", work)
 
     form = sae.inference_architecture
     tensors = {
-        "W_enc": lambda: get(sae.W_enc) * s,
-        "W_dec": lambda: get(sae.W_dec) / (1.0 if form == "matching_pursuit" else s),
+        "W_enc": lambda: get(sae.W_enc) * s[:, None],
+        "W_dec": lambda: get(sae.W_dec) / (1.0 if form == "matching_pursuit" else t),
         "b_enc": lambda: get(sae.b_enc),
-        "b_dec": lambda: get(sae.b_dec) / s,
+        "b_dec": lambda: get(sae.b_dec) / t,
         "threshold": lambda: get(sae.threshold).clamp_min(0),  # as the module's inference
+        "W_skip": lambda: get(sae.W_skip) * s[None, :] / t[:, None],
     }
-    return {k: tensors[k]().to(out).contiguous() for k in SAELENS_TENSORS[form]}
+    names = SAELENS_TENSORS[form] + (("W_skip",) if sae.cfg.skip else ())
+    return {k: tensors[k]().to(out).contiguous() for k in names}
+
+
+def _saved_form(sae: SAE) -> str:
+    """The ``architecture`` written to ``cfg.json``: the inference form, or its transcoder."""
+    if sae.cfg.transcode:
+        return TRANSCODER_FORMS[sae.inference_architecture, sae.cfg.skip]
+    return sae.inference_architecture
 
 
 def _form_config(sae: SAE, s: float) -> dict[str, Any]:
@@ -175,7 +222,18 @@ def _form_config(sae: SAE, s: float) -> dict[str, Any]:
     return {}
 
 
-def _saved_metadata(sae: SAE, metadata: Mapping[str, Any] | None, s: float) -> dict[str, Any]:
+def _one_scale(scale: Any, what: str) -> float:
+    """A single place's factor given as a number or a one-element list."""
+    if isinstance(scale, (int, float)):
+        return _check_scale(scale)
+    factors = list(scale)
+    if len(factors) != 1:
+        raise ValueError(f"{what} has {len(factors)} factors; this SAE has one place")
+    return _check_scale(factors[0])
+
+
+def _saved_metadata(sae: SAE, metadata: Mapping[str, Any] | None,
+                    scales: Mapping[str, Any]) -> dict[str, Any]:
     meta = {**sae.cfg.metadata, **(metadata or {})}
     # a loaded jumprelu/topk/relu SAE keeps the training architecture recorded in its file
     # (ours, or a SAELens name such as "matryoshka_batchtopk") unless it contradicts it
@@ -196,7 +254,7 @@ def _saved_metadata(sae: SAE, metadata: Mapping[str, Any] | None, s: float) -> d
     meta["sparsecode"] = {
         "version": __version__,
         "architecture": sae.architecture,
-        "input_scale": s,
+        **scales,
         "config": config,
     }
     return meta
@@ -211,34 +269,50 @@ def save_sae(
     sae: SAE,
     folder: str | os.PathLike[str],
     *,
-    input_scale: float = 1.0,
+    input_scale: float | Sequence[float] = 1.0,
+    output_scale: float | Sequence[float] | None = None,
     metadata: Mapping[str, Any] | None = None,
     dtype: torch.dtype | str | None = None,
 ) -> Path:
     """Write ``sae`` as a SAELens v6 folder that works on raw activations; return its path.
 
-    ``input_scale`` is the factor the trainer multiplied activations by; it is folded into the
-    weights (``normalize_activations`` is ``"none"``). ``metadata`` is merged over
-    ``sae.cfg.metadata``; ``dtype`` (default: the parameters' dtype) is the stored precision.
-    ``sparsity.safetensors`` is written when the SAE has firing statistics. An existing folder is
-    replaced atomically.
+    ``input_scale`` is the factor the trainer multiplied activations by (one per place for a
+    crosscoder) and ``output_scale`` that of a transcoder's written activation (default: the
+    input's); both are folded into the weights (``normalize_activations`` is ``"none"``).
+    ``metadata`` is merged over ``sae.cfg.metadata``; ``dtype`` (default: the parameters'
+    dtype) is the stored precision. ``sparsity.safetensors`` is written when the SAE has firing
+    statistics. An existing folder is replaced atomically.
+
+    A transcoder is written as SAELens' ``transcoder`` / ``skip_transcoder`` /
+    ``jumprelu_transcoder`` / ``jumprelu_skip_transcoder`` (``d_out``, ``W_skip``,
+    ``apply_b_dec_to_input`` false); a top-k one as ``topk_transcoder``, which SAELens has no
+    class for (:func:`save_sparsify` writes it in sparsify's layout). A crosscoder is written in
+    its own layout (:func:`sae.io_crosscoder.save_crosscoder`).
     """
-    s = _check_scale(input_scale)
+    if sae.cfg.places is not None:
+        from .io_crosscoder import save_crosscoder
+
+        return save_crosscoder(sae, folder, input_scale=input_scale, metadata=metadata,
+                               dtype=dtype)
     folder = Path(folder)
-    tensors = _inference_tensors(sae, s, dtype)
-    inference = sae.inference_architecture
+    s = _one_scale(input_scale, "input_scale")
+    t = None if output_scale is None else _one_scale(output_scale, "output_scale")
+    tensors = _inference_tensors(sae, s, dtype, t)
     cfg: dict[str, Any] = {
-        "architecture": inference,
+        "architecture": _saved_form(sae),
         "d_in": sae.cfg.d_in,
         "d_sae": sae.cfg.d_sae,
         "dtype": _dtype_name(tensors["W_dec"].dtype),
         "device": "cpu",
-        "apply_b_dec_to_input": True,
+        "apply_b_dec_to_input": not sae.cfg.transcode,
         "normalize_activations": "none",
         "reshape_activations": "none",
     }
+    if sae.cfg.transcode:
+        cfg["d_out"] = sae.cfg.d_out
     cfg.update(_form_config(sae, s))
-    cfg["metadata"] = _saved_metadata(sae, metadata, s)
+    scales = {"input_scale": s} if t is None else {"input_scale": s, "output_scale": t}
+    cfg["metadata"] = _saved_metadata(sae, metadata, scales)
     text = _json_text(cfg, folder)
 
     writers: dict[str, Callable[[Path], None]] = {
@@ -298,7 +372,8 @@ def _stored_config(meta: Mapping[str, Any]) -> dict[str, Any]:
     config = ours.get("config") if isinstance(ours, Mapping) else None
     if not isinstance(config, Mapping):
         return {}
-    skip = {"metadata", "architecture", "d_in", "d_sae", "k", "residual_threshold"}
+    skip = {"metadata", "architecture", "d_in", "d_sae", "k", "residual_threshold", "d_out",
+            "transcode", "skip", "places"}
     return {k: v for k, v in config.items() if k in _CONFIG_FIELDS and k not in skip}
 
 
@@ -338,9 +413,11 @@ def _build(
     dtype: torch.dtype,
     source: Path,
 ) -> SAE:
-    d_sae, d_in = tensors["W_dec"].shape
+    d_sae, d_out = tensors["W_dec"].shape
+    d_in = tensors["W_enc"].shape[0] if "W_enc" in tensors else d_out
     fields = _stored_config(metadata)
-    fields.update(d_in=d_in, d_sae=d_sae, architecture=architecture, metadata=metadata)
+    fields.update(d_in=d_in, d_sae=d_sae, d_out=d_out, architecture=architecture,
+                  metadata=metadata)
     fields.update(form_fields)
     try:
         cfg = SAEConfig(**fields)
@@ -361,16 +438,18 @@ def _build(
     return sae.eval()
 
 
-def _check_shapes(tensors: Mapping[str, Tensor], d_in: int, d_sae: int, path: Path) -> None:
-    want = {"W_enc": (d_in, d_sae), "W_dec": (d_sae, d_in), "b_enc": (d_sae,), "b_dec": (d_in,),
-            "threshold": (d_sae,)}
+def _check_shapes(tensors: Mapping[str, Tensor], d_in: int, d_sae: int, path: Path,
+                  d_out: int | None = None) -> None:
+    d_out = d_in if d_out is None else d_out
+    want = {"W_enc": (d_in, d_sae), "W_dec": (d_sae, d_out), "b_enc": (d_sae,),
+            "b_dec": (d_out,), "threshold": (d_sae,), "W_skip": (d_out, d_in)}
     for name, shape in want.items():
         if name not in tensors:
             continue
         if tuple(tensors[name].shape) != shape:
             raise ValueError(
                 f"{path}: {name} has shape {tuple(tensors[name].shape)}, expected {shape} "
-                f"for d_in={d_in}, d_sae={d_sae}"
+                f"for d_in={d_in}, d_sae={d_sae}" + (f", d_out={d_out}" if d_out != d_in else "")
             )
 
 
@@ -399,19 +478,36 @@ def load_sae(
     meta = {k: v for k, v in meta.items() if k in _PRE6_METADATA_KEYS}
     if isinstance(raw.get("metadata"), dict):
         meta.update(raw["metadata"])
+    if raw.get("architecture") == CROSSCODER:
+        raise ValueError(f"{cfg_path} is a crosscoder: SAELens has no crosscoder class; read it "
+                         "with sae.io.load")
+    saved_form = raw.get("architecture")
+    transcode, skip = _TRANSCODER_BASE.get(saved_form, (None, False))
+    if transcode is not None:
+        if raw.get("normalize_activations", "none") not in ("none", None, False):
+            raise ValueError(f"{cfg_path}: a transcoder with normalize_activations="
+                             f"{raw['normalize_activations']!r} is not supported")
+        raw = {**raw, "architecture": transcode, "apply_b_dec_to_input": True}
     form, form_fields = _saelens_form(raw, cfg_path)
+    if transcode is not None:
+        form_fields = {**form_fields, "transcode": True, "skip": skip}
     tensors = st.load_file(str(weights_path))
     if "log_threshold" in tensors and "threshold" not in tensors:
         tensors["threshold"] = tensors.pop("log_threshold").exp()
-    needed = list(SAELENS_TENSORS[form])
+    needed = list(SAELENS_TENSORS[form]) + (["W_skip"] if skip else [])
     missing = [name for name in needed if name not in tensors]
     if missing:
-        raise ValueError(f"{weights_path} lacks {', '.join(missing)} ({form} SAE)")
-    d_sae, d_in = tensors["W_dec"].shape
-    for name, n in (("d_in", d_in), ("d_sae", d_sae)):
+        raise ValueError(f"{weights_path} lacks {', '.join(missing)} ({saved_form} SAE)")
+    d_sae, d_out = tensors["W_dec"].shape
+    d_in = tensors["W_enc"].shape[0] if "W_enc" in tensors else d_out
+    for name, n in (("d_in", d_in), ("d_sae", d_sae), ("d_out", d_out)):
         if name in raw and raw[name] != n:
-            raise ValueError(f"{cfg_path}: {name}={raw[name]} but W_dec has shape {(d_sae, d_in)}")
-    _check_shapes(tensors, d_in, d_sae, weights_path)
+            raise ValueError(f"{cfg_path}: {name}={raw[name]} but the weights have "
+                             f"{name}={n}")
+    if transcode is None and d_out != d_in:
+        raise ValueError(f"{weights_path}: W_dec has shape {(d_sae, d_out)} but W_enc reads "
+                         f"d_in={d_in} ({saved_form} is not a transcoder)")
+    _check_shapes(tensors, d_in, d_sae, weights_path, d_out)
     out_dtype = _as_dtype(dtype) or _as_dtype(raw.get("dtype")) or tensors["W_dec"].dtype
     work = torch.promote_types(tensors["W_dec"].dtype, torch.float32)
     t = {name: tensors[name].to(work) for name in needed}
@@ -502,19 +598,26 @@ def save_sparsify(
     folder: str | os.PathLike[str],
     *,
     input_scale: float = 1.0,
+    output_scale: float | None = None,
     metadata: Mapping[str, Any] | None = None,
     dtype: torch.dtype | str | None = None,
 ) -> Path:
-    """Write a top-k ``sae`` in sparsify's layout (for ``sparsify.Sae.load_from_disk``, delphi);
-    ``input_scale``, ``metadata`` and ``dtype`` as in :func:`save_sae`."""
-    if sae.inference_architecture != "topk":
+    """Write a top-k ``sae`` in sparsify's layout (for ``sparsify.SparseCoder.load_from_disk``,
+    delphi); a transcoder as sparsify's (``transcode``, ``skip_connection`` with ``W_skip``),
+    which needs ``d_out == d_in``. ``input_scale``, ``output_scale``, ``metadata`` and ``dtype``
+    as in :func:`save_sae`."""
+    if sae.inference_architecture != "topk" or sae.cfg.places is not None:
         raise ValueError(
-            f"sparsify stores top-k SAEs only; a {sae.architecture!r} SAE is saved as "
-            f"{sae.inference_architecture!r}: use save_sae (SAELens format) instead"
+            f"sparsify stores top-k SAEs and transcoders only; a {sae.architecture!r} "
+            f"{sae.cfg.shape} is saved as {_saved_form(sae)!r}: use save_sae instead"
         )
-    s = _check_scale(input_scale)
+    if sae.cfg.d_out != sae.cfg.d_in:
+        raise ValueError(f"sparsify's transcoders write the width they read; this one reads "
+                         f"{sae.cfg.d_in} and writes {sae.cfg.d_out}: use save_sae instead")
+    s = _one_scale(input_scale, "input_scale")
+    out_s = None if output_scale is None else _one_scale(output_scale, "output_scale")
     folder = Path(folder)
-    t = _inference_tensors(sae, s, dtype)
+    t = _inference_tensors(sae, s, dtype, out_s)
     d_in, d_sae = sae.cfg.d_in, sae.cfg.d_sae
     cfg = {
         "activation": "topk",
@@ -523,10 +626,11 @@ def save_sparsify(
         "num_latents": d_sae,
         "k": sae.cfg.k,
         "multi_topk": False,
-        "skip_connection": False,
-        "transcode": False,
+        "skip_connection": sae.cfg.skip,
+        "transcode": sae.cfg.transcode,
         "d_in": d_in,
-        "metadata": _saved_metadata(sae, metadata, s),
+        "metadata": _saved_metadata(sae, metadata, {"input_scale": s} if out_s is None else
+                                    {"input_scale": s, "output_scale": out_s}),
     }
     text = _json_text(cfg, folder)
     tensors = {
@@ -535,6 +639,8 @@ def save_sparsify(
         "W_dec": t["W_dec"],
         "b_dec": t["b_dec"],
     }
+    if sae.cfg.skip:
+        tensors["W_skip"] = t["W_skip"]
     return atomic_folder(
         folder,
         {
@@ -552,8 +658,8 @@ def load_sparsify(
     dtype: torch.dtype | str | None = None,
 ) -> SAE:
     """Read a sparsify folder (``cfg.json`` + ``sae.safetensors``, top-k activation) into a
-    ``topk`` :class:`SAE` in eval mode. A transcoder (``transcode=True``: the input is not
-    centred by ``b_dec``) has ``b_dec`` folded into ``b_enc`` and ``metadata["transcode"]``."""
+    ``topk`` :class:`SAE` in eval mode; a transcoder (``transcode``: the input is not centred
+    by ``b_dec``; ``skip_connection``: ``W_skip``) into a ``topk`` transcoder."""
     folder = Path(folder)
     raw, weights_path = _read_cfg(folder, SPARSIFY_WEIGHTS_FILENAME)
     cfg_path = folder / CFG_FILENAME
@@ -563,8 +669,12 @@ def load_sparsify(
             f"{cfg_path}: sparsify activation {activation!r} is not supported; only 'topk' loads"
         )
     tensors = st.load_file(str(weights_path))
-    if raw.get("skip_connection") or "W_skip" in tensors:
-        raise ValueError(f"{cfg_path}: skip connections (W_skip) are not supported")
+    transcode = bool(raw.get("transcode"))
+    skip = bool(raw.get("skip_connection"))
+    if skip != ("W_skip" in tensors) or (skip and not transcode):
+        raise ValueError(f"{cfg_path}: skip_connection={skip} and transcode={transcode} do not "
+                         f"match {weights_path} ({'with' if 'W_skip' in tensors else 'no'} "
+                         "W_skip); only transcoders with a skip connection are supported")
     needed = ["encoder.weight", "encoder.bias", "W_dec", "b_dec"]
     missing = [name for name in needed if name not in tensors]
     if missing:
@@ -586,13 +696,13 @@ def load_sparsify(
         "W_dec": tensors["W_dec"].to(work),
         "b_dec": tensors["b_dec"].to(work),
     }
+    if skip:
+        t["W_skip"] = tensors["W_skip"].to(work)
     _check_shapes(t, d_in, d_sae, weights_path)
     meta = dict(raw["metadata"]) if isinstance(raw.get("metadata"), dict) else {}
-    if raw.get("transcode"):
-        t["b_enc"] = t["b_enc"] + t["b_dec"] @ t["W_enc"]
-        meta["transcode"] = True
     t["W_enc"] = t["W_enc"].contiguous()
-    return _build("topk", {"k": int(raw["k"])}, t, meta, None, device, out_dtype, folder)
+    fields = {"k": int(raw["k"]), "transcode": transcode, "skip": skip}
+    return _build("topk", fields, t, meta, None, device, out_dtype, folder)
 
 
 def from_dictionary(
@@ -661,16 +771,28 @@ def find_sae_folders(path: str | os.PathLike[str]) -> dict[str, Path]:
     return found
 
 
+def _is_crosscoder(folder: Path) -> bool:
+    try:
+        return json.loads((folder / CFG_FILENAME).read_text()).get("architecture") == CROSSCODER
+    except (OSError, ValueError, AttributeError):
+        return False  # the format's own reader reports a missing or broken cfg.json
+
+
 def load(
     folder: str | os.PathLike[str],
     device: str | torch.device = "cpu",
     dtype: torch.dtype | str | None = None,
 ) -> SAE:
-    """Load a SAELens folder (``sae_weights.safetensors``) or a sparsify one
-    (``sae.safetensors``), whichever ``folder`` holds."""
+    """Load a SAELens folder (``sae_weights.safetensors``), a sparsify one
+    (``sae.safetensors``) or a crosscoder (:mod:`sae.io_crosscoder`), whichever ``folder``
+    holds."""
     folder = Path(folder)
     if not folder.is_dir():
         raise FileNotFoundError(f"SAE folder not found: {folder}")
+    if _is_crosscoder(folder):
+        from .io_crosscoder import load_crosscoder
+
+        return load_crosscoder(folder, device, dtype)
     if (folder / WEIGHTS_FILENAME).is_file():
         return load_sae(folder, device, dtype)
     if (folder / SPARSIFY_WEIGHTS_FILENAME).is_file():

@@ -59,29 +59,36 @@ def density_histogram(dens: Tensor, bins: int = 20, low: float = -8.0) -> dict[s
 
 
 @torch.no_grad()
-def evaluate(sae, x: Tensor, batch_size: int = 8192) -> dict[str, float]:
-    """Activation metrics of ``sae`` (inference behaviour) on held-out activations ``x``.
+def evaluate(sae, x: Tensor, batch_size: int = 8192, *, y: Tensor | None = None
+             ) -> dict[str, float]:
+    """Activation metrics of ``sae`` (inference behaviour) on held-out activations ``x``, whose
+    estimate is of ``y`` (a transcoder's written activation; default ``x``).
 
     Returns ``mse``, ``fvu``, ``explained_variance`` (= 1 - fvu), ``cosine``, ``l0``,
     ``dead_fraction`` (latents that never fire on ``x``), ``dense_fraction`` (latents firing on
-    more than 10% of tokens) and ``n_tokens``.
+    more than 10% of tokens) and ``n_tokens``; for a crosscoder also ``fvu_place<i>``, the FVU
+    of each place it writes.
     """
     if x.dim() != 2 or x.shape[0] == 0:
         raise ValueError(f"expected a non-empty (N, d_in) tensor, got shape {tuple(x.shape)}")
+    y = x if y is None else y
+    if y.shape[0] != x.shape[0]:
+        raise ValueError(f"x has {x.shape[0]} rows but y has {y.shape[0]}")
+    places = sae.cfg.places or [y.shape[1]]
     was_training = sae.training
     sae.eval()
-    err = torch.zeros((), dtype=torch.float64)
+    err = torch.zeros(len(places), dtype=torch.float64)
     cos = torch.zeros((), dtype=torch.float64)
     nnz = torch.zeros((), dtype=torch.float64)
     counts = torch.zeros(sae.cfg.d_sae, dtype=torch.float64)
-    mean = x.double().mean(dim=0)
-    var = (x.double() - mean).pow(2).sum()
+    mean = y.double().mean(dim=0)
+    var = torch.stack([p.pow(2).sum() for p in (y.double() - mean).split(places, dim=1)])
     for start in range(0, x.shape[0], batch_size):
-        xb = x[start : start + batch_size]
+        xb, yb = x[start : start + batch_size], y[start : start + batch_size]
         rows, cols, vals = sae.encode_pairs(xb)  # no (batch, d_sae) matrix
-        x_hat = sae.decode_pairs(rows, cols, vals, xb.shape[0]).to(xb.dtype)
-        err += (xb - x_hat).double().pow(2).sum()
-        cos += torch.nn.functional.cosine_similarity(xb, x_hat, dim=-1).double().sum()
+        y_hat = sae.decode_pairs(rows, cols, vals, xb.shape[0], x=xb).to(yb.dtype)
+        err += torch.stack([p.pow(2).sum() for p in (yb - y_hat).double().split(places, 1)])
+        cos += torch.nn.functional.cosine_similarity(yb, y_hat, dim=-1).double().sum()
         active = cols[vals != 0]
         nnz += active.numel()
         counts += torch.bincount(active, minlength=sae.cfg.d_sae).double().cpu()
@@ -89,9 +96,12 @@ def evaluate(sae, x: Tensor, batch_size: int = 8192) -> dict[str, float]:
         sae.train()
     n = x.shape[0]
     dens = counts / n
-    f = float(err / var.clamp_min(1e-30))
+    f = float(err.sum() / var.sum().clamp_min(1e-30))
+    per_place = {} if len(places) == 1 else {
+        f"fvu_place{i}": float(e / v.clamp_min(1e-30))
+        for i, (e, v) in enumerate(zip(err, var, strict=True))}
     return {
-        "mse": float(err / n),
+        "mse": float(err.sum() / n),
         "fvu": f,
         "explained_variance": 1.0 - f,
         "cosine": float(cos / n),
@@ -99,6 +109,7 @@ def evaluate(sae, x: Tensor, batch_size: int = 8192) -> dict[str, float]:
         "dead_fraction": float((dens == 0).double().mean()),
         "dense_fraction": float((dens > DENSE_THRESHOLD).double().mean()),
         "n_tokens": n,
+        **per_place,
     }
 
 

@@ -38,7 +38,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import Tensor
 
-from . import checkpoint, metrics
+from . import checkpoint, metrics, wiring
 from .config import TrainConfig
 from .data import ActivationSource
 from .initialise import geometric_median, initialise
@@ -90,9 +90,11 @@ def _stop_on_signals(handler) -> Iterator[None]:
 class Trainer:
     """Train ``saes`` (a dict name -> SAE) from ``source`` batches.
 
-    Each SAE reads the batch entry named by its ``cfg.metadata["hook_name"]`` (default: the
-    source's first hook point), has its own Adam optimizer, input scale and statistics, and
-    sees exactly the same batches as the others. ``out_dir`` receives checkpoints
+    Each SAE reads the batch entries of its places (:mod:`sae.wiring`: its
+    ``cfg.metadata["hook_name"]``, default the source's first hook point; a transcoder writes
+    ``hook_name_out``, a crosscoder reads and writes ``hook_names``), has its own Adam
+    optimizer, per-place scales and statistics, and sees exactly the same batches as the
+    others. ``out_dir`` receives checkpoints
     (``out_dir/checkpoint``) and, from :meth:`save`, one SAELens folder per SAE.
 
     With ``dist`` (from :func:`sae.distributed.init`, under ``torchrun``) the trainer runs on
@@ -131,15 +133,14 @@ class Trainer:
         self.saes = dict(saes) if dist is None else self._distribute(saes, dist)
         self.source = source
         self.out_dir = Path(out_dir) if out_dir is not None else None
-        self.hookpoints = {
-            name: sae.cfg.metadata.get("hook_name") or source.hookpoints[0]
-            for name, sae in self.saes.items()
-        }
-        for name, hp in self.hookpoints.items():
-            if hp not in source.hookpoints:
-                raise ValueError(
-                    f"SAE {name!r} wants hook point {hp!r}, the source has {source.hookpoints}"
-                )
+        default = source.hookpoints[0]
+        self.reads = {name: wiring.reads(sae.cfg, default) for name, sae in self.saes.items()}
+        self.writes = {name: wiring.writes(sae.cfg, default) for name, sae in self.saes.items()}
+        for name in self.saes:
+            for hp in dict.fromkeys(self.reads[name] + self.writes[name]):
+                if hp not in source.hookpoints:
+                    raise ValueError(f"SAE {name!r} wants hook point {hp!r}, the source has "
+                                     f"{source.hookpoints}")
         if isinstance(heldout, Tensor):
             heldout = {source.hookpoints[0]: heldout}
         self.heldout = heldout or {}
@@ -148,7 +149,8 @@ class Trainer:
         self.n_steps: int | None = None
         self.step = 0
         self.tokens = 0
-        self.scales: dict[str, float] = {}
+        #: Per SAE, the factor of each place read and written (:data:`sae.wiring.Scales`).
+        self.scales: dict[str, wiring.Scales] = {}
         self.generator = torch.Generator().manual_seed(self.cfg.seed)
         self.history: list[dict[str, Any]] = []
         self.matmul_dtype = resolve_matmul_dtype(self.cfg.matmul_dtype, self.device)
@@ -192,16 +194,28 @@ class Trainer:
         return out
 
     def _initialise(self, batch: dict[str, Tensor]) -> None:
-        """Input scale, b_dec and the dead window from the first batch (not on resume)."""
-        for name, sae in self.saes.items():
-            x = batch[self.hookpoints[name]].to(self.device, torch.float32)
-            if self._data_size > 1:  # the whole first global batch, identical on every rank
-                from .distributed import all_gather_rows
+        """Per-place scales, b_dec and the dead window from the first batch (not on
+        resume)."""
+        if self._data_size > 1:  # the whole first global batch, identical on every rank
+            from .distributed import all_gather_rows
 
-                x = all_gather_rows(x, self.dist.data_group)
-            self.scales[name] = initialise(
-                sae, x, b_dec_init=self.cfg.b_dec_init, normalize_input=self.cfg.normalize_input,
-                total_tokens=self.cfg.total_tokens)
+            batch = {hp: all_gather_rows(t.to(self.device, torch.float32), self.dist.data_group)
+                     for hp, t in batch.items()}
+        for name, sae in self.saes.items():
+            scales = wiring.fit_scales(batch, sae.cfg, self.source.hookpoints[0],
+                                       self.cfg.normalize_input)
+            self.scales[name] = scales
+            y = wiring.stack(batch, self.writes[name], scales["out"], self.device)
+            initialise(sae, y, b_dec_init=self.cfg.b_dec_init,
+                       total_tokens=self.cfg.total_tokens)
+
+    def inputs(self, name: str, batch: dict[str, Tensor]) -> tuple[Tensor, Tensor | None]:
+        """SAE ``name``'s scaled input and target of a batch (target None: the input)."""
+        scales = self.scales[name]
+        x = wiring.stack(batch, self.reads[name], scales["in"], self.device)
+        if self.writes[name] == self.reads[name] and scales["out"] == scales["in"]:
+            return x, None
+        return x, wiring.stack(batch, self.writes[name], scales["out"], self.device)
 
     # ------------------------------------------------------------------ loop
     def _batches(self) -> Iterator[dict[str, Tensor]]:
@@ -305,15 +319,16 @@ class Trainer:
         }
         matmul_dtype = None if self.matmul_dtype == torch.float32 else self.matmul_dtype
         for name, sae in self.saes.items():
-            x = batch[self.hookpoints[name]].to(self.device, torch.float32) * self.scales[name]
+            x, y = self.inputs(name, batch)
             warm = sae.cfg.sparsity_warmup_tokens
             sparsity_scale = min(1.0, (self.tokens + 1) / warm) if warm else 1.0
+            kwargs = {} if y is None else {"y": y}
             out = self.learners[name].step(
                 self._forward[name], x, mult, cfg.grad_clip, sparsity_scale=sparsity_scale,
-                matmul_dtype=matmul_dtype, generator=self.generator)
+                matmul_dtype=matmul_dtype, generator=self.generator, **kwargs)
             with torch.no_grad():
                 row[f"{name}/loss"] = float(out.loss.detach())
-                row[f"{name}/fvu"] = metrics.fvu(x, out.x_hat.detach())
+                row[f"{name}/fvu"] = metrics.fvu(x if y is None else y, out.x_hat.detach())
                 row[f"{name}/l0"] = out.l0
                 row[f"{name}/dead_fraction"] = float(sae.dead_mask().float().mean())
                 for term, v in out.terms.items():
@@ -343,11 +358,11 @@ class Trainer:
         if not self.is_main:
             return {}
         for name, sae in saes.items():
-            x = self.heldout.get(self.hookpoints[name])
-            if x is None:
+            places = dict.fromkeys(self.reads[name] + self.writes[name])
+            if name not in self.scales or any(p not in self.heldout for p in places):
                 continue
-            scale = self.scales.get(name, 1.0)
-            for key, v in metrics.evaluate(sae, x.to(self.device, torch.float32) * scale).items():
+            x, y = self.inputs(name, self.heldout)
+            for key, v in metrics.evaluate(sae, x, y=y).items():
                 out[f"{name}/heldout/{key}"] = v
         return out
 
@@ -418,10 +433,12 @@ class Trainer:
             self.dist.barrier()
             return {name: root / name for name in saes}
         for name, sae in saes.items():
-            meta = {"hook_name": self.hookpoints[name], "training_tokens": self.tokens}
-            paths[name] = save_sae(
-                sae, root / name, input_scale=self.scales.get(name, 1.0), metadata=meta
-            )
+            meta = {"training_tokens": self.tokens}
+            if not sae.cfg.metadata.get("hook_name") and sae.cfg.places is None:
+                meta["hook_name"] = self.reads[name][0]
+            scales = self.scales.get(name, {})
+            paths[name] = save_sae(sae, root / name, input_scale=scales.get("in", 1.0),
+                                   output_scale=scales.get("out"), metadata=meta)
         if self.dist is not None:
             self.dist.barrier()
         return paths

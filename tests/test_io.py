@@ -390,7 +390,7 @@ def test_we_read_sparsify_folder(transcode, tmp_path, sparsify):
     theirs.save_to_disk(tmp_path / "layers.5")
     ours = load_sparsify(tmp_path / "layers.5")
     assert ours.architecture == "topk" and ours.cfg.k == K and not ours.training
-    assert ours.cfg.metadata.get("transcode", False) == transcode
+    assert ours.cfg.transcode == transcode
     x = inputs(seed=22)
     with torch.no_grad():
         top_acts, top_indices, _ = theirs.encode(x)
@@ -403,7 +403,7 @@ def test_we_read_sparsify_folder(transcode, tmp_path, sparsify):
 
 
 def test_sparsify_rejects(tmp_path):
-    with pytest.raises(ValueError, match="top-k SAEs only.*'jumprelu'"):
+    with pytest.raises(ValueError, match="top-k SAEs and transcoders only.*'jumprelu'"):
         save_sparsify(make_sae("batchtopk"), tmp_path / "bad")
     assert not (tmp_path / "bad").exists()
     path = save_sparsify(make_sae("topk"), tmp_path / "group")

@@ -41,7 +41,7 @@ def test_recovers_planted_features(planted, arch):
     sae, trainer = _train(arch, X)
     cos = max_cosine(F, sae.W_dec.detach())
     assert cos.mean() >= 0.9, f"{arch}: mean max cosine {cos.mean():.3f}"
-    m = evaluate(sae, X[:4000] * trainer.scales[arch])
+    m = evaluate(sae, X[:4000] * trainer.scales[arch]["in"][0])
     assert m["l0"] == pytest.approx(L0, rel=0.5)  # inference L0 near the planted L0
 
 
@@ -54,7 +54,7 @@ def test_relu_recovers_planted_features(planted):
 def test_batchtopk_inference_keeps_training_behaviour(planted):
     X, _ = planted
     sae, trainer = _train("batchtopk", X, tokens=150_000)
-    x = X[:4096] * trainer.scales["batchtopk"]
+    x = X[:4096] * trainer.scales["batchtopk"]["in"][0]
     train_out = sae.train().training_forward(x)
     sae.eval()
     m = evaluate(sae, x)
@@ -67,7 +67,7 @@ def test_batchtopk_inference_keeps_training_behaviour(planted):
 def test_matryoshka_prefixes_improve_with_size(planted):
     X, _ = planted
     sae, trainer = _train("matryoshka", X, tokens=150_000, group_sizes=[8, 8, 16, 32, 64])
-    x = X[:4096] * trainer.scales["matryoshka"]
+    x = X[:4096] * trainer.scales["matryoshka"]["in"][0]
     z = sae.eval().encode(x).detach()
     errs = []
     for hi in (8, 16, 32, 64, 128):
@@ -177,7 +177,7 @@ def test_input_scale_and_geometric_median():
         TrainConfig(total_tokens=1000, progress=False),
     )
     t.fit()
-    assert (x * t.scales["s"]).norm(dim=1).mean() == pytest.approx(8**0.5, rel=1e-4)
+    assert (x * t.scales["s"]["in"][0]).norm(dim=1).mean() == pytest.approx(8**0.5, rel=1e-4)
     # Weiszfeld fixed point: the gradient of the sum of distances vanishes
     pts = torch.randn(200, 3, dtype=torch.float64)
     m = geometric_median(pts, n_iter=1000, tol=1e-12)
@@ -221,7 +221,7 @@ def test_pursuit_architectures_recover_planted_features(planted, arch, pursuit):
     X, F = planted
     sae, trainer = _train(arch, X, pursuit=pursuit)
     assert max_cosine(F, sae.W_dec.detach()).mean() >= 0.9
-    m = evaluate(sae, X[:4000] * trainer.scales[arch])
+    m = evaluate(sae, X[:4000] * trainer.scales[arch]["in"][0])
     assert m["l0"] <= L0 and m["fvu"] < 0.2
     if arch == "online_dl":
         assert not any(p.requires_grad and p.grad is not None for p in sae.parameters())

@@ -1,0 +1,107 @@
+"""Where a dictionary reads and writes: its places (hook points) and per-place input scales.
+
+One SAE module has three shapes (docs/sae.md, "Three shapes"):
+
+===============  =======================================  ===================================
+shape            reads                                     writes
+===============  =======================================  ===================================
+SAE              ``hook_name``                             the same place
+transcoder       ``hook_name`` (e.g. an MLP's input)       ``hook_name_out`` (its output)
+crosscoder       ``hook_names`` (L places, concatenated)   the same L places
+===============  =======================================  ===================================
+
+The places live in the SAE's metadata under SAELens' names (``hook_name``, ``hook_name_out``)
+plus ``hook_names`` for a crosscoder. A place names a module's output, ``"model.layers.15.mlp"``,
+or its input, ``"model.layers.15.mlp:input"`` (:mod:`sparsecode.hooks`).
+
+Each place is scaled on its own so that its mean norm is ``sqrt(width)`` (layers of one model
+differ in norm by orders of magnitude; a crosscoder would otherwise fit the loudest one): a
+:class:`Scales` holds one factor per place read and per place written, and is folded into the
+weights when the SAE is saved (:func:`sae.io.save_sae`).
+
+>>> from sae.config import SAEConfig
+>>> cfg = SAEConfig(d_in=8, d_sae=16, k=2, d_out=4, transcode=True,
+...                 metadata={"hook_name": "mlp:input", "hook_name_out": "mlp"})
+>>> reads(cfg), writes(cfg)
+(['mlp:input'], ['mlp'])
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from .config import SAEConfig
+
+#: A place's scale factors: ``{"in": [one per place read], "out": [one per place written]}``.
+Scales = dict[str, list[float]]
+
+
+def reads(cfg: SAEConfig, default: str | None = None) -> list[str]:
+    """The places an SAE reads, in the order of its input coordinates."""
+    meta = cfg.metadata
+    if cfg.places is not None:
+        names = meta.get("hook_names")
+        if not isinstance(names, list) or len(names) != len(cfg.places):
+            raise ValueError(f"a crosscoder of {len(cfg.places)} places needs metadata "
+                             f"'hook_names' listing them, got {names!r}")
+        return list(names)
+    name = meta.get("hook_name") or default
+    if name is None:
+        raise ValueError("the SAE names no hook point (metadata 'hook_name')")
+    return [name]
+
+
+def writes(cfg: SAEConfig, default: str | None = None) -> list[str]:
+    """The places an SAE writes: another place for a transcoder, what it reads otherwise."""
+    if cfg.transcode:
+        out = cfg.metadata.get("hook_name_out")
+        if not out:
+            raise ValueError("a transcoder needs metadata 'hook_name_out' (the place it writes)")
+        return [out]
+    return reads(cfg, default)
+
+
+def stack(batch: Mapping[str, Tensor], places: Sequence[str], factors: Sequence[float],
+          device: Any = None) -> Tensor:
+    """The scaled activations of ``places`` side by side: ``(N, sum of widths)`` float32."""
+    parts = [batch[p].to(device, torch.float32) * f for p, f in zip(places, factors, strict=True)]
+    return parts[0] if len(parts) == 1 else torch.cat(parts, dim=1)
+
+
+def mean_norm_scale(x: Tensor) -> float:
+    """``sqrt(width) / mean ||x||``: the factor that brings the mean row norm to
+    ``sqrt(width)``."""
+    return math.sqrt(x.shape[1]) / float(x.norm(dim=1).mean().clamp_min(1e-12))
+
+
+def fit_scales(batch: Mapping[str, Tensor], cfg: SAEConfig, default: str | None,
+               normalize: bool) -> Scales:
+    """One factor per place read and written, from a first batch (all 1 without
+    ``normalize``); a place both read and written gets one factor."""
+    factor = {p: mean_norm_scale(batch[p].float()) if normalize else 1.0
+              for p in dict.fromkeys(reads(cfg, default) + writes(cfg, default))}
+    return {"in": [factor[p] for p in reads(cfg, default)],
+            "out": [factor[p] for p in writes(cfg, default)]}
+
+
+def per_coordinate(factors: Sequence[float], widths: Sequence[int]) -> Tensor:
+    """A factor per place repeated over the place's coordinates: ``(sum of widths,)``.
+
+    >>> per_coordinate([2.0, 0.5], [1, 2]).tolist()
+    [2.0, 0.5, 0.5]
+    """
+    return torch.cat([torch.full((w,), float(f), dtype=torch.float64)
+                      for f, w in zip(factors, widths, strict=True)])
+
+
+def widths_in(cfg: SAEConfig) -> list[int]:
+    return list(cfg.places) if cfg.places is not None else [cfg.d_in]
+
+
+def widths_out(cfg: SAEConfig) -> list[int]:
+    return list(cfg.places) if cfg.places is not None else [cfg.d_out]
