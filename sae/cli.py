@@ -29,7 +29,8 @@ from sparsecode.cli import (
 from sparsecode.flags import add_flags, values
 from sparsecode.lm import ModelConfig, torch_device
 
-from .config import RunConfig, SAEConfig, TrainConfig
+from . import wiring
+from .config import PlacesConfig, RunConfig, SAEConfig, TrainConfig
 from .massive import MASSIVE_FACTOR
 from .models import SAE
 
@@ -41,16 +42,17 @@ __all__ = ["build_parser", "main"]
 # ---------------------------------------------------------------------------------------------
 
 
-def _sae_configs(args: argparse.Namespace, d_in: int, hook: str) -> dict[str, SAEConfig]:
-    """One SAEConfig per (architecture, k) of the ``--arch`` / ``--k`` lists."""
+def _sae_configs(args: argparse.Namespace, shape: dict[str, Any]) -> dict[str, SAEConfig]:
+    """One SAEConfig per (architecture, k) of the ``--arch`` / ``--k`` lists, of the shape
+    (:func:`sae.wiring.shape_fields`: an SAE, a transcoder or a crosscoder)."""
     archs, ks = split_list(args.architecture), split_list(args.k, int)
-    d_sae = args.d_sae or args.expansion_factor * d_in
+    d_sae = args.d_sae or args.expansion_factor * shape["d_in"]
     configs = {}
     for a in archs:
         for k in ks:
             name = a if len(ks) == 1 else f"{a}-k{k}"
-            fields = values(SAEConfig, args, d_in=d_in, d_sae=d_sae, architecture=a, k=k,
-                            metadata={"hook_name": hook})
+            fields = values(SAEConfig, args, d_sae=d_sae, architecture=a, k=k,
+                            **{**shape, "metadata": dict(shape["metadata"])})
             try:
                 configs[name] = SAEConfig(**fields)
             except ValueError as e:
@@ -58,9 +60,13 @@ def _sae_configs(args: argparse.Namespace, d_in: int, hook: str) -> dict[str, SA
     return configs
 
 
-def _array_source(args, run: RunConfig, model: ModelConfig):
+def _array_source(args, run: RunConfig, model: ModelConfig, places: PlacesConfig, configure):
     from .data import ArrayActivations
 
+    if places != PlacesConfig():
+        raise fail("--activations holds one activation per row; to train a transcoder or a "
+                   "crosscoder from stored activations, write them with `sae cache` (with "
+                   "--transcode / --crosscode) and train with --cache")
     path = Path(run.activations)
     if not path.exists():
         raise fail(f"activations file not found: {path}")
@@ -68,42 +74,73 @@ def _array_source(args, run: RunConfig, model: ModelConfig):
     holdout = min(run.holdout, max(n // 10, 1))
     src = ArrayActivations(path, batch_size=run.batch_size, holdout=holdout, seed=model.seed,
                            epochs=None)
-    return src, {src.hookpoints[0]: src.heldout()}, {"source": str(path)}
+    configs = configure([src.hookpoints[0]], [src.hookpoints[0]], src.places)
+    return src, src.heldout_batch(), {"source": str(path)}, configs
 
 
-def _cache_source(args, run: RunConfig, model: ModelConfig):
+def _match_names(names: list[str]):
+    """Resolve place names or globs against a stored source's hook points."""
+    from sparsecode.hooks import HookPointError, _glob_regex
+
+    def resolve(points: list[str]) -> list[str]:
+        found = []
+        for p in points:
+            hits = [n for n in names if n == p or (any(c in p for c in "*?[")
+                                                  and _glob_regex(p).match(n))]
+            if not hits:
+                raise HookPointError(f"no stored hook point {p!r}; the cache holds {names}")
+            found += [h for h in hits if h not in found]
+        return found
+
+    return resolve
+
+
+def _cache_source(args, run: RunConfig, model: ModelConfig, places: PlacesConfig, configure):
     from .cache import CachedActivations
 
     src = CachedActivations(run.cache, batch_size=run.batch_size, seed=model.seed, epochs=None,
                             holdout=run.holdout)
-    return src, src.heldout(), {"source": str(run.cache), **src.metadata}
+    reads, writes = wiring.places(places, src.hookpoints[0], _match_names(src.hookpoints))
+    heldout = src.heldout()
+    configs = configure(reads, writes, {p: int(t.shape[1]) for p, t in heldout.items()})
+    return src, heldout, {"source": str(run.cache), **src.metadata}, configs
 
 
-def _live_source(args, run: RunConfig, model: ModelConfig, device: torch.device, d=None):
-    """Activations of the model at the hook point over the training text: computed once and
-    kept in memory when they fit, streamed otherwise (:func:`sae.live.model_source`)."""
+def _live_source(args, run: RunConfig, model: ModelConfig, places: PlacesConfig, configure,
+                 device: torch.device, d=None):
+    """Activations of the model at the places the dictionaries read and write, over the
+    training text: computed once and kept in memory when they fit, streamed otherwise
+    (:func:`sae.live.model_source`; one stopped-early forward captures every place)."""
     from sparsecode import lm, text
+    from sparsecode.hooks import resolve
 
     from .live import LiveActivations, model_source
 
     t0 = time.perf_counter()
     net, tokenizer = lm.load_model(model.model, device=device)
-    hook = model.hookpoint or lm.default_hookpoint(net)
+    default = model.hookpoint or lm.default_hookpoint(net)
+    reads, writes = wiring.places(places, default, lambda points: resolve(net, points))
+    needed = list(dict.fromkeys(reads + writes))
+    widths = {p: lm.hidden_size(net, p) for p in needed}
+    configs = configure(reads, writes, widths)  # bad settings fail before the model runs
     train_texts, held_texts = text.split_texts(text.load_texts(model.source))
     tokens = text.pack_tokens(tokenizer, train_texts, context_size=model.context_size)
     held_tokens = text.pack_tokens(tokenizer, held_texts, context_size=model.context_size)
-    print(f"model {model.model} loaded in {time.perf_counter() - t0:.0f} s; hook point {hook} "
-          f"(d_in={lm.hidden_size(net, hook)}); {tokens.numel()} training and "
-          f"{held_tokens.numel()} held-out tokens", file=sys.stderr)
-    held = LiveActivations(net, held_tokens, [hook], batch_size=run.batch_size, epochs=1,
+    shown = ", ".join(f"{p} ({w})" for p, w in widths.items())
+    print(f"model {model.model} loaded in {time.perf_counter() - t0:.0f} s; places {shown}; "
+          f"{tokens.numel()} training and {held_tokens.numel()} held-out tokens",
+          file=sys.stderr)
+    held = LiveActivations(net, held_tokens, needed, batch_size=run.batch_size, epochs=1,
                            drop_last=False, seed=model.seed, device=device)
-    heldout = {hook: torch.cat([b[hook] for b in held])[: run.holdout]}
-    src = model_source(net, tokens, hook, batch_size=run.batch_size, total_tokens=args.total_tokens,
-                       seed=model.seed, device=device, progress=model.progress, dist=d)
-    info = {"model_name": model.model, "hook_name": hook, "context_size": model.context_size,
+    batches = list(held)
+    heldout = {p: torch.cat([b[p] for b in batches])[: run.holdout] for p in needed}
+    src = model_source(net, tokens, needed, batch_size=run.batch_size,
+                       total_tokens=args.total_tokens, seed=model.seed, device=device,
+                       progress=model.progress, dist=d)
+    info = {"model_name": model.model, "context_size": model.context_size,
             "dataset": model.source, "prepend_bos": True, "drop_bos": True,
             "massive_factor": MASSIVE_FACTOR}
-    return src, heldout, info
+    return src, heldout, info, configs
 
 
 def cmd_train(args: argparse.Namespace) -> int:
@@ -138,16 +175,22 @@ def _trainer(args, run: RunConfig, model: ModelConfig, device: torch.device, d):
     from .distributed import RankSlice
     from .train import Trainer
 
-    if run.activations:
-        src, heldout, info = _array_source(args, run, model)
-    elif run.cache:
-        src, heldout, info = _cache_source(args, run, model)
-    else:
-        src, heldout, info = _live_source(args, run, model, device, d)
+    def configure(reads: list[str], writes: list[str], widths: dict[str, int]) -> dict:
+        return _sae_configs(args, wiring.shape_fields(reads, writes, widths))
+
+    try:
+        places = PlacesConfig(**values(PlacesConfig, args))
+        if run.activations:
+            src, heldout, info, configs = _array_source(args, run, model, places, configure)
+        elif run.cache:
+            src, heldout, info, configs = _cache_source(args, run, model, places, configure)
+        else:
+            src, heldout, info, configs = _live_source(args, run, model, places, configure,
+                                                       device, d)
+    except (ValueError, TypeError, KeyError) as e:  # places that do not exist or do not run
+        raise fail(e) from e
     if d is not None and d.data_size > 1 and src.batch_size == run.batch_size:
         src = RankSlice(src, d.data_rank, d.data_size)
-    hook = src.hookpoints[0]
-    configs = _sae_configs(args, int(heldout[hook].shape[1]), hook)
     gen = torch.Generator().manual_seed(model.seed)
     saes = {}
     for name, c in configs.items():
@@ -224,6 +267,8 @@ def _add_train(sub) -> None:
     add_flags(t.add_argument_group("model and text (unless --activations / --cache)"),
               ModelConfig)
     add_flags(t.add_argument_group("data and run"), RunConfig)
+    add_flags(t.add_argument_group("places: transcoders and crosscoders (default: an SAE at "
+                                   "--hookpoint)"), PlacesConfig)
     add_flags(t.add_argument_group("SAE (sae.config.SAEConfig)"), SAEConfig)
     add_flags(t.add_argument_group("training (sae.config.TrainConfig)"), TrainConfig,
               skip=("seed", "progress"))

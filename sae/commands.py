@@ -19,6 +19,8 @@ from sparsecode.cli import fail, split_list
 from sparsecode.flags import add_flags, meta, values
 from sparsecode.lm import ModelConfig, torch_device
 
+from .config import PlacesConfig
+
 #: ModelConfig settings that default to what the SAE recorded when saved.
 RECORDED = {"model": None, "hookpoint": None, "text": None, "context_size": None}
 
@@ -116,6 +118,9 @@ def _eval_on_array(saes: dict, folders: dict, path: str, opts: EvalOptions,
     x = x.to(device)
     out = {}
     for name, sae in saes.items():
+        if sae.cfg.transcode:
+            raise fail(f"{folders[name]} is a transcoder: --activations holds no target; "
+                       "evaluate it in the model (without --activations)")
         if x.shape[1] != sae.cfg.d_in:
             raise fail(f"activations have d_in={x.shape[1]} but SAE {folders[name]} expects "
                        f"d_in={sae.cfg.d_in}")
@@ -142,7 +147,7 @@ def _eval_in_model(saes: dict, folders: dict, args, opts: EvalOptions,
     out = {}
     for name, sae in saes.items():
         cfg = model_settings(args, sae.cfg.metadata)
-        if cfg.hookpoint is None:
+        if cfg.hookpoint is None and sae.cfg.places is None:
             raise fail(f"{folders[name]} records no hook_name; pass --hookpoint")
         if cfg.model not in models:
             models[cfg.model] = lm.load_model(cfg.model, device=device)
@@ -156,11 +161,13 @@ def _eval_in_model(saes: dict, folders: dict, args, opts: EvalOptions,
 
 def _in_model(model: Any, cfg: ModelConfig, tokens: torch.Tensor, view: Any,
               reference: Any) -> dict[str, Any]:
-    from . import metrics
+    from . import metrics, wiring
 
     m = metrics.model_metrics(model, view, cfg.hookpoint, tokens, progress=cfg.progress,
                               reference=reference)
-    return {**m, "model_name": cfg.model, "hook_name": cfg.hookpoint}
+    places = {"reads": wiring.reads(view.cfg, cfg.hookpoint),
+              "writes": wiring.writes(view.cfg, cfg.hookpoint)}
+    return {**m, "model_name": cfg.model, **places}
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
@@ -207,17 +214,30 @@ class CacheOptions:
 
 
 def cmd_cache(args: argparse.Namespace) -> int:
-    """Write the model's activations at one or more hook points to a sharded safetensors cache
-    (manifest, checksums, resumable) that ``sae train --cache`` reads."""
+    """Write the model's activations at one or more hook points (or at the places of
+    ``--transcode`` / ``--crosscode``: a module's input and output together) to a sharded
+    safetensors cache (manifest, checksums, resumable) that ``sae train --cache`` reads."""
     from sparsecode import lm, text
+    from sparsecode.hooks import resolve
 
+    from . import wiring
     from .cache import write_cache
     from .live import LiveActivations
 
     cfg, opts = ModelConfig(**values(ModelConfig, args)), CacheOptions(**values(CacheOptions, args))
+    try:
+        places = PlacesConfig(**values(PlacesConfig, args))
+    except ValueError as e:
+        raise fail(e) from e
     device = torch_device(cfg.device)
     model, tokenizer = lm.load_model(cfg.model, device=device)
     hooks = split_list(cfg.hookpoint) or [lm.default_hookpoint(model)]
+    if places != PlacesConfig():
+        try:
+            reads, writes = wiring.places(places, hooks[0], lambda p: resolve(model, p))
+        except ValueError as e:
+            raise fail(e) from e
+        hooks = list(dict.fromkeys(reads + writes))
     tokens = text.pack_tokens(tokenizer, text.load_texts(cfg.source),
                               context_size=cfg.context_size)
     src = LiveActivations(model, tokens, hooks, batch_size=opts.shard_tokens, seed=cfg.seed,
@@ -321,6 +341,7 @@ def add_parsers(sub) -> None:
                        description=cmd_cache.__doc__)
     add_flags(c, ModelConfig)
     add_flags(c, CacheOptions)
+    add_flags(c, PlacesConfig)
     c.set_defaults(func=cmd_cache)
 
     p = sub.add_parser("plot", help="L0 vs FVU scatter of trained SAEs",

@@ -215,6 +215,33 @@ RUN_DIR = "runs/sae"
 
 
 @dataclass
+class PlacesConfig:
+    """What the dictionaries read and write (:mod:`sae.wiring`): one hook point (an SAE, the
+    default), a module's input and output (a transcoder) or several places (a crosscoder)."""
+
+    transcode: str | None = field(default=None, metadata=_help(
+        "train transcoders of this module: read its input, write its output (e.g. "
+        "model.layers.15.mlp)"))
+    hookpoint_in: str | None = field(default=None, metadata=_help(
+        "transcoders reading this hook point (with --hookpoint-out; MODULE:input is a "
+        "module's input)"))
+    hookpoint_out: str | None = field(default=None, metadata=_help(
+        "transcoders writing this hook point (with --hookpoint-in)"))
+    crosscode: str | None = field(default=None, metadata=_help(
+        "train crosscoders reading and writing these places: a glob or a brace list, e.g. "
+        "'model.layers.{6,12,18}'"))
+
+    def __post_init__(self) -> None:
+        if (self.hookpoint_in is None) != (self.hookpoint_out is None):
+            raise ValueError("--hookpoint-in and --hookpoint-out go together")
+        given = [n for n, v in (("--transcode", self.transcode),
+                                ("--hookpoint-in/--hookpoint-out", self.hookpoint_in),
+                                ("--crosscode", self.crosscode)) if v]
+        if len(given) > 1:
+            raise ValueError(f"choose one of {' and '.join(given)}")
+
+
+@dataclass
 class RunConfig:
     """Where ``sae train`` reads activations, how it batches them and where the run goes
     (besides the model and text of :class:`sparsecode.lm.ModelConfig`)."""

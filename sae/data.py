@@ -118,6 +118,9 @@ class ArrayActivations(BlockShuffledSource):
     rows in order.
 
     ``holdout=N`` reserves the last ``N`` rows: never served, returned by :meth:`heldout`.
+    ``places`` (hook point -> width, in column order) splits each row into several aligned
+    activations (a transcoder's input and output, a crosscoder's layers side by side): batches
+    then hold one entry per place, and the massive filter drops a row from all places at once.
     ``massive_factor`` drops rows whose norm exceeds that factor times the median row norm of the
     first chunk (see :func:`drop_massive`), in training batches and in :meth:`heldout` alike.
     ``epochs=None`` repeats forever. One iterator at a time: iteration continues from the
@@ -149,12 +152,16 @@ class ArrayActivations(BlockShuffledSource):
         dtype: torch.dtype = torch.float32,
         device: str | torch.device = "cpu",
         chunk_rows: int | None = None,
+        places: dict[str, int] | None = None,
     ) -> None:
         self.path = Path(data) if isinstance(data, (str, os.PathLike)) else None
         arr, name = _as_array(data)
         shape = tuple(arr.shape)
         if not isinstance(hookpoint, str) or not hookpoint:
             raise ValueError(f"hookpoint must be a non-empty string, got {hookpoint!r}")
+        places = {hookpoint: int(shape[1])} if places is None else dict(places)
+        if sum(places.values()) != shape[1] or min(places.values()) < 1:
+            raise ValueError(f"places {places} do not split the {shape[1]} columns of {name}")
         check_int("holdout", holdout, 0)
         n = shape[0]
         if holdout >= n:
@@ -163,7 +170,8 @@ class ArrayActivations(BlockShuffledSource):
             )
         self._data = arr
         self._name = name
-        self.hookpoints = [hookpoint]
+        self.places = places
+        self.hookpoints = list(places)
         self.d_in = int(shape[1])
         self.n_rows = n
         self.holdout = holdout
@@ -218,20 +226,31 @@ class ArrayActivations(BlockShuffledSource):
         if unit not in self._checked:
             check_finite(x, self._name, row_offset=a)
             self._checked.add(unit)
-        return {self.hookpoints[0]: x}
+        return self._split(x)
 
-    def heldout(self) -> Tensor:
-        """The last ``holdout`` rows (massive rows dropped if ``massive_factor`` is set)."""
+    def _split(self, x: Tensor) -> dict[str, Tensor]:
+        parts = x.split(list(self.places.values()), dim=1)
+        return dict(zip(self.hookpoints, parts, strict=True))
+
+    def heldout_batch(self) -> dict[str, Tensor]:
+        """The last ``holdout`` rows per place (massive rows dropped if ``massive_factor`` is
+        set)."""
         if self.holdout == 0:
             raise ValueError("no rows are held out: construct the source with holdout=N")
         x = self._rows(self.n_train, self.n_rows)
         if not self._heldout_checked:
             check_finite(x, self._name, row_offset=self.n_train)
             self._heldout_checked = True
-        keep = self.massive.keep({self.hookpoints[0]: x})
+        keep = self.massive.keep(self._split(x))
         if keep is not None:
             x = x[keep.to(x.device)]
-        return x.to(device=self.device, dtype=self.dtype)
+        return self._split(x.to(device=self.device, dtype=self.dtype))
+
+    def heldout(self) -> Tensor:
+        """The last ``holdout`` rows of a one-place source (see :meth:`heldout_batch`)."""
+        if len(self.places) != 1:
+            raise ValueError("a source of several places: use heldout_batch()")
+        return self.heldout_batch()[self.hookpoints[0]]
 
     def __repr__(self) -> str:
         src = str(self.path) if self.path else type(self._data).__name__

@@ -156,7 +156,7 @@ def _collect(src: LiveActivations) -> dict[str, Tensor]:
 def model_source(
     model: nn.Module,
     tokens: Tensor,
-    hookpoint: str,
+    hookpoints: str | Sequence[str],
     *,
     batch_size: int,
     total_tokens: int,
@@ -166,7 +166,8 @@ def model_source(
     dist: Any = None,
     max_bytes: int = MATERIALIZE_BYTES,
 ) -> BlockShuffledSource:
-    """The training stream of ``model`` at ``hookpoint`` over ``tokens``.
+    """The training stream of ``model`` at ``hookpoints`` (one forward captures them all: a
+    transcoder's input and output, a crosscoder's layers) over ``tokens``.
 
     When all the activations fit in ``max_bytes`` they are computed once (one model pass) and
     served for as many epochs as needed from memory (:class:`ArrayActivations`); otherwise they
@@ -179,26 +180,29 @@ def model_source(
     """
     from sparsecode.lm import hidden_size
 
-    d_in = hidden_size(model, hookpoint)
+    hookpoints = resolve(model, hookpoints)
+    widths = {hp: hidden_size(model, hp) for hp in hookpoints}
     live = dict(seed=seed, device=device, progress=progress)
-    if tokens.numel() * d_in * 4 <= max_bytes:
+    if tokens.numel() * sum(widths.values()) * 4 <= max_bytes:
         share = tokens if dist is None else tokens.tensor_split(dist.world)[dist.rank]
-        once = LiveActivations(model, share, [hookpoint], batch_size=batch_size, epochs=1,
+        once = LiveActivations(model, share, hookpoints, batch_size=batch_size, epochs=1,
                                drop_last=False, shuffle_contexts=False,
                                massive_factor=None if dist is not None else MASSIVE_FACTOR,
                                **live)
-        acts = _collect(once)[hookpoint]
+        parts = _collect(once)
+        acts = torch.cat([parts[hp] for hp in hookpoints], dim=1) if len(parts) > 1 else \
+            parts[hookpoints[0]]
+        del parts
+        array = dict(batch_size=batch_size, seed=seed, epochs=None, places=widths)
         if dist is None:
-            return ArrayActivations(acts, batch_size=batch_size, hookpoint=hookpoint, seed=seed,
-                                    epochs=None)
+            return ArrayActivations(acts, **array)
         from .distributed import all_gather_rows
 
         acts = all_gather_rows(acts.to(dist.device), None).cpu()
-        return ArrayActivations(acts, batch_size=batch_size, hookpoint=hookpoint, seed=seed,
-                                epochs=None, massive_factor=MASSIVE_FACTOR)
+        return ArrayActivations(acts, massive_factor=MASSIVE_FACTOR, **array)
     epochs = max(1, math.ceil(total_tokens / max(tokens.numel(), 1)))
     if dist is not None:
         tokens = tokens.tensor_split(dist.data_size)[dist.data_rank]
         batch_size //= dist.data_size
-    return LiveActivations(model, tokens, [hookpoint], batch_size=batch_size, epochs=epochs,
+    return LiveActivations(model, tokens, hookpoints, batch_size=batch_size, epochs=epochs,
                            **live)

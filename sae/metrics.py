@@ -162,30 +162,26 @@ __all__ = [
 ]
 
 
-class _Spliced:
-    """An SAE (or zero-ablation) spliced in at the positions the SAE is meant for (``keep``,
-    from :class:`sae.massive.MassiveFilter`); the others keep their original activation."""
-
-    def __init__(self, sae, zero: bool, keep: Tensor):
-        self.sae, self.zero, self.keep = sae, zero, keep
-        self.W_dec = sae.W_dec
-        self._x: Tensor | None = None
-
-    def encode(self, x: Tensor) -> Tensor:
-        self._x = x
-        return x[..., :1] * 0 if self.zero else self.sae.encode(x)
-
-    def decode(self, z: Tensor) -> Tensor:
-        x = self._x
-        x_hat = torch.zeros_like(x) if self.zero else self.sae.decode(z).to(x.dtype)
-        return torch.where(self.keep[..., None], x_hat, x)
+@torch.no_grad()
+def _written(sae, acts: dict[str, Tensor], reads: list[str], writes: list[str]
+             ) -> dict[str, Tensor]:
+    """What ``sae`` writes at each of ``writes`` from the clean activations of ``reads`` (all
+    positions; ``(batch, ctx, d)`` each)."""
+    x = torch.cat([acts[p] for p in reads], dim=-1)
+    shape = x.shape
+    x2 = x.reshape(-1, shape[-1]).to(sae.W_dec.dtype)
+    rows, cols, vals = sae.encode_pairs(x2)
+    y = sae.decode_pairs(rows, cols, vals, x2.shape[0], x=x2)
+    widths = [acts[p].shape[-1] for p in writes]
+    return {p: part.reshape(*shape[:-1], -1) for p, part in
+            zip(writes, y.split(widths, dim=-1), strict=True)}
 
 
 @torch.no_grad()
 def model_metrics(
     model,
     sae,
-    hookpoint: str,
+    hookpoint: str | None,
     tokens: Tensor,
     *,
     batch_contexts: int = 8,
@@ -193,43 +189,56 @@ def model_metrics(
     progress: bool = False,
     reference=None,
 ) -> dict[str, float]:
-    """Language-model metrics of an SAE spliced in at ``hookpoint`` (see docs/metrics.md).
+    """Language-model metrics of an SAE, transcoder or crosscoder spliced into the model (see
+    docs/metrics.md).
 
-    For held-out contexts ``tokens (n_ctx, ctx)`` runs the model clean, with the module output
-    replaced by the SAE reconstruction, and with it replaced by zeros (zero ablation), at every
-    position except position 0 and massive-norm positions (which the SAE never trained on; they
-    keep their activation in all three runs). Next-token cross-entropy and KL to the clean
+    The dictionary reads and writes its places (:mod:`sae.wiring`; ``hookpoint`` is the place
+    of an SAE whose metadata names none). For held-out contexts ``tokens (n_ctx, ctx)`` the
+    model runs clean (recording the places), then with the written places' outputs replaced by
+    what the dictionary computes from the clean activations (an SAE's reconstruction, a
+    transcoder's estimate of its module's output, a crosscoder's reconstruction of all its
+    layers at once), then with them replaced by zeros (zero ablation), at every position except
+    position 0 and massive-norm positions (which the dictionary never trained on; they keep
+    their activation in all three runs). Next-token cross-entropy and KL to the clean
     distribution are averaged over the predictions made at positions ``1 .. ctx-2``.
 
     Returns ``ce_clean``, ``ce_sae``, ``ce_zero``, ``ce_loss_recovered`` =
     ``(ce_zero - ce_sae) / (ce_zero - ce_clean)``, ``delta_lm_loss`` = ``ce_sae - ce_clean``,
     ``kl_sae``, ``kl_zero``, ``kl_recovered`` = ``1 - kl_sae / kl_zero``, the activation metrics
-    of :func:`evaluate` on the spliced positions, ``n_tokens`` and ``fraction_spliced``; with a
-    ``reference`` (the same SAE's trained encoder, when ``sae`` is seen through a pursuit) also
-    ``support_jaccard`` (:func:`support_jaccard`) on the spliced positions.
+    of :func:`evaluate` on the spliced positions (FVU of the written activation), ``n_tokens``
+    and ``fraction_spliced``; with a ``reference`` (the same SAE's trained encoder, when ``sae``
+    is seen through a pursuit) also ``support_jaccard`` (:func:`support_jaccard`) on the
+    spliced positions.
     """
     from tqdm.auto import tqdm
 
-    from sparsecode.hooks import capture, splice
+    from sparsecode.hooks import capture, patch
+
+    from . import wiring
 
     if tokens.dim() != 2 or tokens.shape[1] < 3:
         raise ValueError(f"tokens must be (n_contexts, >= 3), got shape {tuple(tokens.shape)}")
+    reads, writes = wiring.reads(sae.cfg, hookpoint), wiring.writes(sae.cfg, hookpoint)
+    places = list(dict.fromkeys(reads + writes))
     device = next(model.parameters()).device
     sums = dict.fromkeys(("ce_clean", "ce_sae", "ce_zero", "kl_sae", "kl_zero"), 0.0)
     n_pred = 0
-    xs, n_positions = [], 0
+    xs, ys, n_positions = [], [], 0
     positions = MassiveFilter(massive_factor)  # BOS and massive positions keep their value
     sae.eval()
     for start in tqdm(range(0, tokens.shape[0], batch_contexts), disable=not progress,
                       desc="eval", unit="batch"):
         ids = tokens[start : start + batch_contexts].to(device)
-        with capture(model, [hookpoint]) as cap:
+        with capture(model, places) as cap:
             clean = model(input_ids=ids, use_cache=False).logits.float()
-        act = cap[hookpoint]
-        keep = positions.keep_positions({hookpoint: act})
+        acts = {p: cap[p] for p in places}
+        keep = positions.keep_positions(acts)[..., None]
+        written = _written(sae, acts, reads, writes)
         runs = {}
-        for name, zero in (("sae", False), ("zero", True)):
-            with splice(model, {hookpoint: _Spliced(sae, zero, keep)}):
+        for name, new in (("sae", written), ("zero", None)):
+            values = {p: torch.where(keep, acts[p] * 0 if new is None else new[p].to(acts[p]),
+                                     acts[p]) for p in writes}
+            with patch(model, values):
                 runs[name] = model(input_ids=ids, use_cache=False).logits.float()
         target = ids[:, 2:]  # predictions made at positions 1 .. ctx-2
         logp_clean = torch.log_softmax(clean[:, 1:-1], dim=-1)
@@ -240,18 +249,21 @@ def model_metrics(
             kl = (logp_clean.exp() * (logp_clean - logp)).sum(dim=-1)
             sums[f"kl_{name}"] += float(kl.sum())
         n_pred += target.numel()
-        xs.append(act[keep].float().cpu())
-        n_positions += act[:, 1:].shape[0] * act[:, 1:].shape[1]
+        mask = keep[..., 0]
+        xs.append(torch.cat([acts[p] for p in reads], -1)[mask].float().cpu())
+        ys.append(torch.cat([acts[p] for p in writes], -1)[mask].float().cpu())
+        n_positions += ids[:, 1:].numel()
     out = {k: v / max(n_pred, 1) for k, v in sums.items()}
     gap = out["ce_zero"] - out["ce_clean"]
     out["ce_loss_recovered"] = (out["ce_zero"] - out["ce_sae"]) / gap if gap else float("nan")
     out["delta_lm_loss"] = out["ce_sae"] - out["ce_clean"]
     out["kl_recovered"] = 1 - out["kl_sae"] / out["kl_zero"] if out["kl_zero"] else float("nan")
-    x = torch.cat(xs)
+    x, y = torch.cat(xs), torch.cat(ys)
     out["fraction_spliced"] = x.shape[0] / max(n_positions, 1)
     if x.numel():
-        x = x.to(next(sae.parameters()).device)
-        out.update(evaluate(sae, x))
+        dev = next(sae.parameters()).device
+        x, y = x.to(dev), y.to(dev)
+        out.update(evaluate(sae, x, y=None if writes == reads else y))
         if reference is not None:
             out["support_jaccard"] = support_jaccard(reference, sae, x)
     out["n_tokens"] = n_pred

@@ -105,3 +105,62 @@ def widths_in(cfg: SAEConfig) -> list[int]:
 
 def widths_out(cfg: SAEConfig) -> list[int]:
     return list(cfg.places) if cfg.places is not None else [cfg.d_out]
+
+
+def expand_braces(pattern: str) -> list[str]:
+    """Shell-style brace lists: ``"model.layers.{6,12}.mlp"`` -> the two paths.
+
+    >>> expand_braces("model.layers.{6,12}")
+    ['model.layers.6', 'model.layers.12']
+    """
+    start = pattern.find("{")
+    if start < 0:
+        return [pattern]
+    end = pattern.find("}", start)
+    if end < 0:
+        raise ValueError(f"unclosed brace in {pattern!r}")
+    head, tail = pattern[:start], pattern[end + 1:]
+    return [head + choice + rest for choice in pattern[start + 1:end].split(",")
+            for rest in expand_braces(tail)]
+
+
+def places(cfg: Any, default: str, resolve: Any) -> tuple[list[str], list[str]]:
+    """``(reads, writes)`` of the dictionaries a run trains, from a
+    :class:`sae.config.PlacesConfig`; ``default`` is the SAE hook point and ``resolve`` turns a
+    list of names or globs into places (:func:`sparsecode.hooks.resolve` for a model)."""
+    from sparsecode.hooks import INPUT
+
+    if cfg.transcode:
+        (module,) = _one(resolve([cfg.transcode]), cfg.transcode)
+        return [module + INPUT], [module]
+    if cfg.hookpoint_in:
+        (read,) = _one(resolve([cfg.hookpoint_in]), cfg.hookpoint_in)
+        (write,) = _one(resolve([cfg.hookpoint_out]), cfg.hookpoint_out)
+        return [read], [write]
+    if cfg.crosscode:
+        found = resolve(expand_braces(cfg.crosscode))
+        if len(found) < 2:
+            raise ValueError(f"--crosscode {cfg.crosscode!r} names {found}: a crosscoder reads "
+                             "two or more places")
+        return found, found
+    return [default], [default]
+
+
+def _one(found: list[str], name: str) -> list[str]:
+    if len(found) != 1:
+        raise ValueError(f"{name!r} names {len(found)} places ({found[:4]}); name one")
+    return found
+
+
+def shape_fields(reads_: list[str], writes_: list[str], widths: Mapping[str, int]
+                 ) -> dict[str, Any]:
+    """The :class:`SAEConfig` shape fields and place metadata of dictionaries reading
+    ``reads_`` and writing ``writes_`` (``widths``: each place's width)."""
+    if reads_ == writes_ and len(reads_) == 1:
+        return {"d_in": widths[reads_[0]], "metadata": {"hook_name": reads_[0]}}
+    if reads_ == writes_:
+        return {"d_in": sum(widths[p] for p in reads_), "places": [widths[p] for p in reads_],
+                "metadata": {"hook_names": list(reads_)}}
+    (read,), (write,) = reads_, writes_
+    return {"d_in": widths[read], "d_out": widths[write], "transcode": True,
+            "metadata": {"hook_name": read, "hook_name_out": write}}

@@ -6,7 +6,9 @@ Hook points are the model's own module paths, exactly as ``model.named_modules()
 function here is a context manager: its hooks live only inside
 the ``with`` block and are removed on exit, also when the body raises.
 
-A module's *output* is what its ``forward`` returns; when that is a tuple or list (older Hugging
+A point ending in ``":input"`` (``"model.layers.15.mlp:input"``) names the module's *input*
+instead (its first positional argument): what a transcoder reads. A module's *output* is what
+its ``forward`` returns; when that is a tuple or list (older Hugging
 Face decoder layers return ``(hidden_states, ...)``) the first element is the activation and the
 rest is passed through untouched.
 
@@ -37,12 +39,14 @@ import torch
 from torch import Tensor, nn
 
 __all__ = [
+    "INPUT",
     "Capture",
     "HookPointError",
     "SAELike",
     "Splice",
     "ablate",
     "capture",
+    "patch",
     "resolve",
     "splice",
     "steer",
@@ -72,6 +76,20 @@ class _StopForward(Exception):
 
 
 # ----------------------------------------------------------------------------- resolving
+
+#: Suffix of a hook point that names a module's input rather than its output.
+INPUT = ":input"
+
+
+def split_point(point: str) -> tuple[str, bool]:
+    """``(module path, is_input)`` of a hook point.
+
+    >>> split_point("model.layers.3.mlp:input"), split_point("model.layers.3.mlp")
+    (('model.layers.3.mlp', True), ('model.layers.3.mlp', False))
+    """
+    if point.endswith(INPUT):
+        return point[: -len(INPUT)], True
+    return point, False
 
 
 def _suggest(point: str, names: list[str]) -> str:
@@ -118,8 +136,9 @@ def resolve(model: nn.Module, points: str | Sequence[str]) -> list[str]:
     itself) or a glob over those paths: ``*`` matches within one dotted component
     (``"model.layers.*"`` is the layers, not their submodules), ``**`` across components
     (``"model.**.mlp"``), ``?`` one character, ``[...]`` a character class. The result
-    has no duplicates and follows the order in which ``named_modules()`` lists the modules;
-    patterns never match the model itself (name it ``""`` explicitly).
+    has no duplicates and follows the order in which ``named_modules()`` lists the modules (a
+    module's ``":input"`` point before its output); patterns never match the model itself
+    (name it ``""`` explicitly). A ``":input"`` suffix carries over to every match.
     A name that is not a module, or a pattern that matches nothing, raises
     :class:`HookPointError` (a ``KeyError`` and ``ValueError``) listing close matches.
 
@@ -128,6 +147,8 @@ def resolve(model: nn.Module, points: str | Sequence[str]) -> list[str]:
     ['0', '1.0']
     >>> resolve(net, "*"), resolve(net, "**")
     (['0', '1'], ['0', '1', '1.0'])
+    >>> resolve(net, ["1.0", "*:input"])
+    ['0:input', '1:input', '1.0']
     >>> resolve(net, "1.1")
     Traceback (most recent call last):
     ...
@@ -137,18 +158,19 @@ def resolve(model: nn.Module, points: str | Sequence[str]) -> list[str]:
         points = [points]
     names = [name for name, _ in model.named_modules()]
     known = set(names)
-    wanted: set[str] = set()
-    for point in points:
-        if not isinstance(point, str):
-            raise TypeError(f"hook points are strings, got {type(point).__name__}: {point!r}")
+    wanted: set[tuple[str, bool]] = set()
+    for full in points:
+        if not isinstance(full, str):
+            raise TypeError(f"hook points are strings, got {type(full).__name__}: {full!r}")
+        point, is_input = split_point(full)
         if point in known:
-            wanted.add(point)
+            wanted.add((point, is_input))
             continue
         if any(c in point for c in "*?["):
             rx = _glob_regex(point)
             hits = [n for n in names if n and rx.match(n)]  # "" only by its exact name
             if hits:
-                wanted.update(hits)
+                wanted.update((h, is_input) for h in hits)
                 continue
             raise HookPointError(
                 f"pattern {point!r} matches no module of {type(model).__name__}; "
@@ -157,12 +179,13 @@ def resolve(model: nn.Module, points: str | Sequence[str]) -> list[str]:
         raise HookPointError(
             f"no module {point!r} in {type(model).__name__}; " + _suggest(point, names)
         )
-    return [n for n in names if n in wanted]
+    return [n + (INPUT if is_input else "") for n in names for is_input in (True, False)
+            if (n, is_input) in wanted]
 
 
 def _modules(model: nn.Module, points: str | Sequence[str]) -> dict[str, nn.Module]:
     mods = dict(model.named_modules())
-    return {p: mods[p] for p in resolve(model, points)}
+    return {p: mods[split_point(p)[0]] for p in resolve(model, points)}
 
 
 # ----------------------------------------------------------------------------- helpers
@@ -327,7 +350,7 @@ def capture(
             raise _StopForward
 
     def make_hook(point: str) -> Callable:
-        if inputs:
+        if inputs or split_point(point)[1]:
 
             def pre_hook(module: nn.Module, args: tuple, kwargs: dict) -> None:
                 if args and isinstance(args[0], Tensor):
@@ -348,7 +371,7 @@ def capture(
     handles = [model.register_forward_pre_hook(start)]
     with _hooked(handles):
         for point, module in modules.items():
-            if inputs:
+            if inputs or split_point(point)[1]:
                 handles.append(module.register_forward_pre_hook(make_hook(point), with_kwargs=True))
             else:
                 handles.append(module.register_forward_hook(make_hook(point)))
@@ -385,6 +408,8 @@ def _per_point(
         if getattr(sae, "W_dec", None) is None:
             raise TypeError(f"the SAE for {key!r} has no W_dec attribute (d_sae, d_in)")
         for point in resolve(model, key):
+            if split_point(point)[1]:
+                raise ValueError(f"{what} edits module outputs; {point!r} is an input")
             out[point] = (mods[point], sae)
     return out
 
@@ -429,6 +454,37 @@ def splice(
 
 
 # ----------------------------------------------------------------------------- steer / ablate
+
+
+@contextmanager
+def patch(model: nn.Module, values: Mapping[str, Tensor]) -> Iterator[None]:
+    """Replace module outputs by given tensors (activation patching): ``values`` maps each hook
+    point (an exact module path, an output) to the activation it outputs in every forward
+    inside the block, of the shape the module produces. Used to splice in what a dictionary
+    computed from a clean forward (a crosscoder writes several layers at once).
+
+    >>> net = torch.nn.Sequential(torch.nn.Linear(2, 2), torch.nn.ReLU())
+    >>> with patch(net, {"0": torch.full((1, 2), -1.0)}):
+    ...     net(torch.ones(1, 2)).tolist()
+    [[0.0, 0.0]]
+    """
+    mods = dict(model.named_modules())
+    edits = {}
+    for point, value in values.items():
+        module_path, is_input = split_point(point)
+        if is_input or module_path not in mods:
+            raise HookPointError(f"patch replaces module outputs; {point!r} is not a module of "
+                                 f"{type(model).__name__}")
+
+        def replace(x: Tensor, value: Tensor = value, point: str = point) -> Tensor:
+            if x.shape != value.shape:
+                raise ValueError(f"patch for {point!r} has shape {tuple(value.shape)}, the "
+                                 f"module outputs {tuple(x.shape)}")
+            return value.to(x.dtype)
+
+        edits[point] = (mods[module_path], replace)
+    with _editing(edits):
+        yield
 
 
 @contextmanager

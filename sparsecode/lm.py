@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from .flags import meta
-from .hooks import capture, resolve
+from .hooks import capture, resolve, split_point
 
 __all__ = [
     "ModelConfig", "decoder_layers", "default_hookpoint", "device_of", "hidden_size",
@@ -105,16 +105,18 @@ def device_of(model: nn.Module) -> torch.device:
 
 
 def hidden_size(model: nn.Module, point: str) -> int:
-    """Size of the last dimension of the activation at hook point ``point``.
+    """Size of the last dimension of the activation at hook point ``point`` (a module's output,
+    or its input with the ``":input"`` suffix).
 
     Read from the module when it is an ``nn.Linear`` or ``nn.Embedding``; otherwise measured by
     a 2-token dummy forward that stops right after the module.
     """
     (path,) = _single(model, point)
-    module = dict(model.named_modules())[path]
+    module_path, is_input = split_point(path)
+    module = dict(model.named_modules())[module_path]
     if isinstance(module, nn.Linear):
-        return module.out_features
-    if isinstance(module, nn.Embedding):
+        return module.in_features if is_input else module.out_features
+    if isinstance(module, nn.Embedding) and not is_input:
         return module.embedding_dim
     ids = torch.zeros(1, 2, dtype=torch.long, device=device_of(model))
     with capture(model, path, stop_early=True) as acts, torch.no_grad():

@@ -275,3 +275,71 @@ def test_eval_with_pursuit_encoders_reports_the_amortisation_gap(acts, tmp_path,
         assert out["omp"]["support_jaccard"] == pytest.approx(support_jaccard(sae, view, X))
     with pytest.raises(SystemExit, match="unknown encoder 'lista'; known encoders"):
         main([*args, "--encoder", "omp,lista"])
+
+
+def test_train_and_eval_a_skip_transcoder_and_a_crosscoder(tiny_model_and_texts, tmp_path,
+                                                           capsys):
+    sae_lens = pytest.importorskip("sae_lens")
+    model_dir, texts = tiny_model_and_texts
+    common = ["--model", str(model_dir), "--text", str(texts), "--context-size", "16",
+              "--device", "cpu", "--no-progress"]
+    train = [*common, "--d-sae", "64", "--k", "4", "--batch-size", "128", "--tokens", "2000",
+             "--holdout", "256"]
+    tc = tmp_path / "tc"
+    assert main(["train", *train, "--transcode", "model.layers.1.mlp", "--skip",
+                 "--arch", "topk,jumprelu", "--out", str(tc)]) == 0
+    sae = load(tc / "jumprelu")
+    assert sae.cfg.transcode and sae.cfg.skip
+    assert sae.cfg.metadata["hook_name"] == "model.layers.1.mlp:input"
+    assert sae.cfg.metadata["hook_name_out"] == "model.layers.1.mlp"
+    theirs = sae_lens.SAE.load_from_disk(str(tc / "jumprelu"))
+    assert theirs.cfg.architecture() == "jumprelu_skip_transcoder"
+    x = torch.randn(5, 32)
+    torch.testing.assert_close(theirs(x), sae(x), rtol=1e-4, atol=1e-4)
+    cc = tmp_path / "cc"
+    assert main(["train", *train, "--crosscode", "model.layers.{0,2}", "--out", str(cc)]) == 0
+    cross = load(cc / "topk")
+    assert cross.cfg.places == [32, 32]
+    assert cross.cfg.metadata["hook_names"] == ["model.layers.0", "model.layers.2"]
+    capsys.readouterr()
+    for run in (tc, cc):
+        assert main(["eval", str(run), "--json", "--device", "cpu", "--no-progress"]) == 0
+        results = json.loads(capsys.readouterr().out)
+        for m in results.values():
+            assert m["ce_zero"] != m["ce_clean"] and 0 < m["fvu"] < 2
+    assert results["topk"]["writes"] == ["model.layers.0", "model.layers.2"]
+    assert {"fvu_place0", "fvu_place1"} <= set(results["topk"])
+
+
+@pytest.mark.parametrize("args, match", [
+    (["--transcode", "model.layers.1.mpl"], "close matches: 'model.layers.1.mlp'"),
+    (["--transcode", "model.layers"], "has not run"),
+    (["--transcode", "model.layers.1.mlp", "--crosscode", "model.layers.*"], "choose one of"),
+    (["--hookpoint-in", "model.layers.0"], "go together"),
+    (["--crosscode", "model.layers.1"], "two or more places"),
+    (["--arch", "mp", "--transcode", "model.layers.1.mlp"], "cannot transcode"),
+])
+def test_bad_places(tiny_model_and_texts, tmp_path, args, match):
+    model_dir, texts = tiny_model_and_texts
+    with pytest.raises(SystemExit, match=match):
+        main(["train", "--model", str(model_dir), "--text", str(texts), "--context-size", "16",
+              "--device", "cpu", "--no-progress", "--d-sae", "64", "--k", "4", "--tokens",
+              "500", "--out", str(tmp_path / "bad"), *args])
+
+
+def test_cache_a_transcoder_then_train_it_from_the_cache(tiny_model_and_texts, tmp_path):
+    from sae.cache import read_manifest
+
+    model_dir, texts = tiny_model_and_texts
+    cache = tmp_path / "cache"
+    assert main(["cache", "--model", str(model_dir), "--text", str(texts), "--context-size",
+                 "16", "--device", "cpu", "--no-progress", "--transcode", "model.layers.1.mlp",
+                 "--tokens", "1200", "--shard-tokens", "256", "--out", str(cache)]) == 0
+    assert read_manifest(cache)["hookpoints"] == ["model.layers.1.mlp:input",
+                                                  "model.layers.1.mlp"]
+    out = tmp_path / "run"
+    assert main(["train", "--cache", str(cache), "--transcode", "model.layers.1.mlp",
+                 "--d-sae", "64", "--k", "4", "--batch-size", "128", "--tokens", "1000",
+                 "--holdout", "128", "--out", str(out), "--no-progress"]) == 0
+    tc = load(out / "topk")
+    assert tc.cfg.transcode and tc.cfg.metadata["hook_name_out"] == "model.layers.1.mlp"

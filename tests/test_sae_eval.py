@@ -88,3 +88,51 @@ def test_first_position_is_never_spliced(llama):
     )
     m = model_metrics(llama, sae, "model.layers.1", toks, massive_factor=None)
     assert m["ce_sae"] == pytest.approx(float(ce), rel=1e-5)
+
+
+def test_exact_crosscoder_over_two_layers_recovers_everything(llama):
+    """A crosscoder reconstructing two layers exactly (the two-sided identity per place) leaves
+    the model unchanged when spliced at both at once."""
+    eye = torch.eye(2 * D)
+    cfg = SAEConfig(d_in=2 * D, d_sae=4 * D, architecture="relu", k=1, places=[D, D],
+                    metadata={"hook_names": ["model.layers.0", "model.layers.2"]})
+    cc = SAE(cfg)
+    with torch.no_grad():
+        cc.W_enc.copy_(torch.cat([eye, -eye], 1))
+        cc.W_dec.copy_(torch.cat([eye, -eye], 0))
+    m = model_metrics(llama, cc.eval(), None, _tokens(), massive_factor=None)
+    assert m["ce_sae"] == pytest.approx(m["ce_clean"], abs=1e-4)
+    assert m["kl_sae"] == pytest.approx(0.0, abs=1e-5)
+    assert m["fvu_place0"] < 1e-8 and m["fvu_place1"] < 1e-8
+    assert abs(m["ce_zero"] - m["ce_clean"]) > 1e-3  # zeroing both layers changes the model
+
+
+def test_transcoder_splice_equals_replacing_the_mlp_output(llama):
+    """A transcoder of layer 1's MLP spliced in: the CE with the MLP's output replaced by the
+    transcoder of the MLP's input, written out with plain forward hooks."""
+    cfg = SAEConfig(d_in=D, d_sae=64, d_out=D, architecture="topk", k=8, transcode=True,
+                    skip=True, metadata={"hook_name": "model.layers.1.mlp:input",
+                                         "hook_name_out": "model.layers.1.mlp"})
+    tc = SAE(cfg, generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        tc.W_skip.copy_(0.1 * torch.randn(D, D, generator=torch.Generator().manual_seed(3)))
+    tc.eval()
+    toks = _tokens()
+    m = model_metrics(llama, tc, None, toks, massive_factor=None)
+    mlp = llama.model.layers[1].mlp
+
+    def replace(module, args, output):
+        out = tc(args[0])
+        out[:, 0] = output[:, 0]  # position 0 keeps its activation
+        return out
+
+    handle = mlp.register_forward_hook(replace)
+    try:
+        with torch.no_grad():
+            logits = llama(input_ids=toks).logits.float()
+    finally:
+        handle.remove()
+    logp = torch.log_softmax(logits[:, 1:-1], dim=-1)
+    ce = float(-logp.gather(-1, toks[:, 2:, None]).mean())
+    assert m["ce_sae"] == pytest.approx(ce, rel=1e-5)
+    assert 0 <= m["fvu"] and "fvu_place0" not in m

@@ -163,3 +163,90 @@ def test_transcoder_needs_its_target_and_checks_its_shape():
         sae.training_forward(x)
     with pytest.raises(ValueError, match=r"targets of shape \(4, 7\)"):
         sae.training_forward(x, torch.randn(4, 12, dtype=torch.float64))
+
+
+# ---------------------------------------------------------------------------- training
+def _trainer(sae, data, places, tokens, out_dir=None):
+    from sae.data import ArrayActivations
+    from sae.train import TrainConfig, Trainer
+
+    src = ArrayActivations(data, batch_size=256, holdout=2000, epochs=None, places=places)
+    cfg = TrainConfig(total_tokens=tokens, progress=False, lr=3e-3, checkpoint_every=0)
+    return Trainer({"tc": sae}, src, cfg, heldout=src.heldout_batch(), out_dir=out_dir)
+
+
+def _float_coder(arch, seed=0, **kw):
+    return SAE(SAEConfig(d_sae=128, k=3, architecture=arch, **kw),
+               generator=torch.Generator().manual_seed(seed))
+
+
+def test_topk_transcoder_recovers_a_planted_sparse_map():
+    """x = c F_in, y = c F_out: the transcoder's decoder rows are the F_out directions."""
+    from sae.synthetic import max_cosine, planted_transcoder
+
+    x, y, _, F_out = planted_transcoder(30000, 24, 16, 64, l0=3, seed=0)
+    meta = {"hook_name": "in", "hook_name_out": "out"}
+    sae = _float_coder("topk", d_in=24, d_out=16, transcode=True, metadata=meta)
+    trainer = _trainer(sae, torch.cat([x, y], 1), {"in": 24, "out": 16}, 240_000)
+    trainer.fit()
+    cos = max_cosine(F_out, sae.W_dec.detach())
+    assert int((cos > 0.95).sum()) >= 60  # of 64 (measured: 64)
+    m = trainer.evaluate()
+    assert m["tc/heldout/fvu"] < 0.35 and m["tc/heldout/l0"] == pytest.approx(3, abs=0.3)
+
+
+def test_topk_crosscoder_recovers_features_and_where_they_live():
+    """Features that write to a subset of three places: the crosscoder finds them and its
+    per-place decoder norms say which places each lives in."""
+    from sae.synthetic import planted_crosscoder
+
+    widths = [12, 16, 20]
+    x, F, lives = planted_crosscoder(30000, widths, 64, l0=3, seed=0)
+    sae = _float_coder("topk", d_in=48, places=widths,
+                       metadata={"hook_names": ["a", "b", "c"]})
+    trainer = _trainer(sae, x, dict(zip("abc", widths, strict=True)), 240_000)
+    trainer.fit()
+    W = sae.W_dec.detach()
+    cos, best = (F / F.norm(dim=1, keepdim=True) @ (W / W.norm(dim=1, keepdim=True)).T).max(1)
+    assert int((cos > 0.95).sum()) >= 58  # of 64 (measured: 62)
+    norms = torch.stack([p.norm(dim=1) for p in W.split(widths, dim=1)], 1)[best]
+    found = norms / norms.sum(dim=1, keepdim=True) > 0.1
+    assert float((found == lives).all(dim=1)[cos > 0.95].float().mean()) > 0.95
+    m = trainer.evaluate()
+    assert {"tc/heldout/fvu_place0", "tc/heldout/fvu_place2"} <= set(m)
+    assert trainer.scales["tc"]["in"] == trainer.scales["tc"]["out"]
+    assert len(trainer.scales["tc"]["in"]) == 3
+
+
+def test_skip_transcoder_resumes_exactly(tmp_path):
+    from sae.synthetic import planted_transcoder
+
+    x, y, _, _ = planted_transcoder(8000, 10, 6, 32, l0=3, seed=1)
+    data, places = torch.cat([x, 3 * y], 1), {"in": 10, "out": 6}
+    meta = {"hook_name": "in", "hook_name_out": "out"}
+
+    def run(out_dir):
+        sae = _float_coder("batchtopk", d_in=10, d_out=6, transcode=True, skip=True,
+                           metadata=dict(meta))
+        return _trainer(sae, data, places, 256 * 24, out_dir=out_dir), sae
+
+    full, sae_full = run(None)
+    full.fit()
+    part, _ = run(tmp_path)
+    orig = part._train_step
+
+    def step_then_stop(batch):
+        if part.step == 9:
+            raise KeyboardInterrupt
+        return orig(batch)
+
+    part._train_step = step_then_stop
+    with pytest.raises(KeyboardInterrupt):
+        part.fit()
+    resumed, sae_res = run(tmp_path)
+    resumed.resume()
+    assert resumed.scales == full.scales and full.scales["tc"]["in"] != full.scales["tc"]["out"]
+    resumed.fit()
+    for (name, a), b in zip(sae_full.state_dict().items(), sae_res.state_dict().values(),
+                            strict=True):
+        assert torch.equal(a, b), name
