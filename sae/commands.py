@@ -278,7 +278,9 @@ def _browse_one(name: str, folder: Path, sae: Any, args, opts: BrowseOptions, n_
     if cfg.model not in models:
         models[cfg.model] = lm.load_model(cfg.model, device=torch_device(cfg.device))
     model, tokenizer = models[cfg.model]
-    hook = cfg.hookpoint or lm.default_hookpoint(model)
+    from . import wiring
+
+    hook = wiring.reads(sae.cfg, cfg.hookpoint or lm.default_hookpoint(model))
     tokens = _held_tokens(tokenizer, cfg, held)[: max(1, -(-opts.tokens // cfg.context_size))]
     if tokens.shape[0] == 0:
         raise fail(f"the held-out split of {cfg.source!r} is shorter than one context of "
@@ -296,7 +298,7 @@ def _browse_one(name: str, folder: Path, sae: Any, args, opts: BrowseOptions, n_
     except ValueError as e:
         raise fail(f"{folder}: {e}") from e
     print(f"{name}: {out} ({out.stat().st_size / 1e3:.0f} kB; {tokens.numel()} held-out "
-          f"tokens at {hook})")
+          f"tokens at {', '.join(hook)})")
 
 
 def cmd_browse(args: argparse.Namespace) -> int:

@@ -309,6 +309,21 @@ def test_train_and_eval_a_skip_transcoder_and_a_crosscoder(tiny_model_and_texts,
             assert m["ce_zero"] != m["ce_clean"] and 0 < m["fvu"] < 2
     assert results["topk"]["writes"] == ["model.layers.0", "model.layers.2"]
     assert {"fvu_place0", "fvu_place1"} <= set(results["topk"])
+    # the feature browsers read what each dictionary reads; a crosscoder's shows where it writes
+    from sae.browser import read_browser_data
+
+    for run in (tc, cc):
+        page = tmp_path / f"{run.name}.html"
+        assert main(["browse", str(run / "topk"), "--text", str(texts), "--tokens", "64",
+                     "--n-latents", "4", "--out", str(page), "--device", "cpu",
+                     "--no-progress"]) == 0
+        data = read_browser_data(page)
+        assert data["latents"]
+    assert data["meta"]["places"] == ["model.layers.0", "model.layers.2"]
+    W = cross.W_dec.detach()
+    for entry in data["latents"]:
+        want = [float(W[entry["id"], :32].norm()), float(W[entry["id"], 32:].norm())]
+        assert entry["place_norms"] == pytest.approx(want, rel=1e-3)
 
 
 @pytest.mark.parametrize("args, match", [

@@ -17,7 +17,16 @@ from ..architectures import ARCHITECTURES
 from ..massive import MASSIVE_FACTOR, MassiveFilter
 from ..metrics import DENSE_THRESHOLD, density_histogram
 from .render import render
-from .scan import HIST_LOW, HIST_STEP, logit_effects, one_point, round_sig, scan, select_latents
+from .scan import (
+    HIST_LOW,
+    HIST_STEP,
+    logit_effects,
+    one_point,
+    place_norms,
+    round_sig,
+    scan,
+    select_latents,
+)
 
 
 def _check(tokens: Tensor, sae: Any, top_contexts: int, batch_contexts: int,
@@ -181,7 +190,7 @@ def feature_browser(
     model: nn.Module,
     tokenizer: Any,
     sae: Any,
-    hookpoint: str,
+    hookpoint: str | Sequence[str],
     tokens: Tensor,
     *,
     latents: Sequence[int] | None = None,
@@ -199,7 +208,9 @@ def feature_browser(
     """Write a static HTML page showing what the latents of ``sae`` respond to; return its path.
 
     ``model`` is run once over ``tokens`` (``(n_contexts, context_size)`` ids), ``batch_contexts``
-    contexts per forward, stopped right after ``hookpoint`` (:func:`sparsecode.hooks.capture`);
+    contexts per forward, stopped right after ``hookpoint`` (:func:`sparsecode.hooks.capture`;
+    a list of places for a crosscoder, read side by side, whose page also shows each latent's
+    decoder norm per place);
     the activations there are encoded with ``sae.encode`` (any object with ``encode`` and a
     ``W_dec`` of shape ``(d_sae, d_in)``, e.g. :class:`sae.models.SAE`). Positions left out, as
     for training (:class:`sae.massive.MassiveFilter`): position 0 of every context (the BOS /
@@ -231,19 +242,23 @@ def feature_browser(
     """
     window = _check(tokens, sae, top_contexts, batch_contexts, window, drop_bos)
     tracked = _tracked(latents, int(sae.W_dec.shape[0]))
-    point = one_point(model, hookpoint)
+    points = [one_point(model, p) for p in ([hookpoint] if isinstance(hookpoint, str)
+                                            else hookpoint)]
+    point = ", ".join(points)
     tokens = tokens.long()
     positions = MassiveFilter(massive_factor, drop_bos=drop_bos)
     with _eval_mode(sae):
-        result = scan(model, sae, point, tokens, tracked, top_contexts, window, batch_contexts,
-                      positions, progress)
+        result = scan(model, sae, points, tokens, tracked, top_contexts, window,
+                      batch_contexts, positions, progress)
     density = result["counts"].double() / result["n_positions"]
     shown, col, selection = _shown(density, tracked, n_latents)
     logits, logit_note = logit_effects(model, sae, shown) if shown else (None, "")
     entries, ids = _entries(result, density, shown, col, logits, tokens, top_contexts, window)
+    for entry, norms in zip(entries, place_norms(sae, shown) or [], strict=False):
+        entry["place_norms"] = norms
     settings = {"title": title, "info": {str(k): str(v) for k, v in (info or {}).items()},
                 "window": list(window), "top_contexts": top_contexts, "selection": selection,
-                "logit_note": logit_note}
+                "logit_note": logit_note, "places": points}
     dh = density_histogram(density.float())
     data = {
         "meta": _meta(model, sae, point, tokens, result, density, positions, settings),

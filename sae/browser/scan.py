@@ -62,6 +62,17 @@ def select_latents(
 # ---------------------------------------------------------------------------------------------
 
 
+def place_norms(sae: Any, latents: list[int]) -> list[list[float]] | None:
+    """A crosscoder's decoder norm per place for each of ``latents`` (None for one place): a
+    feature that lives in some layers only has small norms elsewhere."""
+    places = getattr(getattr(sae, "cfg", None), "places", None)
+    if not places:
+        return None
+    W = sae.W_dec.detach()[torch.as_tensor(latents, dtype=torch.long)].float()
+    norms = torch.stack([part.norm(dim=1) for part in W.split(places, dim=1)], dim=1)
+    return [[round_sig(v) for v in row] for row in norms.tolist()]
+
+
 def one_point(model: nn.Module, hookpoint: str) -> str:
     paths = resolve(model, hookpoint)
     if len(paths) != 1:
@@ -134,50 +145,54 @@ class _Stats:
                 "top_where": self.top.where.cpu(), "top_win": self.top.win.cpu()}
 
 
-def _activations(model: nn.Module, point: str, tokens: Tensor, batch_contexts: int,
+def _activations(model: nn.Module, points: list[str], tokens: Tensor, batch_contexts: int,
                  progress: bool):
-    """``(first context, activations (contexts, positions, d))`` per forward, checked."""
+    """``(first context, {point: activations (contexts, positions, d)})`` per forward (one
+    stopped-early forward for all the points a dictionary reads), checked."""
     from tqdm.auto import tqdm
 
     n_ctx, c = tokens.shape
     dev = device_of(model)
-    with capture(model, point, stop_early=True) as acts, tqdm(
+    with capture(model, points, stop_early=True) as acts, tqdm(
             total=tokens.numel(), unit="tok", desc="feature browser", leave=False,
             disable=not progress) as bar:
         for start in range(0, n_ctx, batch_contexts):
             chunk = tokens[start : start + batch_contexts]
             acts.run(input_ids=chunk.to(dev), use_cache=False)
-            x = acts[point]
-            if x.dim() != 3 or x.shape[:2] != chunk.shape:
-                raise ValueError(
-                    f"the activation at {point!r} has shape {tuple(x.shape)}; expected "
-                    f"({chunk.shape[0]}, {c}, d) for {chunk.shape[0]} contexts of {c} tokens"
-                )
-            if not torch.isfinite(x).all():
-                raise ValueError(f"the model's activation at {point!r} holds NaN or inf")
-            yield start, x
+            for point in points:
+                x = acts[point]
+                if x.dim() != 3 or x.shape[:2] != chunk.shape:
+                    raise ValueError(
+                        f"the activation at {point!r} has shape {tuple(x.shape)}; expected "
+                        f"({chunk.shape[0]}, {c}, d) for {chunk.shape[0]} contexts of {c} "
+                        "tokens")
+                if not torch.isfinite(x).all():
+                    raise ValueError(f"the model's activation at {point!r} holds NaN or inf")
+            yield start, {p: acts[p] for p in points}
             bar.update(chunk.numel())
 
 
 @torch.no_grad()
-def scan(model: nn.Module, sae: Any, point: str, tokens: Tensor, tracked: Tensor | None,
+def scan(model: nn.Module, sae: Any, points: list[str], tokens: Tensor, tracked: Tensor | None,
          top_contexts: int, window: tuple[int, int], batch_contexts: int,
          positions: MassiveFilter, progress: bool) -> dict[str, Any]:
     """One pass over ``tokens``: latent statistics and streaming top contexts, over the
-    positions ``positions`` keeps (BOS and massive ones left out, medians of the first batch)."""
+    positions ``positions`` keeps (BOS and massive ones left out, medians of the first batch).
+    ``points`` are the places the dictionary reads, side by side (a crosscoder reads several)."""
     c = tokens.shape[1]
     stats = _Stats(int(sae.W_dec.shape[0]), tracked, top_contexts, window, sae.W_dec.device)
     n_pos = n_massive = 0
-    for start, x in _activations(model, point, tokens, batch_contexts, progress):
-        x = x.to(device=sae.W_dec.device, dtype=sae.W_dec.dtype)
-        keep = positions.keep_positions({point: x})
+    for start, acts in _activations(model, points, tokens, batch_contexts, progress):
+        acts = {p: a.to(device=sae.W_dec.device, dtype=sae.W_dec.dtype) for p, a in acts.items()}
+        keep = positions.keep_positions(acts)
+        x = torch.cat([acts[p] for p in points], dim=-1)
         n_bos = x.shape[0] if positions.drop_bos else 0
         n_massive += keep.numel() - int(keep.sum()) - n_bos
         n_pos += int(keep.sum())
         stats.add(sae.encode(x).float() * keep.unsqueeze(-1), start * c)
     if n_pos == 0:
         raise ValueError("no token positions left after dropping first and massive positions")
-    median = None if positions.medians is None else positions.medians[point]
+    median = None if positions.medians is None else positions.medians[points[-1]]
     return {**stats.result(), "n_positions": n_pos, "n_massive": n_massive,
             "median_norm": median}
 
@@ -203,11 +218,16 @@ def _final_norm_weight(model: nn.Module, d: int) -> tuple[str, Tensor] | None:
 def logit_effects(
     model: nn.Module, sae: Any, latents: list[int], n: int = N_LOGITS
 ) -> tuple[list[dict[str, list]] | None, str]:
-    """Top ``n`` promoted and suppressed token ids and values per latent, and how computed."""
+    """Top ``n`` promoted and suppressed token ids and values per latent, and how computed (a
+    crosscoder's: through its decoder for the last place it writes)."""
     get = getattr(model, "get_output_embeddings", None)
     head = get() if callable(get) else None
     W_U = getattr(head, "weight", None)
-    d_in = int(sae.W_dec.shape[1])
+    W_dec_all = sae.W_dec.detach()
+    places = getattr(getattr(sae, "cfg", None), "places", None)
+    if places:
+        W_dec_all = W_dec_all[:, -places[-1]:]
+    d_in = int(W_dec_all.shape[1])
     if not isinstance(W_U, Tensor) or W_U.dim() != 2 or W_U.shape[1] != d_in:
         shape = None if not isinstance(W_U, Tensor) else tuple(W_U.shape)
         return None, (
@@ -215,7 +235,7 @@ def logit_effects(
             f"{shape}) does not match the SAE's d_in={d_in}"
         )
     dev = W_U.device
-    W_dec = sae.W_dec.detach()[torch.as_tensor(latents, dtype=torch.long)].to(dev, torch.float32)
+    W_dec = W_dec_all[torch.as_tensor(latents, dtype=torch.long)].to(dev, torch.float32)
     norm = _final_norm_weight(model, d_in)
     if norm is not None:
         W_dec = W_dec * norm[1].to(dev, torch.float32)

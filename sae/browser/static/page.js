@@ -145,6 +145,15 @@
      ["  \u00b7  max ", num(l.max)], ["  \u00b7  mean when active ", num(l.mean)]]
       .forEach(function (p) { st.append(p[0]); st.appendChild(el("b", null, p[1])); });
     m.appendChild(st);
+    if (l.place_norms) {  // a crosscoder: where the latent writes
+      var pn = el("div", "stats");
+      pn.append("decoder norm per place ");
+      l.place_norms.forEach(function (v, i) {
+        pn.append(i ? "  \u00b7  " + D.meta.places[i] + " " : D.meta.places[i] + " ");
+        pn.appendChild(el("b", null, num(v)));
+      });
+      m.appendChild(pn);
+    }
 
     var charts = el("div", "charts");
     var h = l.hist, hc = el("div");
