@@ -38,17 +38,27 @@ def geometric_median(x: Tensor, n_iter: int = 100, tol: float = 1e-6) -> Tensor:
     return y.to(x.dtype)
 
 
+def _centre(x: Tensor, how: str) -> Tensor | None:
+    if how == "geometric_median":
+        return geometric_median(x)
+    return x.mean(dim=0) if how == "mean" else None
+
+
 @torch.no_grad()
-def initialise(sae: SAE, y: Tensor, *, b_dec_init: str = "geometric_median",
-               total_tokens: int | None = None) -> None:
+def initialise(sae: SAE, y: Tensor, x: Tensor | None = None, *,
+               b_dec_init: str = "geometric_median", total_tokens: int | None = None) -> None:
     """Set ``b_dec`` (and the dead window, if unset) from a first batch ``y`` of the scaled
-    activations the SAE writes (:func:`sae.wiring.fit_scales` gives the scales)."""
+    activations the SAE writes (:func:`sae.wiring.fit_scales` gives the scales). A transcoder
+    does not centre its input by ``b_dec``; it subtracts the fixed centre ``x_centre`` of its
+    first input batch ``x`` instead (:attr:`sae.models.SAE.b_in`)."""
     if b_dec_init not in B_DEC_INITS:
         raise ValueError(f"unknown b_dec_init {b_dec_init!r}; use one of {B_DEC_INITS}")
-    xs = y
-    if b_dec_init == "geometric_median":
-        sae.b_dec.copy_(geometric_median(xs))
-    elif b_dec_init == "mean":
-        sae.b_dec.copy_(xs.mean(dim=0))
+    centre = _centre(y, b_dec_init)
+    if centre is not None:
+        sae.b_dec.copy_(centre)
+    if sae.cfg.transcode and x is not None:
+        c = _centre(x, b_dec_init)
+        if c is not None:
+            sae.x_centre.copy_(c)
     if sae.cfg.dead_tokens is None and total_tokens is not None:
         sae.cfg.dead_tokens = int(min(10_000_000, max(total_tokens // 20, 1)))

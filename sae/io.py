@@ -180,7 +180,8 @@ def _inference_tensors(sae: SAE, input_scale: float | Sequence[float], dtype: An
                        output_scale: float | Sequence[float] | None = None) -> dict[str, Tensor]:
     """The saved model's parameters with the training scales folded in (per coordinate:
     ``s`` of the input, ``t`` of the written activation): ``W_enc * s``, ``W_dec / t``,
-    ``b_dec / t``, ``W_skip * s / t``; ``b_enc`` and thresholds are unchanged. A matching
+    ``b_dec / t``, ``W_skip * s / t``; thresholds are unchanged, and so is ``b_enc`` but for a
+    transcoder's input centre, folded in (``b_enc - x_centre W_enc``). A matching
     pursuit keeps its unit-norm atoms (``W_dec`` unchanged): its codes scale with the input, so
     only ``b_dec / s`` (and the residual threshold, :func:`_form_config`) change."""
     s, t = _scale_vectors(sae, input_scale, output_scale)
@@ -195,7 +196,8 @@ def _inference_tensors(sae: SAE, input_scale: float | Sequence[float], dtype: An
     tensors = {
         "W_enc": lambda: get(sae.W_enc) * s[:, None],
         "W_dec": lambda: get(sae.W_dec) / (1.0 if form == "matching_pursuit" else t),
-        "b_enc": lambda: get(sae.b_enc),
+        "b_enc": lambda: get(sae.b_enc) - get(sae.x_centre) @ get(sae.W_enc)
+        if sae.cfg.transcode else get(sae.b_enc),
         "b_dec": lambda: get(sae.b_dec) / t,
         "threshold": lambda: get(sae.threshold).clamp_min(0),  # as the module's inference
         "W_skip": lambda: get(sae.W_skip) * s[None, :] / t[:, None],

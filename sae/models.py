@@ -231,6 +231,8 @@ class SAE(nn.Module):
         self.b_dec = nn.Parameter(torch.zeros(d_out))
         if cfg.skip:  # skip transcoder: a linear term, starting at zero (as SAELens, sparsify)
             self.W_skip = nn.Parameter(torch.zeros(d_out, d))
+        if cfg.transcode:  # a fixed centre of the input (folded into b_enc when saved)
+            self.register_buffer("x_centre", torch.zeros(d))
         if self.arch.threshold == "learned":
             self.threshold = nn.Parameter(torch.full((n,), float(cfg.threshold_init)))
         else:
@@ -268,10 +270,14 @@ class SAE(nn.Module):
         return self.W_dec.shape[0]
 
     @property
-    def b_in(self) -> Tensor | None:
+    def b_in(self) -> Tensor:
         """What the encoder subtracts from its input: ``b_dec`` for an autoencoder or a
-        crosscoder (input and output are one space), nothing for a transcoder."""
-        return None if self.cfg.transcode else self.b_dec
+        crosscoder (input and output are one space); for a transcoder, whose ``b_dec`` lives in
+        the output space, the fixed buffer ``x_centre``: the centre of its first training batch
+        (:func:`sae.initialise.initialise`), zero once saved (it is folded into ``b_enc``).
+        Without it a mean-dominated input (an MLP's normalised input) lets the encoder's updates
+        along the mean push most latents below zero for good."""
+        return self.x_centre if self.cfg.transcode else self.b_dec
 
     def decoder_norms(self) -> Tensor:
         """Each latent's decoder norm: the row norm, or for a crosscoder the sum over places of

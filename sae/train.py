@@ -205,8 +205,9 @@ class Trainer:
             scales = wiring.fit_scales(batch, sae.cfg, self.source.hookpoints[0],
                                        self.cfg.normalize_input)
             self.scales[name] = scales
+            x = wiring.stack(batch, self.reads[name], scales["in"], self.device)
             y = wiring.stack(batch, self.writes[name], scales["out"], self.device)
-            initialise(sae, y, b_dec_init=self.cfg.b_dec_init,
+            initialise(sae, y, x, b_dec_init=self.cfg.b_dec_init,
                        total_tokens=self.cfg.total_tokens)
 
     def inputs(self, name: str, batch: dict[str, Tensor]) -> tuple[Tensor, Tensor | None]:

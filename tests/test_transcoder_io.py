@@ -23,6 +23,7 @@ def _transcoder(arch, skip, d_in=10, d_out=6, seed=0):
         sae.b_enc.copy_(0.3 * torch.randn(24, generator=g))
         sae.b_dec.copy_(0.5 * torch.randn(d_out, generator=g))
         sae.threshold.copy_(0.2 * torch.rand(24, generator=g))
+        sae.x_centre.copy_(torch.randn(d_in, generator=g))  # folded into b_enc when saved
         if skip:
             sae.W_skip.copy_(0.3 * torch.randn(d_out, d_in, generator=g))
     return sae.eval()

@@ -20,6 +20,8 @@ def _coder(arch, d_in=12, d_out=7, d_sae=40, k=3, seed=0, **kw):
         sae.b_dec.copy_(0.1 * torch.randn(cfg.d_out, generator=g, dtype=torch.float64))
         if cfg.skip:
             sae.W_skip.copy_(0.1 * torch.randn(cfg.d_out, d_in, generator=g, dtype=torch.float64))
+        if cfg.transcode:
+            sae.x_centre.copy_(0.2 * torch.randn(d_in, generator=g, dtype=torch.float64))
         if arch == "jumprelu":
             sae.threshold.copy_(torch.linspace(-0.3, 0.6, d_sae, dtype=torch.float64))
     return sae
@@ -30,7 +32,7 @@ def _dense_loss(sae, x, y):
     ``y_hat = z W_dec + b_dec (+ x W_skip^T)``, the architecture's penalty with decoder norms
     summed over a crosscoder's places, Matryoshka's prefix errors."""
     cfg, N = sae.cfg, x.shape[0]
-    xc = x if cfg.transcode else x - sae.b_dec
+    xc = x - (sae.x_centre if cfg.transcode else sae.b_dec)
     pre = xc @ sae.W_enc + sae.b_enc
     act = {
         "relu": lambda p: p.relu(),
@@ -110,7 +112,7 @@ def test_topk_transcoder_auxk_equals_dense_reference():
     g = torch.Generator().manual_seed(5)
     x = torch.randn(32, 12, generator=g, dtype=torch.float64)
     y = torch.randn(32, 7, generator=g, dtype=torch.float64)
-    pre = x @ sae.W_enc + sae.b_enc
+    pre = (x - sae.x_centre) @ sae.W_enc + sae.b_enc
     z = ops.TopK(3, positive=True).project(pre)
     y_hat = z @ sae.W_dec + sae.b_dec + x @ sae.W_skip.T
     k_aux = min(sae.cfg.aux_k, int(dead.sum()))
@@ -130,8 +132,8 @@ def test_topk_transcoder_auxk_equals_dense_reference():
 def test_inference_forward_and_pairs_agree_with_the_definition():
     sae = _coder("jumprelu", transcode=True, skip=True).eval()
     x = torch.randn(9, 12, generator=torch.Generator().manual_seed(6), dtype=torch.float64)
-    z = torch.where(x @ sae.W_enc + sae.b_enc > sae.threshold.clamp_min(0),
-                    x @ sae.W_enc + sae.b_enc, 0.0)
+    pre = (x - sae.x_centre) @ sae.W_enc + sae.b_enc
+    z = torch.where(pre > sae.threshold.clamp_min(0), pre, 0.0)
     want = z @ sae.W_dec + sae.b_dec + x @ sae.W_skip.T
     torch.testing.assert_close(sae(x), want)
     rows, cols, vals = sae.encode_pairs(x)
