@@ -22,13 +22,30 @@ from sae.train import TrainConfig, Trainer
 D_IN, D_SAE, K, BATCH, STEPS = 16, 64, 4, 64, 6
 
 
+#: TEST_SHAPE=transcoder: a skip transcoder reading "in" (D_IN) and writing "out" (D_OUT).
+D_OUT = 12
+TRANSCODER = {"hook_name": "in", "hook_name_out": "out"}
+
+
+def transcoding() -> bool:
+    return os.environ.get("TEST_SHAPE", "sae") == "transcoder"
+
+
 def data() -> torch.Tensor:
     g = torch.Generator().manual_seed(1)
-    return torch.randn(BATCH * 8, D_IN, generator=g) * 3 + 1
+    width = D_IN + D_OUT if transcoding() else D_IN
+    return torch.randn(BATCH * 8, width, generator=g) * 3 + 1
+
+
+def source() -> ArrayActivations:
+    places = {"in": D_IN, "out": D_OUT} if transcoding() else None
+    return ArrayActivations(data(), batch_size=BATCH, seed=0, epochs=None, places=places)
 
 
 def make_sae(k: int = K, dead_tokens: int | None = BATCH) -> SAE:
-    cfg = SAEConfig(d_in=D_IN, d_sae=D_SAE, k=k, dead_tokens=dead_tokens, aux_k=8)
+    shape = dict(d_out=D_OUT, transcode=True, skip=True, metadata=dict(TRANSCODER)) \
+        if transcoding() else {}
+    cfg = SAEConfig(d_in=D_IN, d_sae=D_SAE, k=k, dead_tokens=dead_tokens, aux_k=8, **shape)
     return SAE(cfg, generator=torch.Generator().manual_seed(0))
 
 
@@ -56,9 +73,7 @@ def main() -> None:
     scenario, out = sys.argv[1], Path(sys.argv[2])
     shards = int(os.environ.get("TEST_LATENT_SHARDS", "1"))
     d = distributed.init(shards, timeout_s=float(os.environ.get("TEST_TIMEOUT", "60")))
-    src = distributed.RankSlice(
-        ArrayActivations(data(), batch_size=BATCH, seed=0, epochs=None), d.data_rank, d.data_size
-    )
+    src = distributed.RankSlice(source(), d.data_rank, d.data_size)
     if scenario == "train":  # a few steps; whole weights written by rank 0
         trainer = Trainer({"topk": make_sae()}, src, train_cfg(), out_dir=out, dist=d)
         trainer.fit()

@@ -58,8 +58,7 @@ def launch(scenario: str, out: Path, n: int = 2, shards: int = 1, timeout: float
 
 
 def single_process(**cfg) -> Trainer:
-    src = ArrayActivations(w.data(), batch_size=w.BATCH, seed=0, epochs=None)
-    trainer = Trainer({"topk": w.make_sae()}, src, w.train_cfg(**cfg))
+    trainer = Trainer({"topk": w.make_sae()}, w.source(), w.train_cfg(**cfg))
     trainer.fit()
     return trainer
 
@@ -72,9 +71,14 @@ def assert_same_weights(got: dict, trainer: Trainer, atol: float = 1e-5) -> None
                                    rtol=0, err_msg=k)
 
 
-@pytest.mark.parametrize(("n", "shards"), [(2, 1), (2, 2), (4, 2)],
-                         ids=["data2", "latent2", "data2xlatent2"])
-def test_distributed_training_equals_one_process_on_the_global_batch(tmp_path, n, shards):
+@pytest.mark.parametrize(("n", "shards", "shape"),
+                         [(2, 1, "sae"), (2, 2, "sae"), (4, 2, "sae"), (2, 1, "transcoder"),
+                          (2, 2, "transcoder")],
+                         ids=["data2", "latent2", "data2xlatent2", "transcoder-data2",
+                              "transcoder-latent2"])
+def test_distributed_training_equals_one_process_on_the_global_batch(tmp_path, monkeypatch, n,
+                                                                     shards, shape):
+    monkeypatch.setenv("TEST_SHAPE", shape)
     rc, outs = launch("train", tmp_path, n=n, shards=shards)
     assert rc == [0] * n, outs
     ref = single_process()
