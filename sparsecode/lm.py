@@ -121,6 +121,10 @@ def hidden_size(model: nn.Module, point: str) -> int:
     ids = torch.zeros(1, 2, dtype=torch.long, device=device_of(model))
     with capture(model, path, stop_early=True) as acts, torch.no_grad():
         acts.run(input_ids=ids, use_cache=False)
+    if path not in acts:
+        raise ValueError(f"module {module_path!r} ({type(module).__name__}) does not run in "
+                         "the model's forward (a container?), so it has no activation at "
+                         f"{path!r}; name a module that is called, e.g. a layer or its mlp")
     return int(acts[path].shape[-1])
 
 

@@ -328,7 +328,7 @@ def test_train_and_eval_a_skip_transcoder_and_a_crosscoder(tiny_model_and_texts,
 
 @pytest.mark.parametrize("args, match", [
     (["--transcode", "model.layers.1.mpl"], "close matches: 'model.layers.1.mlp'"),
-    (["--transcode", "model.layers"], "has not run"),
+    (["--transcode", "model.layers"], "'model.layers' \\(ModuleList\\) does not run"),
     (["--transcode", "model.layers.1.mlp", "--crosscode", "model.layers.*"], "choose one of"),
     (["--hookpoint-in", "model.layers.0"], "go together"),
     (["--crosscode", "model.layers.1"], "two or more places"),
