@@ -78,6 +78,11 @@ class EvalOptions:
         "latents per token of the pursuit encoders (default: the trained encoder's mean L0)"))
     alpha: float | None = field(default=None, metadata=meta(
         "l1 weight of the fista encoder (default: chosen to give the pursuits' L0)"))
+    synthetic: str | None = field(default=None, metadata=meta(
+        "a synthetic model folder (sae_lens.synthetic's SyntheticModel.save) the SAEs were "
+        "trained on: score recovery of its known features (F1, MCC, uniqueness, ...)"))
+    synthetic_samples: int = field(default=100_000, metadata=meta(
+        "samples drawn from the synthetic model for --synthetic"))
     json: bool = field(default=False, metadata=meta("print one JSON object"))
 
 
@@ -92,7 +97,7 @@ def _with_encoders(sae: Any, opts: EvalOptions, measure) -> dict[str, Any]:
     others = [e for e in names if e != "trained"]
     if not others:
         return trained
-    k = opts.k or max(1, round(trained["l0"]))
+    k = opts.k or max(1, round(trained.get("l0", trained.get("sae_l0", 1))))
     out = {"trained": trained}
     for name in others:
         view = Encoded(sae, name, k=None if name == "fista" and opts.alpha else k,
@@ -170,9 +175,42 @@ def _in_model(model: Any, cfg: ModelConfig, tokens: torch.Tensor, view: Any,
     return {**m, "model_name": cfg.model, **places}
 
 
+def _eval_synthetic(saes: dict, folders: dict, opts: EvalOptions, seed: int | None
+                    ) -> dict[str, Any]:
+    """Ground-truth recovery (:func:`sae.evals.synthetic.recovery`) of each SAE on samples of
+    a saved SAELens synthetic model, with every ``--encoder``."""
+    from .evals.synthetic import recovery
+
+    path = Path(opts.synthetic)
+    try:
+        from sae_lens.synthetic import SyntheticModel
+    except ImportError as e:
+        raise fail("--synthetic reads SAELens' synthetic models: pip install sae-lens") from e
+    if not path.is_dir():
+        raise fail(f"synthetic model folder not found: {path}")
+    try:
+        model = SyntheticModel.load_from_disk(path)
+    except (OSError, ValueError, KeyError) as e:
+        raise fail(f"{path} is not a synthetic model folder: {e}") from e
+    torch.manual_seed(0 if seed is None else seed)
+    with torch.no_grad():
+        x, c = model.sample_with_features(opts.synthetic_samples)
+    F = model.feature_dict.feature_vectors.detach()
+    out = {}
+    for name, sae in saes.items():
+        try:
+            out[name] = _with_encoders(sae, opts, lambda view, ref, sae=sae: recovery(
+                view, x.to(sae.W_dec.device), c.to(sae.W_dec.device), F.to(sae.W_dec.device),
+                batch_size=opts.batch_size))
+        except ValueError as e:
+            raise fail(f"{folders[name]}: {e}") from e
+    return out
+
+
 def cmd_eval(args: argparse.Namespace) -> int:
-    """Metrics of saved SAEs: on stored activations (``--activations``), or spliced into the
-    language model over held-out text (CE-loss recovered, delta LM loss, KL)."""
+    """Metrics of saved SAEs: on stored activations (``--activations``), spliced into the
+    language model over held-out text (CE-loss recovered, delta LM loss, KL), or recovery of
+    the known features of a synthetic model (``--synthetic``)."""
     from .encoders import check_encoder
 
     opts = EvalOptions(**values(EvalOptions, args))
@@ -183,7 +221,9 @@ def cmd_eval(args: argparse.Namespace) -> int:
         raise fail(e) from e
     device = torch_device(args.device)
     folders, saes = _saes(args.run, device)
-    if opts.activations:
+    if opts.synthetic:
+        results = _eval_synthetic(saes, folders, opts, getattr(args, "seed", None))
+    elif opts.activations:
         results = _eval_on_array(saes, folders, opts.activations, opts, device)
     else:
         results = _eval_in_model(saes, folders, args, opts, device)
