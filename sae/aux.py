@@ -113,7 +113,5 @@ def _pairs(sae: SAE, x: Tensor, cand: Tensor, u: Tensor | None, k_aux: int,
         if u is not None:
             v = v / scale[local]
     cols = cand[local]
-    b_in = sae.b_in
-    b_in = None if b_in is None else sae.collective.share(b_in)
-    vals = sparse_preact(x, W_rows, b_enc, b_in, rows, cols, v)
+    vals = sparse_preact(x, W_rows, b_enc, sae.collective.share(sae.b_in), rows, cols, v)
     return rows, cols, vals if u is None else vals * u[cols]

@@ -78,29 +78,16 @@ def _array_source(args, run: RunConfig, model: ModelConfig, places: PlacesConfig
     return src, src.heldout_batch(), {"source": str(path)}, configs
 
 
-def _match_names(names: list[str]):
-    """Resolve place names or globs against a stored source's hook points."""
-    from sparsecode.hooks import HookPointError, _glob_regex
-
-    def resolve(points: list[str]) -> list[str]:
-        found = []
-        for p in points:
-            hits = [n for n in names if n == p or (any(c in p for c in "*?[")
-                                                  and _glob_regex(p).match(n))]
-            if not hits:
-                raise HookPointError(f"no stored hook point {p!r}; the cache holds {names}")
-            found += [h for h in hits if h not in found]
-        return found
-
-    return resolve
-
-
 def _cache_source(args, run: RunConfig, model: ModelConfig, places: PlacesConfig, configure):
+    from sparsecode.hooks import match, split_point
+
     from .cache import CachedActivations
 
     src = CachedActivations(run.cache, batch_size=run.batch_size, seed=model.seed, epochs=None,
                             holdout=run.holdout)
-    reads, writes = wiring.places(places, src.hookpoints[0], _match_names(src.hookpoints))
+    modules = list(dict.fromkeys(split_point(p)[0] for p in src.hookpoints))
+    reads, writes = wiring.places(places, src.hookpoints[0],
+                                  lambda points: match(modules, points, f"the cache {run.cache}"))
     heldout = src.heldout()
     configs = configure(reads, writes, {p: int(t.shape[1]) for p, t in heldout.items()})
     return src, heldout, {"source": str(run.cache), **src.metadata}, configs

@@ -312,14 +312,13 @@ def _browse_one(name: str, folder: Path, sae: Any, args, opts: BrowseOptions, n_
                 models: dict, held: dict) -> None:
     from sparsecode import lm
 
+    from . import wiring
     from .browser import feature_browser
 
     cfg = model_settings(args, sae.cfg.metadata)
     if cfg.model not in models:
         models[cfg.model] = lm.load_model(cfg.model, device=torch_device(cfg.device))
     model, tokenizer = models[cfg.model]
-    from . import wiring
-
     hook = wiring.reads(sae.cfg, cfg.hookpoint or lm.default_hookpoint(model))
     tokens = _held_tokens(tokenizer, cfg, held)[: max(1, -(-opts.tokens // cfg.context_size))]
     if tokens.shape[0] == 0:

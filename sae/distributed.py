@@ -349,8 +349,7 @@ class LatentShards:
     def encode(self, op, x, W_rows, b_enc, b_dec, matmul_dtype):
         """The exact global top-k: local candidates (values carry the sparse backward, through
         the shared ``b_dec``), the winners that are this shard's."""
-        b_dec = None if b_dec is None else self.share(b_dec)  # a transcoder does not centre
-        return self._topk(x, W_rows, b_enc, b_dec, op.k, matmul_dtype)
+        return self._topk(x, W_rows, b_enc, self.share(b_dec), op.k, matmul_dtype)
 
     def topk(self, x, W_rows, b_enc, b_dec, k, matmul_dtype, latents=None):
         with torch.no_grad():

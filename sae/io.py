@@ -234,6 +234,15 @@ def _one_scale(scale: Any, what: str) -> float:
     return _check_scale(factors[0])
 
 
+def _one_place_scales(input_scale: Any, output_scale: Any
+                      ) -> tuple[float, float | None, dict[str, float]]:
+    """A one-place SAE's (or transcoder's) input and output factors, and their record in the
+    saved metadata."""
+    s = _one_scale(input_scale, "input_scale")
+    t = None if output_scale is None else _one_scale(output_scale, "output_scale")
+    return s, t, {"input_scale": s} if t is None else {"input_scale": s, "output_scale": t}
+
+
 def _saved_metadata(sae: SAE, metadata: Mapping[str, Any] | None,
                     scales: Mapping[str, Any]) -> dict[str, Any]:
     meta = {**sae.cfg.metadata, **(metadata or {})}
@@ -297,8 +306,7 @@ def save_sae(
         return save_crosscoder(sae, folder, input_scale=input_scale, metadata=metadata,
                                dtype=dtype)
     folder = Path(folder)
-    s = _one_scale(input_scale, "input_scale")
-    t = None if output_scale is None else _one_scale(output_scale, "output_scale")
+    s, t, scales = _one_place_scales(input_scale, output_scale)
     tensors = _inference_tensors(sae, s, dtype, t)
     cfg: dict[str, Any] = {
         "architecture": _saved_form(sae),
@@ -313,7 +321,6 @@ def save_sae(
     if sae.cfg.transcode:
         cfg["d_out"] = sae.cfg.d_out
     cfg.update(_form_config(sae, s))
-    scales = {"input_scale": s} if t is None else {"input_scale": s, "output_scale": t}
     cfg["metadata"] = _saved_metadata(sae, metadata, scales)
     text = _json_text(cfg, folder)
 
@@ -489,6 +496,8 @@ def load_sae(
         if raw.get("normalize_activations", "none") not in ("none", None, False):
             raise ValueError(f"{cfg_path}: a transcoder with normalize_activations="
                              f"{raw['normalize_activations']!r} is not supported")
+        # read as its inference form; its input is not centred by b_dec, and nothing is to
+        # be folded into b_enc (what apply_b_dec_to_input=False means for an autoencoder)
         raw = {**raw, "architecture": transcode, "apply_b_dec_to_input": True}
     form, form_fields = _saelens_form(raw, cfg_path)
     if transcode is not None:
@@ -616,8 +625,7 @@ def save_sparsify(
     if sae.cfg.d_out != sae.cfg.d_in:
         raise ValueError(f"sparsify's transcoders write the width they read; this one reads "
                          f"{sae.cfg.d_in} and writes {sae.cfg.d_out}: use save_sae instead")
-    s = _one_scale(input_scale, "input_scale")
-    out_s = None if output_scale is None else _one_scale(output_scale, "output_scale")
+    s, out_s, scales = _one_place_scales(input_scale, output_scale)
     folder = Path(folder)
     t = _inference_tensors(sae, s, dtype, out_s)
     d_in, d_sae = sae.cfg.d_in, sae.cfg.d_sae
@@ -631,8 +639,7 @@ def save_sparsify(
         "skip_connection": sae.cfg.skip,
         "transcode": sae.cfg.transcode,
         "d_in": d_in,
-        "metadata": _saved_metadata(sae, metadata, {"input_scale": s} if out_s is None else
-                                    {"input_scale": s, "output_scale": out_s}),
+        "metadata": _saved_metadata(sae, metadata, scales),
     }
     text = _json_text(cfg, folder)
     tensors = {

@@ -163,18 +163,15 @@ __all__ = [
 
 
 @torch.no_grad()
-def _written(sae, acts: dict[str, Tensor], reads: list[str], writes: list[str]
-             ) -> dict[str, Tensor]:
-    """What ``sae`` writes at each of ``writes`` from the clean activations of ``reads`` (all
-    positions; ``(batch, ctx, d)`` each)."""
-    x = torch.cat([acts[p] for p in reads], dim=-1)
+def _written(sae, x: Tensor, widths: dict[str, int]) -> dict[str, Tensor]:
+    """What ``sae`` writes at each place of ``widths`` (place -> width, in order) from the
+    clean activations ``x (batch, ctx, d_in)`` it reads (all positions)."""
     shape = x.shape
     x2 = x.reshape(-1, shape[-1]).to(sae.W_dec.dtype)
     rows, cols, vals = sae.encode_pairs(x2)
     y = sae.decode_pairs(rows, cols, vals, x2.shape[0], x=x2)
-    widths = [acts[p].shape[-1] for p in writes]
     return {p: part.reshape(*shape[:-1], -1) for p, part in
-            zip(writes, y.split(widths, dim=-1), strict=True)}
+            zip(widths, y.split(list(widths.values()), dim=-1), strict=True)}
 
 
 @torch.no_grad()
@@ -233,7 +230,8 @@ def model_metrics(
             clean = model(input_ids=ids, use_cache=False).logits.float()
         acts = {p: cap[p] for p in places}
         keep = positions.keep_positions(acts)[..., None]
-        written = _written(sae, acts, reads, writes)
+        x = torch.cat([acts[p] for p in reads], dim=-1)
+        written = _written(sae, x, {p: acts[p].shape[-1] for p in writes})
         runs = {}
         for name, new in (("sae", written), ("zero", None)):
             values = {p: torch.where(keep, acts[p] * 0 if new is None else new[p].to(acts[p]),
@@ -250,20 +248,22 @@ def model_metrics(
             sums[f"kl_{name}"] += float(kl.sum())
         n_pred += target.numel()
         mask = keep[..., 0]
-        xs.append(torch.cat([acts[p] for p in reads], -1)[mask].float().cpu())
-        ys.append(torch.cat([acts[p] for p in writes], -1)[mask].float().cpu())
+        xs.append(x[mask].float().cpu())
+        if writes != reads:  # a transcoder's target
+            ys.append(torch.cat([acts[p] for p in writes], -1)[mask].float().cpu())
         n_positions += ids[:, 1:].numel()
     out = {k: v / max(n_pred, 1) for k, v in sums.items()}
     gap = out["ce_zero"] - out["ce_clean"]
     out["ce_loss_recovered"] = (out["ce_zero"] - out["ce_sae"]) / gap if gap else float("nan")
     out["delta_lm_loss"] = out["ce_sae"] - out["ce_clean"]
     out["kl_recovered"] = 1 - out["kl_sae"] / out["kl_zero"] if out["kl_zero"] else float("nan")
-    x, y = torch.cat(xs), torch.cat(ys)
+    x = torch.cat(xs)
     out["fraction_spliced"] = x.shape[0] / max(n_positions, 1)
     if x.numel():
         dev = next(sae.parameters()).device
-        x, y = x.to(dev), y.to(dev)
-        out.update(evaluate(sae, x, y=None if writes == reads else y))
+        y = torch.cat(ys).to(dev) if ys else None
+        x = x.to(dev)
+        out.update(evaluate(sae, x, y=y))
         if reference is not None:
             out["support_jaccard"] = support_jaccard(reference, sae, x)
     out["n_tokens"] = n_pred

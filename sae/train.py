@@ -202,12 +202,10 @@ class Trainer:
             batch = {hp: all_gather_rows(t.to(self.device, torch.float32), self.dist.data_group)
                      for hp, t in batch.items()}
         for name, sae in self.saes.items():
-            scales = wiring.fit_scales(batch, sae.cfg, self.source.hookpoints[0],
-                                       self.cfg.normalize_input)
-            self.scales[name] = scales
-            x = wiring.stack(batch, self.reads[name], scales["in"], self.device)
-            y = wiring.stack(batch, self.writes[name], scales["out"], self.device)
-            initialise(sae, y, x, b_dec_init=self.cfg.b_dec_init,
+            self.scales[name] = wiring.fit_scales(batch, self.reads[name], self.writes[name],
+                                                  self.cfg.normalize_input)
+            x, y = self.inputs(name, batch)
+            initialise(sae, x if y is None else y, x, b_dec_init=self.cfg.b_dec_init,
                        total_tokens=self.cfg.total_tokens)
 
     def inputs(self, name: str, batch: dict[str, Tensor]) -> tuple[Tensor, Tensor | None]:

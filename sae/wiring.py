@@ -79,14 +79,13 @@ def mean_norm_scale(x: Tensor) -> float:
     return math.sqrt(x.shape[1]) / float(x.norm(dim=1).mean().clamp_min(1e-12))
 
 
-def fit_scales(batch: Mapping[str, Tensor], cfg: SAEConfig, default: str | None,
+def fit_scales(batch: Mapping[str, Tensor], read: Sequence[str], written: Sequence[str],
                normalize: bool) -> Scales:
-    """One factor per place read and written, from a first batch (all 1 without
+    """One factor per place ``read`` and ``written``, from a first batch (all 1 without
     ``normalize``); a place both read and written gets one factor."""
     factor = {p: mean_norm_scale(batch[p].float()) if normalize else 1.0
-              for p in dict.fromkeys(reads(cfg, default) + writes(cfg, default))}
-    return {"in": [factor[p] for p in reads(cfg, default)],
-            "out": [factor[p] for p in writes(cfg, default)]}
+              for p in dict.fromkeys([*read, *written])}
+    return {"in": [factor[p] for p in read], "out": [factor[p] for p in written]}
 
 
 def per_coordinate(factors: Sequence[float], widths: Sequence[int]) -> Tensor:

@@ -46,6 +46,7 @@ __all__ = [
     "Splice",
     "ablate",
     "capture",
+    "match",
     "patch",
     "resolve",
     "splice",
@@ -154,9 +155,21 @@ def resolve(model: nn.Module, points: str | Sequence[str]) -> list[str]:
     ...
     sparsecode.hooks.HookPointError: no module '1.1' in Sequential; close matches: '1.0', '1'
     """
+    return match([name for name, _ in model.named_modules()], points, type(model).__name__)
+
+
+def match(names: Sequence[str], points: str | Sequence[str], owner: str) -> list[str]:
+    """The hook points among module paths ``names`` that ``points`` name, as :func:`resolve`
+    (which calls it with the model's modules) does; ``owner`` names where the paths come from in
+    errors. Also resolves points against stored activations (an activation cache's hook points,
+    ``":input"`` suffixes removed).
+
+    >>> match(["", "model.layers.0", "model.layers.1"], "model.layers.*:input", "a cache")
+    ['model.layers.0:input', 'model.layers.1:input']
+    """
     if isinstance(points, str):
         points = [points]
-    names = [name for name, _ in model.named_modules()]
+    names = list(names)
     known = set(names)
     wanted: set[tuple[str, bool]] = set()
     for full in points:
@@ -173,12 +186,10 @@ def resolve(model: nn.Module, points: str | Sequence[str]) -> list[str]:
                 wanted.update((h, is_input) for h in hits)
                 continue
             raise HookPointError(
-                f"pattern {point!r} matches no module of {type(model).__name__}; "
+                f"pattern {point!r} matches no module of {owner}; "
                 + _suggest(point.replace("*", "").replace("?", ""), names)
             )
-        raise HookPointError(
-            f"no module {point!r} in {type(model).__name__}; " + _suggest(point, names)
-        )
+        raise HookPointError(f"no module {point!r} in {owner}; " + _suggest(point, names))
     return [n + (INPUT if is_input else "") for n in names for is_input in (True, False)
             if (n, is_input) in wanted]
 

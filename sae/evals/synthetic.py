@@ -80,7 +80,7 @@ def recovery(sae: Any, x: Tensor, feature_acts: Tensor, features: Tensor, *,
     tp = torch.zeros(n_lat, dtype=torch.float64, device=x.device)
     fires = torch.zeros_like(tp)
     gt_count = torch.zeros(features.shape[0], dtype=torch.float64, device=x.device)
-    err = tot = shrink = 0.0
+    err = shrink = 0.0
     n_valid = nnz = true_nnz = 0
     sum_x = torch.zeros(x.shape[1], dtype=torch.float64, device=x.device)
     sq = 0.0
