@@ -83,6 +83,13 @@ class EvalOptions:
         "trained on: score recovery of its known features (F1, MCC, uniqueness, ...)"))
     synthetic_samples: int = field(default=100_000, metadata=meta(
         "samples drawn from the synthetic model for --synthetic"))
+    suite: str | None = field(default=None, metadata=meta(
+        "evals to run, comma-separated: core, absorption, splitting, probing, synthetic, or "
+        "all; each writes SAEBench-layout JSON under <SAE folder>/eval_results/ (docs/metrics.md)"))
+    words: int = field(default=6000, metadata=meta(
+        "absorption / splitting: vocabulary words drawn for the first-letter task"))
+    probe_tokens: int = field(default=12_000, metadata=meta(
+        "probing: tokens of the text labelled for the token-level tasks"))
     json: bool = field(default=False, metadata=meta("print one JSON object"))
 
 
@@ -175,12 +182,8 @@ def _in_model(model: Any, cfg: ModelConfig, tokens: torch.Tensor, view: Any,
     return {**m, "model_name": cfg.model, **places}
 
 
-def _eval_synthetic(saes: dict, folders: dict, opts: EvalOptions, seed: int | None
-                    ) -> dict[str, Any]:
-    """Ground-truth recovery (:func:`sae.evals.synthetic.recovery`) of each SAE on samples of
-    a saved SAELens synthetic model, with every ``--encoder``."""
-    from .evals.synthetic import recovery
-
+def _synthetic_samples(opts: EvalOptions, seed: int | None) -> tuple[Any, Any, Any]:
+    """``(x, feature activations, feature directions)`` sampled from ``--synthetic``."""
     path = Path(opts.synthetic)
     try:
         from sae_lens.synthetic import SyntheticModel
@@ -195,7 +198,16 @@ def _eval_synthetic(saes: dict, folders: dict, opts: EvalOptions, seed: int | No
     torch.manual_seed(0 if seed is None else seed)
     with torch.no_grad():
         x, c = model.sample_with_features(opts.synthetic_samples)
-    F = model.feature_dict.feature_vectors.detach()
+    return x, c, model.feature_dict.feature_vectors.detach()
+
+
+def _eval_synthetic(saes: dict, folders: dict, opts: EvalOptions, seed: int | None
+                    ) -> dict[str, Any]:
+    """Ground-truth recovery (:func:`sae.evals.synthetic.recovery`) of each SAE on samples of
+    a saved SAELens synthetic model, with every ``--encoder``."""
+    from .evals.synthetic import recovery
+
+    x, c, F = _synthetic_samples(opts, seed)
     out = {}
     for name, sae in saes.items():
         try:
@@ -221,6 +233,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
         raise fail(e) from e
     device = torch_device(args.device)
     folders, saes = _saes(args.run, device)
+    if opts.suite:
+        return _run_suite(saes, folders, args, opts, device)
     if opts.synthetic:
         results = _eval_synthetic(saes, folders, opts, getattr(args, "seed", None))
     elif opts.activations:
@@ -236,6 +250,104 @@ def cmd_eval(args: argparse.Namespace) -> int:
             label = name if encoder is None else f"{name}/{encoder}"
             print(label, " ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
                                   for k, v in m.items()))
+    return 0
+
+
+def _suite_context(args, opts: EvalOptions, device: torch.device):
+    """The shared :class:`sae.evals.suite.Context` of one ``sae eval --suite`` call."""
+    from sparsecode import lm
+
+    from .evals.suite import Context
+
+    settings = partial(lambda a, sae: model_settings(a, sae.cfg.metadata), args)
+    models: dict[str, Any] = {}
+
+    def load(name: str):
+        if name not in models:
+            models[name] = lm.load_model(name, device=device)
+        return models[name]
+
+    ctx = Context(None if opts.activations else load, settings, n_words=opts.words,
+                  probe_tokens=opts.probe_tokens, seed=getattr(args, "seed", 0) or 42,
+                  progress=getattr(args, "progress", False))
+    if opts.activations:
+        ctx.core = lambda view, ref: _eval_on_array({"sae": view}, {"sae": "SAE"},
+                                                    opts.activations, opts, device)["sae"]
+    else:
+        held: dict[str, list[str]] = {}
+
+        def core(view, ref):
+            cfg = settings(view)
+            model, tok = load(cfg.model)
+            tokens = _held_tokens(tok, cfg, held)
+            if opts.max_tokens:
+                tokens = tokens[: max(1, opts.max_tokens // cfg.context_size)]
+            return _in_model(model, cfg, tokens, view, ref)
+
+        ctx.core = core
+    if opts.synthetic:
+        from .evals.synthetic import recovery
+
+        x, c, F = _synthetic_samples(opts, getattr(args, "seed", None))
+        ctx.synthetic = lambda view: recovery(
+            view, *(t.to(view.W_dec.device) for t in (x, c, F)), batch_size=opts.batch_size)
+    return ctx
+
+
+def _views(name: str, sae: Any, folder: Path, opts: EvalOptions):
+    """``(label, dictionary)`` for each ``--encoder``: the SAE, or it seen through a pursuit
+    at ``--k`` latents (default: the trained L0 in ``metrics.json``, else the SAE's ``k``)."""
+    from .encoders import Encoded
+
+    for encoder in split_list(opts.encoder):
+        if encoder == "trained":
+            yield name, sae
+            continue
+        k = opts.k
+        if k is None:
+            try:
+                k = round(json.loads((folder / "metrics.json").read_text())["l0"])
+            except (OSError, ValueError, KeyError):
+                k = getattr(sae.cfg, "k", None)
+        if not k:
+            raise fail(f"{folder}: pass --k for the {encoder} encoder (no trained L0 recorded)")
+        yield f"{name}-{encoder}", Encoded(sae, encoder, k=k)
+
+
+def _run_suite(saes: dict, folders: dict, args, opts: EvalOptions,
+               device: torch.device) -> int:
+    """Each eval of ``--suite`` on each SAE (and ``--encoder`` view); one JSON file each."""
+    import time
+
+    from .evals.suite import EVALS, NotApplicable, parse_suite, write_result
+
+    try:
+        names = parse_suite(opts.suite)
+    except ValueError as e:
+        raise fail(e) from e
+    ctx = _suite_context(args, opts, device)
+    summary: dict[str, Any] = {}
+    for name, sae in saes.items():
+        for label, view in _views(name, sae, folders[name], opts):
+            for ev in names:
+                start = time.perf_counter()
+                try:
+                    result = EVALS[ev].run(view, ctx)
+                except NotApplicable as e:
+                    print(f"{label} {ev}: skipped: does not apply: {e}")
+                    summary.setdefault(label, {})[ev] = {"skipped": str(e)}
+                    continue
+                seconds = time.perf_counter() - start
+                path = write_result(folders[name], label, ev, result, seconds)
+                summary.setdefault(label, {})[ev] = {**result["metrics"], "seconds": seconds,
+                                                     "path": str(path)}
+                if not opts.json:
+                    flat = {k: v for cat in result["metrics"].values() for k, v in cat.items()}
+                    print(f"{label} {ev} ({seconds:.0f} s):", " ".join(
+                        f"{k}={v:.4g}" for k, v in flat.items() if isinstance(v, float)),
+                        f"-> {path}")
+    if opts.json:
+        print(json.dumps(summary))
     return 0
 
 
