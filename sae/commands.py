@@ -465,13 +465,14 @@ def cmd_browse(args: argparse.Namespace) -> int:
 
 
 def cmd_plot(args: argparse.Namespace) -> int:
-    """Scatter L0 (log scale) against FVU for every SAE folder with a metrics.json in the
-    given run folders (or SAE folders); write a PNG."""
-    from .plot import l0_fvu_plot, l0_fvu_points
+    """Scatter L0 (log scale) against FVU, or any metric of ``metrics.json`` or of
+    ``sae eval --suite``'s results (``--metric``), for every SAE folder in the given run folders
+    (or SAE folders); write a PNG."""
+    from .plot import metric_plot, metric_points
 
     try:
-        n = len(l0_fvu_points(args.runs))
-        out = l0_fvu_plot(args.runs, args.out)
+        n = len(metric_points(args.runs, args.metric))
+        out = metric_plot(args.runs, args.out, metric=args.metric)
     except (FileNotFoundError, ValueError) as e:
         raise fail(e) from e
     print(f"{n} SAEs -> {out}")
@@ -497,10 +498,13 @@ def add_parsers(sub) -> None:
     add_flags(c, PlacesConfig)
     c.set_defaults(func=cmd_cache)
 
-    p = sub.add_parser("plot", help="L0 vs FVU scatter of trained SAEs",
+    p = sub.add_parser("plot", help="L0 vs FVU (or any metric) scatter of trained SAEs",
                        description=cmd_plot.__doc__)
     p.add_argument("runs", nargs="+", help="run folders or SAE folders")
     p.add_argument("--out", default="l0_fvu.png", help="PNG file (default l0_fvu.png)")
+    p.add_argument("--metric", default="fvu", help="the y axis: fvu (default) or any metric "
+                   "of metrics.json or of sae eval --suite's results, e.g. "
+                   "mean_absorption_fraction_score or sparse_probing.sae_top_1_test_accuracy")
     p.set_defaults(func=cmd_plot)
 
 

@@ -1,5 +1,5 @@
-"""L0 against FVU for the SAEs of one or more training runs (``sae plot``): the sparsity /
-reconstruction frontier that SAE architectures are compared on."""
+"""L0 against FVU, or against any other metric, for the SAEs of one or more training runs
+(``sae plot``): the sparsity / quality frontiers that SAE architectures are compared on."""
 
 from __future__ import annotations
 
@@ -11,15 +11,42 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-__all__ = ["l0_fvu_plot", "l0_fvu_points"]
+__all__ = ["metric_plot", "metric_points", "metric_values"]
 
 
-def _has_metrics(folder: Path) -> bool:
+def _read(path: Path) -> dict[str, Any]:
     try:
-        m = json.loads((folder / "metrics.json").read_text())
+        m = json.loads(path.read_text())
     except (OSError, ValueError):
-        return False
-    return isinstance(m, dict) and "l0" in m and "fvu" in m
+        return {}
+    return m if isinstance(m, dict) else {}
+
+
+def _number(v: Any) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+
+def metric_values(folder: str | os.PathLike[str]) -> dict[str, float]:
+    """Every number measured for the SAE in ``folder``: its ``metrics.json`` (training's held-out
+    metrics), then the metrics of its ``sae eval --suite`` results
+    (``eval_results/<type>/<run>_<name>_eval_results.json``), each as ``<type>.<metric>`` and,
+    where no earlier source has the name, as ``<metric>``."""
+    folder = Path(folder)
+    out = {k: float(v) for k, v in _read(folder / "metrics.json").items() if _number(v)}
+    own = f"{folder.parent.name}_{folder.name}_eval_results.json"
+    for path in sorted(folder.glob(f"eval_results/*/{own}")):
+        doc = _read(path)
+        for category in (doc.get("eval_result_metrics") or {}).values():
+            for k, v in (category.items() if isinstance(category, dict) else ()):
+                if _number(v):
+                    out[f"{path.parent.name}.{k}"] = float(v)
+                    out.setdefault(k, float(v))
+    return out
+
+
+def _has_metrics(folder: Path, metric: str = "fvu") -> bool:
+    values = metric_values(folder)
+    return "l0" in values and metric in values
 
 
 def _architecture(folder: Path) -> str:
@@ -41,14 +68,17 @@ def _architecture(folder: Path) -> str:
     return "?"
 
 
-def l0_fvu_points(runs: Sequence[str | os.PathLike[str]]) -> list[dict[str, Any]]:
-    """One record per SAE folder with a ``metrics.json`` (``l0`` and ``fvu``) under ``runs``.
+def metric_points(runs: Sequence[str | os.PathLike[str]], metric: str = "fvu"
+                  ) -> list[dict[str, Any]]:
+    """One record per SAE folder under ``runs`` with an ``l0`` and ``metric``
+    (:func:`metric_values`).
 
     Each entry of ``runs`` is an SAE folder itself or a run folder whose subfolders are SAE
     folders. Records: ``run``, ``name``, ``label`` (``run/name``), ``architecture`` (from
     ``cfg.json``: ``metadata.sparsecode.architecture``, ``metadata.sparsecode_architecture``,
     ``metadata.training_architecture``, ``metadata.architecture`` or ``architecture``), ``l0``,
-    ``fvu``, ``path``. Raises ``FileNotFoundError`` when no metrics are found.
+    ``metric``'s value under its name, ``path``. Raises ``FileNotFoundError`` when none has
+    them.
     """
     if isinstance(runs, (str, os.PathLike)):
         runs = [runs]
@@ -58,17 +88,16 @@ def l0_fvu_points(runs: Sequence[str | os.PathLike[str]]) -> list[dict[str, Any]
         path = Path(run)
         if not path.exists():
             raise FileNotFoundError(f"no such run or SAE folder: {path}")
-        if _has_metrics(path):
+        if _has_metrics(path, metric):
             folders, run_name = [path], path.resolve().parent.name
         else:
-            metrics = sorted(path.glob("*/metrics.json"))
-            folders = [p.parent for p in metrics if _has_metrics(p.parent)]
+            folders = [p for p in sorted(path.iterdir()) if p.is_dir() and _has_metrics(p, metric)]
             run_name = path.resolve().name
         for folder in folders:
             if folder.resolve() in seen:
                 continue
             seen.add(folder.resolve())
-            m = json.loads((folder / "metrics.json").read_text())
+            m = metric_values(folder)
             points.append(
                 {
                     "run": run_name,
@@ -76,29 +105,33 @@ def l0_fvu_points(runs: Sequence[str | os.PathLike[str]]) -> list[dict[str, Any]
                     "label": f"{run_name}/{folder.name}",
                     "architecture": _architecture(folder),
                     "l0": float(m["l0"]),
-                    "fvu": float(m["fvu"]),
+                    metric: m[metric],
                     "path": str(folder),
                 }
             )
     if not points:
         where = ", ".join(str(r) for r in runs) or "(no folders given)"
         raise FileNotFoundError(
-            f"no metrics.json with l0 and fvu in {where} or their subfolders; train with "
-            "`sae train`, which writes one into every SAE folder"
+            f"no metrics.json with l0 and {metric} in {where} or their subfolders; train with "
+            "`sae train`, which writes one into every SAE folder (and `sae eval --suite` for "
+            "the eval metrics)"
         )
     return points
 
 
-def l0_fvu_plot(
+def metric_plot(
     runs: Sequence[str | os.PathLike[str]],
     out: str | os.PathLike[str] = "l0_fvu.png",
     *,
+    metric: str = "fvu",
     title: str | None = None,
     annotate: bool = True,
 ) -> Path:
-    """Scatter L0 (x, log scale) against FVU (y) for every SAE under ``runs``; write a PNG.
+    """Scatter L0 (x, log scale) against ``metric`` (y; FVU by default, or any name of
+    :func:`metric_values`, e.g. ``mean_absorption_fraction_score``) for every SAE under
+    ``runs``; write a PNG.
 
-    Points come from :func:`l0_fvu_points`, are coloured by architecture (points of one
+    Points come from :func:`metric_points`, are coloured by architecture (points of one
     architecture joined in order of L0) and labelled ``run/name``. The plotted records are also
     stored as JSON in the PNG's ``Description`` text chunk. Points with L0 <= 0 cannot sit on a
     log axis and are left out with a warning. Returns the path of the PNG.
@@ -108,20 +141,21 @@ def l0_fvu_plot(
     matplotlib.use("Agg", force=False)
     from matplotlib.figure import Figure
 
-    points = l0_fvu_points(runs)
-    bad = [p["label"] for p in points if not (p["l0"] > 0 and math.isfinite(p["fvu"]))]
+    points = metric_points(runs, metric)
+    bad = [p["label"] for p in points if not (p["l0"] > 0 and math.isfinite(p[metric]))]
     if bad:
-        warnings.warn(f"left out (L0 <= 0 or FVU not finite): {', '.join(bad)}", stacklevel=2)
+        warnings.warn(f"left out (L0 <= 0 or {metric} not finite): {', '.join(bad)}",
+                      stacklevel=2)
     points = [p for p in points if p["label"] not in bad]
     if not points:
-        raise ValueError("no SAE with L0 > 0 and a finite FVU to plot")
+        raise ValueError(f"no SAE with L0 > 0 and a finite {metric} to plot")
     fig = Figure(figsize=(7.5, 5.0), dpi=120, layout="constrained")
     ax = fig.subplots()
     archs = list(dict.fromkeys(p["architecture"] for p in points))
     colors = matplotlib.colormaps["tab10"]
     for i, arch in enumerate(archs):
         ps = sorted((p for p in points if p["architecture"] == arch), key=lambda p: p["l0"])
-        xs, ys = [p["l0"] for p in ps], [p["fvu"] for p in ps]
+        xs, ys = [p["l0"] for p in ps], [p[metric] for p in ps]
         color = colors(i % 10)
         if len(ps) > 1:
             ax.plot(xs, ys, color=color, alpha=0.35, lw=1)
@@ -130,7 +164,7 @@ def l0_fvu_plot(
             for p in ps:
                 ax.annotate(
                     p["label"],
-                    (p["l0"], p["fvu"]),
+                    (p["l0"], p[metric]),
                     textcoords="offset points",
                     xytext=(4, 3),
                     fontsize=7,
@@ -140,13 +174,13 @@ def l0_fvu_plot(
     ax.xaxis.set_major_formatter(matplotlib.ticker.FuncFormatter(lambda v, _: f"{v:g}"))
     ax.xaxis.set_minor_formatter(matplotlib.ticker.LogFormatter())  # labels when < 1 decade
     ax.set_xlabel("L0 (mean active latents per token, log scale)")
-    ax.set_ylabel("FVU (fraction of variance unexplained)")
-    ax.set_title(title or f"L0 vs FVU: {len(points)} SAEs")
+    ax.set_ylabel("FVU (fraction of variance unexplained)" if metric == "fvu" else metric)
+    ax.set_title(title or f"L0 vs {metric}: {len(points)} SAEs")
     ax.grid(True, which="both", alpha=0.25)
     ax.legend(title="architecture", fontsize=8)
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    desc = json.dumps([{k: p[k] for k in ("label", "architecture", "l0", "fvu")} for p in points])
+    desc = json.dumps([{k: p[k] for k in ("label", "architecture", "l0", metric)} for p in points])
     fig.savefig(
         out, format="png", metadata={"Software": "sparsecode sae.browser", "Description": desc}
     )

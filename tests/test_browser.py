@@ -11,7 +11,7 @@ from sae.browser import feature_browser, read_browser_data, select_latents
 from sae.cli import main
 from sae.io import find_sae_folders, save_sae
 from sae.models import SAE, SAEConfig
-from sae.plot import l0_fvu_plot, l0_fvu_points
+from sae.plot import metric_plot, metric_points
 
 pytest.importorskip("transformers")
 
@@ -222,7 +222,7 @@ def write_sae_folder(folder, arch, l0, fvu):
     (folder / "metrics.json").write_text(json.dumps({"l0": l0, "fvu": fvu, "dead_fraction": 0}))
 
 
-def test_l0_fvu_plot(tmp_path):
+def test_metric_plot(tmp_path):
     from PIL import Image
 
     write_sae_folder(tmp_path / "run1" / "topk-k8", "topk", 8.0, 0.3)
@@ -232,10 +232,10 @@ def test_l0_fvu_plot(tmp_path):
     single = tmp_path / "run3" / "jr"
     write_sae_folder(single, "jumprelu", 20.0, 0.18)
     runs = [tmp_path / "run1", tmp_path / "run2", single]
-    points = l0_fvu_points(runs)
+    points = metric_points(runs)
     assert [p["label"] for p in points] == ["run1/topk-k32", "run1/topk-k8", "run2/relu", "run3/jr"]
     assert [p["architecture"] for p in points] == ["topk", "topk", "relu", "jumprelu"]
-    out = l0_fvu_plot(runs, tmp_path / "plots" / "l0_fvu.png")
+    out = metric_plot(runs, tmp_path / "plots" / "l0_fvu.png")
     assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     with Image.open(out) as im:
         assert im.size[0] > 300 and im.size[1] > 200
@@ -244,12 +244,35 @@ def test_l0_fvu_plot(tmp_path):
     assert {(p["l0"], p["fvu"]) for p in plotted} == {(8, 0.3), (32, 0.15), (50, 0.2), (20, 0.18)}
 
 
+def test_plot_any_eval_metric(tmp_path):
+    from PIL import Image
+
+    from sae.evals.suite import write_result
+
+    for name, l0, score in (("topk", 32.0, 0.2), ("relu", 40.0, 0.4)):
+        folder = tmp_path / "run" / name
+        write_sae_folder(folder, name, l0, 0.2)
+        write_result(folder, name, "absorption",
+                     {"metrics": {"mean": {"mean_absorption_fraction_score": score}}}, 1.0)
+    write_result(tmp_path / "run" / "topk", "topk-omp", "absorption",  # an encoder view: not
+                 {"metrics": {"mean": {"mean_absorption_fraction_score": 9.0}}}, 1.0)  # the SAE
+    name = "mean_absorption_fraction_score"
+    points = metric_points([tmp_path / "run"], f"absorption_first_letter.{name}")
+    assert [p[f"absorption_first_letter.{name}"] for p in points] == [0.4, 0.2]
+    out = metric_plot([tmp_path / "run"], tmp_path / "a.png", metric=name)
+    with Image.open(out) as im:
+        plotted = json.loads(im.text["Description"])
+    assert {(p["l0"], p[name]) for p in plotted} == {(32, 0.2), (40, 0.4)}
+    with pytest.raises(FileNotFoundError, match="no_such_metric"):
+        metric_points([tmp_path / "run"], "no_such_metric")
+
+
 def test_l0_fvu_plot_errors(tmp_path):
     (tmp_path / "empty").mkdir()
     with pytest.raises(FileNotFoundError, match="no metrics.json"):
-        l0_fvu_plot([tmp_path / "empty"], tmp_path / "x.png")
+        metric_plot([tmp_path / "empty"], tmp_path / "x.png")
     with pytest.raises(FileNotFoundError, match="no such run"):
-        l0_fvu_points([tmp_path / "missing"])
+        metric_points([tmp_path / "missing"])
     assert not (tmp_path / "x.png").exists()
 
 
