@@ -426,6 +426,7 @@ def _browse_one(name: str, folder: Path, sae: Any, args, opts: BrowseOptions, n_
 
     from . import wiring
     from .browser import feature_browser
+    from .evals.suite import latent_notes
 
     cfg = model_settings(args, sae.cfg.metadata)
     if cfg.model not in models:
@@ -445,7 +446,7 @@ def _browse_one(name: str, folder: Path, sae: Any, args, opts: BrowseOptions, n_
         feature_browser(model, tokenizer, sae, hook, tokens,
                         latents=split_list(opts.latents, int) or None, n_latents=opts.n_latents,
                         top_contexts=opts.top_contexts, out=out, info=info,
-                        progress=cfg.progress)
+                        notes=latent_notes(folder), progress=cfg.progress)
     except ValueError as e:
         raise fail(f"{folder}: {e}") from e
     print(f"{name}: {out} ({out.stat().st_size / 1e3:.0f} kB; {tokens.numel()} held-out "

@@ -188,6 +188,28 @@ def test_default_selection(tiny_llama, tiny_tokenizer, tmp_path):
     assert meta_ok(data["meta"], dens)
 
 
+def test_eval_notes_are_shown_with_their_latents(tiny_llama, tiny_tokenizer, tmp_path):
+    from sae.evals.suite import latent_notes, write_result
+
+    folder = tmp_path / "run" / "topk"
+    write_sae_folder(folder, "topk", 4.0, 0.2)
+    details = [{"first_letter": "a", "mean_absorption_fraction": 0.25, "main_latents": [3, 200]}]
+    write_result(folder, "topk", "absorption", {"metrics": {"mean": {}}, "details": details,
+                                                "unstructured": {"absorbers": {"7": {"a": 2}}}},
+                 1.0)
+    notes = latent_notes(folder)
+    assert notes[3] == ["main latent of first letter 'a' (absorption fraction 0.25, split over "
+                        "2 latents)"]
+    assert notes[7] == ["absorbs first letter 'a' on 2 words"]
+    sae = make_sae(d_sae=256, k=4)
+    out = feature_browser(tiny_llama, tiny_tokenizer, sae, HOOK, make_tokens(), n_latents=4,
+                          notes=notes, out=tmp_path / "n.html")
+    entries = {e["id"]: e for e in read_browser_data(out)["latents"]}
+    assert {3, 7, 200} <= set(entries) and len(entries) <= 7  # noted latents always shown
+    assert entries[7]["notes"] == notes[7]
+    assert latent_notes(tmp_path) == {}
+
+
 def meta_ok(meta, dens):
     return meta["n_dead"] == int((dens == 0).sum()) and "most frequent half" in meta["selection"]
 

@@ -73,14 +73,20 @@ def _eval_mode(module: Any):
             module.train()
 
 
-def _shown(density: Tensor, tracked: Tensor | None, n_latents: int
+def _shown(density: Tensor, tracked: Tensor | None, n_latents: int, noted: Sequence[int] = ()
            ) -> tuple[list[int], dict[int, int], str]:
-    """Latents shown, their column in the scan's per-latent tensors, and how they were picked."""
+    """Latents shown, their column in the scan's per-latent tensors, and how they were picked
+    (by default the density selection, then the ``noted`` latents it left out)."""
     if tracked is None:
         shown = select_latents(density, n_latents)
-        return shown, {j: j for j in shown}, (
-            f"{len(shown)} latents chosen by density: the most frequent half of those that fire "
-            f"and are not dense (density <= {DENSE_THRESHOLD:.0%}), and a spread of rarer ones")
+        extra = [j for j in dict.fromkeys(noted) if j not in shown]
+        how = (f"{len(shown)} latents chosen by density: the most frequent half of those that "
+               f"fire and are not dense (density <= {DENSE_THRESHOLD:.0%}), and a spread of "
+               "rarer ones")
+        if extra:
+            how += f"; {len(extra)} more with eval notes"
+        shown += extra
+        return shown, {j: j for j in shown}, how
     shown = tracked.tolist()
     return shown, {j: i for i, j in enumerate(shown)}, f"{len(shown)} latents chosen by the caller"
 
@@ -203,6 +209,7 @@ def feature_browser(
     out: str | os.PathLike[str] = "feature_browser.html",
     title: str | None = None,
     info: Mapping[str, Any] | None = None,
+    notes: Mapping[int, Sequence[str]] | None = None,
     progress: bool = False,
 ) -> Path:
     """Write a static HTML page showing what the latents of ``sae`` respond to; return its path.
@@ -227,7 +234,10 @@ def feature_browser(
     its direct logit effects (top 10 promoted and suppressed tokens of ``W_dec[j] * gamma @
     W_U^T``, ``W_U = model.get_output_embeddings().weight``, ``gamma`` the final norm's weight).
 
-    ``info`` adds rows to the page's header (an entry ``"model"`` names the model).
+    ``info`` adds rows to the page's header (an entry ``"model"`` names the model). ``notes``
+    (latent -> lines, e.g. :func:`sae.evals.suite.latent_notes`: the first letter a latent is a
+    main latent of, the words it absorbs) are shown with the latent, and noted latents are shown
+    even when the density selection leaves them out.
     ``latents`` picks the latents shown; by default :func:`select_latents` picks ``n_latents``:
     the most frequent half that is not dense (> 10%) and a spread of rarer ones.
 
@@ -251,11 +261,16 @@ def feature_browser(
         result = scan(model, sae, points, tokens, tracked, top_contexts, window,
                       batch_contexts, positions, progress)
     density = result["counts"].double() / result["n_positions"]
-    shown, col, selection = _shown(density, tracked, n_latents)
+    notes = {int(j): list(v) for j, v in (notes or {}).items()
+             if 0 <= int(j) < int(sae.W_dec.shape[0])}
+    shown, col, selection = _shown(density, tracked, n_latents, sorted(notes))
     logits, logit_note = logit_effects(model, sae, shown) if shown else (None, "")
     entries, ids = _entries(result, density, shown, col, logits, tokens, top_contexts, window)
     for entry, norms in zip(entries, place_norms(sae, shown) or [], strict=False):
         entry["place_norms"] = norms
+    for entry in entries:
+        if entry["id"] in notes:
+            entry["notes"] = notes[entry["id"]]
     settings = {"title": title, "info": {str(k): str(v) for k, v in (info or {}).items()},
                 "window": list(window), "top_contexts": top_contexts, "selection": selection,
                 "logit_note": logit_note, "places": points}

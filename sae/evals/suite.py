@@ -21,7 +21,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-__all__ = ["EVALS", "Context", "Eval", "NotApplicable", "parse_suite", "write_result"]
+__all__ = [
+    "EVALS", "Context", "Eval", "NotApplicable", "latent_notes", "parse_suite", "write_result",
+]
 
 
 class NotApplicable(Exception):
@@ -235,3 +237,29 @@ def write_result(folder: Path, label: str, name: str, result: dict[str, Any],
     tmp.write_text(json.dumps(_finite(doc), indent=2, allow_nan=False))
     tmp.replace(out)
     return out
+
+
+def latent_notes(folder: str | Path) -> dict[int, list[str]]:
+    """Per latent, what the SAE's own absorption result in ``folder`` says of it: the first
+    letters it is a main latent of, and the letters whose words it fully absorbs (for the
+    feature browser). Empty without a result."""
+    folder = Path(folder)
+    path = (folder / "eval_results" / EVALS["absorption"].type_id
+            / f"{folder.parent.name}_{folder.name}_eval_results.json")
+    try:
+        doc = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}
+    notes: dict[int, list[str]] = {}
+    for d in doc.get("eval_result_details") or []:
+        main = d.get("main_latents") or []
+        for j in main:
+            split = f", split over {len(main)} latents" if len(main) > 1 else ""
+            notes.setdefault(int(j), []).append(
+                f"main latent of first letter '{d['first_letter']}' (absorption fraction "
+                f"{d['mean_absorption_fraction']:.2f}{split})")
+    absorbers = (doc.get("eval_result_unstructured") or {}).get("absorbers") or {}
+    for j, letters in absorbers.items():
+        words = ", ".join(f"'{k}' on {n} word{'s' * (n > 1)}" for k, n in letters.items())
+        notes.setdefault(int(j), []).append(f"absorbs first letter {words}")
+    return notes

@@ -145,6 +145,9 @@
      ["  \u00b7  max ", num(l.max)], ["  \u00b7  mean when active ", num(l.mean)]]
       .forEach(function (p) { st.append(p[0]); st.appendChild(el("b", null, p[1])); });
     m.appendChild(st);
+    (l.notes || []).forEach(function (t) {  // eval results: first-letter roles
+      m.appendChild(el("div", "stats note", t));
+    });
     if (l.place_norms) {  // a crosscoder: where the latent writes
       var pn = el("div", "stats");
       pn.append("decoder norm per place ");
