@@ -224,17 +224,19 @@ def cmd_eval(args: argparse.Namespace) -> int:
     language model over held-out text (CE-loss recovered, delta LM loss, KL), or recovery of
     the known features of a synthetic model (``--synthetic``)."""
     from .encoders import check_encoder
+    from .evals.suite import parse_suite
 
     opts = EvalOptions(**values(EvalOptions, args))
     try:
         for name in split_list(opts.encoder):
             check_encoder(name)
+        suite = parse_suite(opts.suite) if opts.suite is not None else None
     except ValueError as e:
         raise fail(e) from e
     device = torch_device(args.device)
     folders, saes = _saes(args.run, device)
-    if opts.suite:
-        return _run_suite(saes, folders, args, opts, device)
+    if suite:
+        return _run_suite(saes, folders, args, opts, suite, device)
     if opts.synthetic:
         results = _eval_synthetic(saes, folders, opts, getattr(args, "seed", None))
     elif opts.activations:
@@ -314,17 +316,13 @@ def _views(name: str, sae: Any, folder: Path, opts: EvalOptions):
         yield f"{name}-{encoder}", Encoded(sae, encoder, k=k)
 
 
-def _run_suite(saes: dict, folders: dict, args, opts: EvalOptions,
+def _run_suite(saes: dict, folders: dict, args, opts: EvalOptions, names: list[str],
                device: torch.device) -> int:
-    """Each eval of ``--suite`` on each SAE (and ``--encoder`` view); one JSON file each."""
+    """Each eval of ``names`` on each SAE (and ``--encoder`` view); one JSON file each."""
     import time
 
-    from .evals.suite import EVALS, NotApplicable, parse_suite, write_result
+    from .evals.suite import EVALS, NotApplicable, write_result
 
-    try:
-        names = parse_suite(opts.suite)
-    except ValueError as e:
-        raise fail(e) from e
     ctx = _suite_context(args, opts, device)
     summary: dict[str, Any] = {}
     for name, sae in saes.items():

@@ -219,6 +219,33 @@ def test_live_training_on_a_local_model(tiny_model_and_texts, tmp_path, capsys):
     assert {"ce_loss_recovered", "delta_lm_loss", "kl_sae"} <= set(m)
 
 
+def test_eval_suite_writes_sae_bench_files_and_skips_what_does_not_apply(
+        tiny_model_and_texts, tmp_path, capsys):
+    model_dir, texts = tiny_model_and_texts
+    out = tmp_path / "run"
+    assert main(["train", "--model", str(model_dir), "--text", str(texts), "--context-size", "16",
+                 "--d-sae", "64", "--k", "4", "--batch-size", "128", "--tokens", "2000",
+                 "--holdout", "256", "--device", "cpu", "--out", str(out), "--no-progress"]) == 0
+    capsys.readouterr()
+    assert main(["eval", str(out), "--suite", "all", "--device", "cpu", "--no-progress",
+                 "--probe-tokens", "1500"]) == 0
+    printed = capsys.readouterr().out
+    assert "topk absorption: skipped: does not apply: the tokenizer has only" in printed
+    assert "topk synthetic: skipped: does not apply: it needs --synthetic" in printed
+    core = json.loads((out / "topk/eval_results/core/run_topk_eval_results.json").read_text())
+    assert core["eval_type_id"] == "core" and core["sae_cfg_dict"]["d_sae"] == 64
+    perf = core["eval_result_metrics"]["model_performance_preservation"]
+    assert set(perf) >= {"ce_loss_score", "ce_loss_with_sae", "ce_loss_without_sae"}
+    probing = json.loads(
+        (out / "topk/eval_results/sparse_probing/run_topk_eval_results.json").read_text())
+    names = {d["dataset_name"] for d in probing["eval_result_details"]}
+    assert names == {"document:pydoc_topic", "document:package"}  # "w17"-words: one class only
+    assert 0 <= probing["eval_result_metrics"]["sae"]["sae_top_1_test_accuracy"] <= 1
+    assert not (out / "topk/eval_results/absorption_first_letter").exists()
+    with pytest.raises(SystemExit, match="unknown eval"):
+        main(["eval", str(tmp_path / "nothing-here"), "--suite", "core,absorb"])
+
+
 def test_every_config_field_is_a_train_flag_with_the_config_default():
     """``sae train``'s flags are generated from the config dataclasses: every setting a library
     user has can be set, and an untouched flag gives the dataclass default."""

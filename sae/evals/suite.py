@@ -103,8 +103,11 @@ def _first_letter(sae: Any, ctx: Context):
     from .splitting import k_sparse_probing, letters_present
 
     cfg, model, tok, places = ctx.lm_places(sae)
-    data = ctx.shared(("first_letter", cfg.model, places), lambda: first_letter_data(
-        model, tok, places, n_words=ctx.n_words, seed=ctx.seed, progress=ctx.progress))
+    try:
+        data = ctx.shared(("first_letter", cfg.model, places), lambda: first_letter_data(
+            model, tok, places, n_words=ctx.n_words, seed=ctx.seed, progress=ctx.progress))
+    except ValueError as e:
+        raise NotApplicable(str(e)) from e
     present = letters_present(data)
     if len(present) < MIN_LETTERS:
         raise NotApplicable(
