@@ -313,7 +313,12 @@ def _views(name: str, sae: Any, folder: Path, opts: EvalOptions):
                 k = getattr(sae.cfg, "k", None)
         if not k:
             raise fail(f"{folder}: pass --k for the {encoder} encoder (no trained L0 recorded)")
-        yield f"{name}-{encoder}", Encoded(sae, encoder, k=k)
+        try:
+            view = Encoded(sae, encoder, k=k)
+        except ValueError as e:
+            print(f"{name}-{encoder}: skipped: does not apply: {e}")
+            continue
+        yield f"{name}-{encoder}", view
 
 
 def _run_suite(saes: dict, folders: dict, args, opts: EvalOptions, names: list[str],

@@ -137,16 +137,22 @@ def check_encoder(name: str) -> str:
     return name
 
 
-def encode_pairs(sae: SAE, x: Tensor, encoder: str = "trained", *, k: int | None = None,
-                 tol: float | None = None, alpha: float | None = None) -> Pairs:
-    """Latents of a 2-D ``x`` with ``encoder`` (see the module docstring) as sorted
-    ``(rows, cols, values)``. ``k`` defaults to the SAE's ``k``; ``tol`` (squared residual
-    norm) stops the greedy pursuits early; ``alpha`` is the fista encoder's l1 weight."""
+def check_applies(sae: SAE, encoder: str) -> None:
+    """Raise ``ValueError`` unless ``encoder`` is known and can encode for ``sae`` (a pursuit
+    codes a signal against the decoder's atoms, which a transcoder's decoder is not)."""
     check_encoder(encoder)
     if encoder != "trained" and sae.cfg.transcode:
         raise ValueError(f"the {encoder!r} encoder codes a signal against the decoder's atoms; a "
                          "transcoder's decoder writes another place than it reads (use the "
                          "trained encoder)")
+
+
+def encode_pairs(sae: SAE, x: Tensor, encoder: str = "trained", *, k: int | None = None,
+                 tol: float | None = None, alpha: float | None = None) -> Pairs:
+    """Latents of a 2-D ``x`` with ``encoder`` (see the module docstring) as sorted
+    ``(rows, cols, values)``. ``k`` defaults to the SAE's ``k``; ``tol`` (squared residual
+    norm) stops the greedy pursuits early; ``alpha`` is the fista encoder's l1 weight."""
+    check_applies(sae, encoder)
     if k is not None and not 1 <= k <= sae.cfg.d_sae:
         raise ValueError(f"k={k} must be in [1, d_sae={sae.cfg.d_sae}]")
     if tol is not None and not tol >= 0:
@@ -165,8 +171,9 @@ class Encoded(nn.Module):
     def __init__(self, sae: SAE, encoder: str, *, k: int | None = None,
                  tol: float | None = None, alpha: float | None = None):
         super().__init__()
+        check_applies(sae, encoder)
         self.sae = sae
-        self.encoder = check_encoder(encoder)
+        self.encoder = encoder
         self.settings = {"k": k, "tol": tol, "alpha": alpha}
 
     @property

@@ -246,6 +246,24 @@ def test_eval_suite_writes_sae_bench_files_and_skips_what_does_not_apply(
         main(["eval", str(tmp_path / "nothing-here"), "--suite", "core,absorb"])
 
 
+def test_eval_suite_on_a_transcoder_reads_its_input_and_probes(tiny_model_and_texts, tmp_path,
+                                                              capsys):
+    model_dir, texts = tiny_model_and_texts
+    out = tmp_path / "tc"
+    assert main(["train", "--model", str(model_dir), "--text", str(texts), "--context-size", "16",
+                 "--transcode", "model.layers.1.mlp", "--d-sae", "64", "--k", "4",
+                 "--batch-size", "128", "--tokens", "2000", "--holdout", "256", "--device", "cpu",
+                 "--out", str(out), "--no-progress"]) == 0
+    assert main(["eval", str(out), "--suite", "core,probing", "--device", "cpu",
+                 "--no-progress", "--encoder", "trained,omp"]) == 0
+    assert "topk-omp: skipped: does not apply: the 'omp' encoder" in capsys.readouterr().out
+    core = json.loads((out / "topk/eval_results/core/tc_topk_eval_results.json").read_text())
+    assert 0 < core["eval_result_metrics"]["sparsity"]["l0"] <= 4
+    assert core["sae_cfg_dict"]["metadata"]["hook_name"] == "model.layers.1.mlp:input"
+    probing = out / "topk/eval_results/sparse_probing/tc_topk_eval_results.json"
+    assert json.loads(probing.read_text())["eval_result_details"]
+
+
 def test_every_config_field_is_a_train_flag_with_the_config_default():
     """``sae train``'s flags are generated from the config dataclasses: every setting a library
     user has can be set, and an untouched flag gives the dataclass default."""
