@@ -78,6 +78,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--suite", default="all")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--tag", default="")
+    p.add_argument("--max-tokens", type=int, default=0,
+                   help="held-out tokens for the core eval (0: all, as sae eval)")
     p.add_argument("--no-run", action="store_true", help="only tabulate existing results")
     p.add_argument("--out", default=str(ROOT / "benchmarks" / "results"))
     args = p.parse_args(argv)
@@ -85,12 +87,13 @@ def main(argv: list[str] | None = None) -> None:
     from sae.cli import main as sae_main
 
     rows, data = [], {"when": now_iso(), "commit": git_commit(ROOT), "threads": threads,
-                      "suite": args.suite, "runs": {}}
+                      "suite": args.suite, "max_tokens": args.max_tokens, "runs": {}}
     for run in map(Path, args.runs):
         wall = None
         if not args.no_run:
             start = time.perf_counter()
-            rc = sae_main(["eval", str(run), "--suite", args.suite, "--no-progress"])
+            rc = sae_main(["eval", str(run), "--suite", args.suite, "--no-progress",
+                           "--max-tokens", str(args.max_tokens)])
             if rc:
                 raise SystemExit(f"sae eval {run} failed ({rc})")
             wall = time.perf_counter() - start
@@ -104,7 +107,9 @@ def main(argv: list[str] | None = None) -> None:
         print(f"{run}: sae eval --suite {args.suite} took "
               f"{'-' if wall is None else f'{wall:.0f} s'}")
     headers = ["SAE"] + [h for h, _, _ in COLUMNS] + ["s: core/abs/split/probe"]
-    lines = [f"# sae eval --suite {args.suite} ({threads} threads, {now_iso()})", "",
+    core_tokens = args.max_tokens or "all"
+    lines = [f"# sae eval --suite {args.suite} ({threads} threads, {now_iso()}; core on "
+             f"{core_tokens} held-out tokens)", "",
              format_table(headers, rows, markdown=True), ""]
     lines += [f"- {r}: whole call {v['wall_seconds']:.0f} s" for r, v in data["runs"].items()
               if v["wall_seconds"] is not None]

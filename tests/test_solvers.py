@@ -80,6 +80,29 @@ def test_omp_zero_signal_and_tol_already_met():
     assert (res.codes.to_dense()[0] == 0).all()
 
 
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("selection", ["omp", "ormp"])
+@pytest.mark.parametrize("kw", [{"n_nonzero_coefs": 6}, {"tol": 4.0},
+                                {"n_nonzero_coefs": 10, "tol": 0.5}])
+def test_compiled_and_torch_omp_give_the_same_codes(monkeypatch, dtype, selection, kw):
+    """The numba loop (the CPU default) and the batched torch path run the same steps."""
+    from sparsecode.core.kernels.cpu_pursuit import numba_available
+
+    X, D, _ = make_problem(n=200, feat=16, K=48, seed=3)
+    X[0] = 0.0  # a zero signal
+    D[5] = D[2]  # a duplicate atom: linear dependence
+    out = {}
+    for backend in ("1", "0"):
+        monkeypatch.setenv("SPARSECODE_DISABLE_NUMBA", backend)
+        prob = LeastSquares.from_data(torch.tensor(X, dtype=dtype), torch.tensor(D, dtype=dtype))
+        out[backend] = omp(prob, selection=selection, **kw)
+    assert numba_available()  # the second run was the compiled one
+    tol = 1e-10 if dtype == torch.float64 else 1e-4
+    torch.testing.assert_close(out["0"].codes.to_dense(), out["1"].codes.to_dense(),
+                               atol=tol, rtol=tol)
+    assert torch.equal(out["0"].n_iter, out["1"].n_iter)
+
+
 def test_omp_errors():
     _, _, prob = make_problem()
     with pytest.raises(ValueError, match="n_nonzero_coefs or tol"):
