@@ -419,7 +419,19 @@ def parse_args(argv=None):
                    help="torch device for sparsecode (default cpu, to compare on 2 CPU threads)")
     p.add_argument("--out", type=Path, default=HERE / "results",
                    help="folder for the JSON and Markdown results (benchmarks/results)")
+    p.add_argument("--image", default="camera",
+                   help="scikit-image sample image (a skimage.data function; colour images are "
+                        "turned grey), default camera")
+    p.add_argument("--tasks", default="omp,lasso", help="omp, lasso or both (default)")
     return p.parse_args(argv)
+
+
+def load_image(name: str) -> np.ndarray:
+    """A scikit-image sample image as a grey array."""
+    from skimage import color, data
+
+    img = getattr(data, name)()
+    return color.rgb2gray(img) * 255 if img.ndim == 3 else img
 
 
 def main(argv=None):
@@ -437,7 +449,7 @@ def main(argv=None):
     threadpool_limits(N_THREADS)  # belt and braces on top of the environment variables
 
     load_start = os.getloadavg()  # other processes on the machine make timings noisy
-    X = image_patches(patch_size=PATCH_SIZE, n_patches=n)  # float64, rows are patches
+    X = image_patches(load_image(args.image), patch_size=PATCH_SIZE, n_patches=n)  # float64
     D = overcomplete_dct(PATCH_SIZE, N_ATOMS)  # (256, 64), unit-norm rows
 
     has_ours = hasattr(sparsecode, "sparse_encode")
@@ -472,7 +484,7 @@ def main(argv=None):
           f"{device_tag(N_THREADS)}, load average {load_start[0]:.2f}", flush=True)
     rows = []
     for task, lib, alg, dtypes, make, n_rows, note in plan:
-        if make is None:
+        if make is None or task not in args.tasks.split(","):
             continue
         for dtype in dtypes:
             row = Row(task, lib, alg, dtype, n_rows, reps[lib], note=note)
@@ -522,7 +534,8 @@ def main(argv=None):
                                 "scikit-image", "sparsecode")
     if versions["sparsecode"] is None:
         versions["sparsecode"] = getattr(sparsecode, "__version__", None)
-    device = device_tag(N_THREADS) + ("-quick" if args.quick else "")
+    device = device_tag(N_THREADS) + ("-quick" if args.quick else "") + (
+        "" if args.image == "camera" else f"-{args.image}")
     meta = {
         "date": now_iso(),
         "device": device,
@@ -535,7 +548,8 @@ def main(argv=None):
         "git": git_commit(HERE.parent),
         "sparsecode_source_sha256": tree_digest(Path(sparsecode.__file__).parent),
         "command": " ".join([Path(sys.argv[0]).name, *sys.argv[1:]]),
-        "config": {"n_patches": n, "n_atoms": N_ATOMS, "patch_size": PATCH_SIZE,
+        "config": {"image": args.image, "tasks": args.tasks, "n_patches": n,
+                   "n_atoms": N_ATOMS, "patch_size": PATCH_SIZE,
                    "omp_n_nonzero_coefs": OMP_K, "lasso_alpha": ALPHA, "repeats": reps,
                    "lars_subset": n_lars, "targets": TARGETS},
         "threadpools": [{k: d.get(k) for k in ("user_api", "internal_api", "num_threads")}

@@ -86,7 +86,7 @@ def test_omp_zero_signal_and_tol_already_met():
                                 {"n_nonzero_coefs": 10, "tol": 0.5}])
 def test_compiled_and_torch_omp_give_the_same_codes(monkeypatch, dtype, selection, kw):
     """The numba loop (the CPU default) and the batched torch path run the same steps."""
-    from sparsecode.core.kernels.cpu_pursuit import numba_available
+    from sparsecode.core.kernels.cpu_solvers import numba_available
 
     X, D, _ = make_problem(n=200, feat=16, K=48, seed=3)
     X[0] = 0.0  # a zero signal
@@ -100,6 +100,22 @@ def test_compiled_and_torch_omp_give_the_same_codes(monkeypatch, dtype, selectio
     tol = 1e-10 if dtype == torch.float64 else 1e-4
     torch.testing.assert_close(out["0"].codes.to_dense(), out["1"].codes.to_dense(),
                                atol=tol, rtol=tol)
+    assert torch.equal(out["0"].n_iter, out["1"].n_iter)
+
+
+@pytest.mark.parametrize("kw", [{"alpha": 0.3}, {"alpha": 0.05, "positive": True},
+                                {"alpha": 0.0, "lasso": False, "n_nonzero_coefs": 7},
+                                {"alpha": 0.0, "lasso": False}])
+def test_compiled_and_torch_homotopy_follow_the_same_path(monkeypatch, kw):
+    """The numba homotopy (the CPU default) and the batched torch one: same steps, same codes."""
+    X, D, _ = make_problem(n=150, feat=16, K=48, seed=4)
+    X[0] = 0.0  # (exact ties between duplicate atoms are broken differently: not compared)
+    kw = {"lasso": True, **kw}
+    out = {}
+    for backend in ("1", "0"):
+        monkeypatch.setenv("SPARSECODE_DISABLE_NUMBA", backend)
+        out[backend] = lars(LeastSquares.from_data(torch.tensor(X), torch.tensor(D)), **kw)
+    torch.testing.assert_close(out["0"].codes, out["1"].codes, atol=1e-9, rtol=1e-9)
     assert torch.equal(out["0"].n_iter, out["1"].n_iter)
 
 

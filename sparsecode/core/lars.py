@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from .kernels.cpu_solvers import lars_gram, numba_available
 from .operators import L1
 from .problem import LeastSquares, SolverResult, _default_chunk
 from .proximal import fista
@@ -113,10 +114,20 @@ def lars(
     out = problem.new_codes()
     n_iter = problem.new_codes(1, torch.long).squeeze(1)
     chunk = chunk_size or _default_chunk(K, out.element_size(), per_row=7)
+    compiled = out.device.type == "cpu" and numba_available()
     for sl, sub in problem.chunks(chunk, progress):
-        out[sl], n_iter[sl] = _lars_chunk(sub, float(alpha), cap, k_stop, lasso, positive,
-                                          max_iter)
+        run = _lars_compiled if compiled else _lars_chunk
+        out[sl], n_iter[sl] = run(sub, float(alpha), cap, k_stop, lasso, positive, max_iter)
     return SolverResult(out, n_iter)
+
+
+def _lars_compiled(prob, alpha, cap, k_stop, lasso, positive, max_iter):
+    """:func:`_lars_chunk`'s homotopy for one signal at a time, compiled and parallel over
+    signals (:func:`sparsecode.core.kernels.cpu_solvers.lars_gram`; CPU tensors)."""
+    G = prob.gram.to(prob.cov.dtype).detach().numpy()
+    codes, steps = lars_gram(G, prob.cov.detach().numpy(), alpha, cap, k_stop, lasso, positive,
+                             max_iter)
+    return torch.from_numpy(codes), torch.from_numpy(steps)
 
 
 def _lars_start(rho: Tensor, alpha: float, width: int, positive: bool) -> dict:

@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .kernels.cpu_pursuit import numba_available, omp_gram
+from .kernels.cpu_solvers import numba_available, omp_gram
 from .problem import CHUNK_BYTES, OMP_CHUNK_BYTES, LeastSquares, SolverResult, _check_iter
 from .select import row_max
 from .sparse import SparseCodes
@@ -180,7 +180,7 @@ def omp(
 
 def _omp_compiled(prob: LeastSquares, kmax: int, tol: float | None, ormp: bool = False):
     """:func:`_omp_chunk`'s steps for one signal at a time, compiled and parallel over signals
-    (:func:`sparsecode.core.kernels.cpu_pursuit.omp_gram`; CPU tensors)."""
+    (:func:`sparsecode.core.kernels.cpu_solvers.omp_gram`; CPU tensors)."""
     dt = prob.cov.dtype
     arrays = [t.detach().contiguous().numpy() for t in (prob.gram.to(dt), prob.cov)]
     sq = (prob.sq_norms.to(dt).contiguous().numpy() if tol is not None
