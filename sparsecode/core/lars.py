@@ -41,12 +41,14 @@ def lasso(
     """
     if not alpha >= 0:
         raise ValueError(f"alpha must be >= 0, got {alpha!r}")
-    res = lars(problem, alpha=alpha, lasso=True, positive=positive, max_iter=max_iter,
-               chunk_size=chunk_size, progress=progress)
-    codes, n_iter = res.codes, res.n_iter
+    _check_alpha_iter(alpha, max_iter)
+    codes, n_iter, ok = _homotopy(problem, float(alpha), None, True, positive, max_iter,
+                                  chunk_size, progress)
     if problem.n_rows == 0:
-        return res
-    bad = (~_kkt_ok(problem, codes, alpha, positive)).nonzero().squeeze(1)
+        return SolverResult(codes, n_iter)
+    if ok is None:  # the compiled path tests each row as it finishes
+        ok = _kkt_ok(problem, codes, alpha, positive)
+    bad = (~ok).nonzero().squeeze(1)
     if bad.numel():
         exact, ok = _support_solve(problem.rows(bad), codes[bad], alpha, positive)
         codes[bad[ok]] = exact[ok]
@@ -98,12 +100,8 @@ def lars(
     when the next atom would enter, as scikit-learn's ``Lars(n_nonzero_coefs=...)`` does.
     ``max_iter`` bounds the number of steps per row. ``n_iter`` is the number of steps taken.
     """
-    if not alpha >= 0:
-        raise ValueError(f"alpha must be >= 0, got {alpha!r}")
-    if isinstance(max_iter, bool) or not isinstance(max_iter, int) or max_iter < 1:
-        raise ValueError(f"max_iter must be an integer >= 1, got {max_iter!r}")
+    _check_alpha_iter(alpha, max_iter)
     K = problem.n_atoms
-    cap = problem.max_support
     k_stop = None
     if n_nonzero_coefs is not None:
         if n_nonzero_coefs < 1 or n_nonzero_coefs > K:
@@ -111,23 +109,39 @@ def lars(
                 f"n_nonzero_coefs must be in [1, n_atoms={K}], got {n_nonzero_coefs}"
             )
         k_stop = int(n_nonzero_coefs)
-    out = problem.new_codes()
-    n_iter = problem.new_codes(1, torch.long).squeeze(1)
-    chunk = chunk_size or _default_chunk(K, out.element_size(), per_row=7)
-    compiled = out.device.type == "cpu" and numba_available()
-    for sl, sub in problem.chunks(chunk, progress):
-        run = _lars_compiled if compiled else _lars_chunk
-        out[sl], n_iter[sl] = run(sub, float(alpha), cap, k_stop, lasso, positive, max_iter)
+    out, n_iter, _ = _homotopy(problem, float(alpha), k_stop, lasso, positive, max_iter,
+                               chunk_size, progress)
     return SolverResult(out, n_iter)
 
 
-def _lars_compiled(prob, alpha, cap, k_stop, lasso, positive, max_iter):
-    """:func:`_lars_chunk`'s homotopy for one signal at a time, compiled and parallel over
-    signals (:func:`sparsecode.core.kernels.cpu_solvers.lars_gram`; CPU tensors)."""
-    G = prob.gram.to(prob.cov.dtype).detach().numpy()
-    codes, steps = lars_gram(G, prob.cov.detach().numpy(), alpha, cap, k_stop, lasso, positive,
-                             max_iter)
-    return torch.from_numpy(codes), torch.from_numpy(steps)
+def _check_alpha_iter(alpha: float, max_iter: int) -> None:
+    if not alpha >= 0:
+        raise ValueError(f"alpha must be >= 0, got {alpha!r}")
+    if isinstance(max_iter, bool) or not isinstance(max_iter, int) or max_iter < 1:
+        raise ValueError(f"max_iter must be an integer >= 1, got {max_iter!r}")
+
+
+def _homotopy(problem: LeastSquares, alpha: float, k_stop: int | None, lasso: bool,
+              positive: bool, max_iter: int, chunk_size: int | None, progress: bool
+              ) -> tuple[Tensor, Tensor, Tensor | None]:
+    """``(codes, steps, kkt_ok)`` of :func:`lars` chunk by chunk: compiled per signal on a CPU
+    (which also tests each row's optimality: ``kkt_ok``), batched in torch elsewhere
+    (``kkt_ok`` None)."""
+    cap = problem.max_support
+    out = problem.new_codes()
+    n_iter = problem.new_codes(1, torch.long).squeeze(1)
+    chunk = chunk_size or _default_chunk(problem.n_atoms, out.element_size(), per_row=7)
+    if not (out.device.type == "cpu" and numba_available()):
+        for sl, sub in problem.chunks(chunk, progress):
+            out[sl], n_iter[sl] = _lars_chunk(sub, alpha, cap, k_stop, lasso, positive, max_iter)
+        return out, n_iter, None
+    ok = torch.zeros(problem.n_rows, dtype=torch.bool)
+    G = problem.gram.to(out.dtype).detach().numpy()
+    for sl, sub in problem.chunks(chunk, progress):
+        codes, steps, good = lars_gram(G, sub.cov.detach().numpy(), alpha, cap, k_stop, lasso,
+                                       positive, max_iter)
+        out[sl], n_iter[sl], ok[sl] = (torch.from_numpy(a) for a in (codes, steps, good))
+    return out, n_iter, ok
 
 
 def _lars_start(rho: Tensor, alpha: float, width: int, positive: bool) -> dict:

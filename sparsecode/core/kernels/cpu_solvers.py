@@ -84,11 +84,14 @@ def _omp_rows(G, cov, sq_norms, kmax, tol, use_tol, ormp, eps, tiny, vals, idx,
                     cn = a_j / lnn
                     for i in range(step):
                         L[step, i] = U[i, j]
+                    for t in range(K):  # contiguous rows: vectorised loops
+                        U[step, t] = G[j, t]
+                    for i in range(step):
+                        li = L[step, i]
+                        for t in range(K):
+                            U[step, t] -= li * U[i, t]
                     for t in range(K):
-                        w = G[j, t]
-                        for i in range(step):
-                            w -= L[step, i] * U[i, t]
-                        w /= lnn
+                        w = U[step, t] / lnn
                         U[step, t] = w
                         alpha[t] -= cn * w
                         if ormp:
@@ -193,7 +196,7 @@ def _lars_drop(p, cnt, M, d, sA, zA, idx, active):  # pragma: no cover
 
 
 def _lars_rows(G, cov, alpha, width, cap, k_stop, lasso, positive, max_iter, eps, out,
-               steps_out):  # pragma: no cover
+               steps_out, ok):  # pragma: no cover
     n, K = cov.shape
     inf = np.inf
     n_blocks = (n + BLOCK - 1) // BLOCK
@@ -226,11 +229,13 @@ def _lars_rows(G, cov, alpha, width, cap, k_stop, lasso, positive, max_iter, eps
                                          positive, eps):
                 cnt = 1
                 while steps < max_iter:
-                    for t in range(K):  # a = d G_A
-                        acc = 0.0
-                        for i in range(cnt):
-                            acc += d[i] * G[idx[i], t]
-                        a[t] = acc
+                    for t in range(K):  # a = d G_A, a row of G at a time
+                        a[t] = 0.0
+                    for i in range(cnt):
+                        di = d[i]
+                        row = idx[i]
+                        for t in range(K):
+                            a[t] += di * G[row, t]
                     g_add, j_add = inf, 0
                     if cnt < cap:
                         for t in range(K):
@@ -277,27 +282,59 @@ def _lars_rows(G, cov, alpha, width, cap, k_stop, lasso, positive, max_iter, eps
             for i in range(cnt):
                 out[r, idx[i]] += zA[i]
             steps_out[r] = steps
+            ok[r] = _kkt_row(G, cov, r, out, zA, idx, cnt, alpha, positive, eps, a)
+
+
+def _kkt_row(G, cov, r, out, zA, idx, cnt, alpha, positive, eps, corr):  # pragma: no cover
+    """The Lasso optimality test of :func:`sparsecode.core.lars._kkt_ok` for row ``r``, on its
+    residual correlations recomputed from scratch (``corr`` is scratch space)."""
+    K = cov.shape[1]
+    for t in range(K):
+        corr[t] = cov[r, t]
+    for i in range(cnt):
+        zi = zA[i]
+        row = idx[i]
+        for t in range(K):
+            corr[t] -= zi * G[row, t]
+    top = 0.0
+    for t in range(K):
+        top = max(top, abs(corr[t]))
+    slack = 1e3 * eps * (alpha + top)
+    for t in range(K):
+        z = out[r, t]
+        if z != 0:
+            sign = 1.0 if z > 0 else -1.0
+            if abs(corr[t] - alpha * sign) > slack:
+                return False
+        elif (corr[t] if positive else abs(corr[t])) > alpha + slack:
+            return False
+    return True
 
 
 if _HAVE_NUMBA:
     _jit = numba.njit(cache=True, nogil=True)
+    _kkt_row = _jit(_kkt_row)
     _lars_add = _jit(_lars_add)
     _lars_drop = _jit(_lars_drop)
     _lars_compiled = numba.njit(parallel=True, cache=True, nogil=True)(_lars_rows)
 
 
 def lars_gram(G: np.ndarray, cov: np.ndarray, alpha: float, cap: int, k_stop: int | None,
-              lasso: bool, positive: bool, max_iter: int) -> tuple[np.ndarray, np.ndarray]:
-    """``(codes (n, K), steps (n,))`` of the LARS / Lasso homotopy of each signal down to
+              lasso: bool, positive: bool, max_iter: int
+              ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """``(codes (n, K), steps (n,), kkt_ok (n,))`` of the LARS / Lasso homotopy of each signal to
     ``alpha`` (see :func:`sparsecode.core.lars.lars`): ``G (K, K)`` the Gram matrix, ``cov
     (n, K)`` the correlations; ``cap`` bounds the active set (the rank), ``k_stop`` stops LAR at
-    that many atoms. Computed in float64 whatever the input dtype (returned in it)."""
+    that many atoms; ``kkt_ok`` says whether the Lasso optimality conditions hold (the test of
+    :func:`sparsecode.core.lars._kkt_ok`, on correlations recomputed per signal). Computed in
+    float64 whatever the input dtype (codes returned in it)."""
     G64 = np.ascontiguousarray(G, dtype=np.float64)
     cov64 = np.ascontiguousarray(cov, dtype=np.float64)
     n, K = cov64.shape
     width = cap if k_stop is None else min(cap, k_stop)
     out = np.zeros((n, K))
     steps = np.zeros(n, dtype=np.int64)
+    ok = np.zeros(n, dtype=np.bool_)
     _lars_compiled(G64, cov64, float(alpha), width, cap, 0 if k_stop is None else k_stop,
-                   lasso, positive, max_iter, float(np.finfo(cov.dtype).eps), out, steps)
-    return out.astype(cov.dtype, copy=False), steps
+                   lasso, positive, max_iter, float(np.finfo(cov.dtype).eps), out, steps, ok)
+    return out.astype(cov.dtype, copy=False), steps, ok
