@@ -210,3 +210,26 @@ def test_k_sparse_probing_equals_sae_bench(monkeypatch):
         assert np.allclose([row[f"f1_sparse_sae_{k}"] for k in range(1, 11)], mine.f1[j])
         assert list(row["split_feats"]) == mine.main[j]
     assert sorted(mine.main[3]) == [3, 26]
+
+
+def test_letters_the_model_does_not_represent_are_reported_and_skipped():
+    from sae.evals.suite import skipped_letters
+
+    data = _data(20)
+    data.y["test"][data.labels["test"] == 25] = 0.0  # no "z" signal left
+    assert skipped_letters(data) == {"z": "activation probe F1 0.00 <= 0.6 on 10 test words"}
+    _, out = _run(data, _sae([]))
+    assert [d["first_letter"] for d in out["details"]] == list(LETTERS[:25])
+
+
+def test_a_synthetic_model_of_another_width_does_not_apply():
+    from sae.evals.suite import EVALS, Context, NotApplicable
+
+    def recovery(view):
+        raise ValueError("the synthetic model has d=32 but the SAE d_in=64")
+
+    ctx = Context(None, None, synthetic=recovery)
+    with pytest.raises(NotApplicable, match="d=32 but the SAE d_in=64"):
+        EVALS["synthetic"].run(_sae([]), ctx)
+    with pytest.raises(NotApplicable, match="needs --synthetic"):
+        EVALS["synthetic"].run(_sae([]), Context(None, None))

@@ -122,6 +122,16 @@ def _first_letter(sae: Any, ctx: Context):
     return data, ks, z["test"], config
 
 
+def skipped_letters(data: Any) -> dict[str, str]:
+    """Why each letter left out of absorption and splitting is left out."""
+    from .first_letter import LETTERS, probe_f1
+
+    f1 = probe_f1(data)
+    counts = [int((data.labels["test"] == j).sum()) for j in range(len(LETTERS))]
+    return {c: f"activation probe F1 {f1[j]:.2f} <= 0.6 on {counts[j]} test words"
+            for j, c in enumerate(LETTERS) if f1[j] <= 0.6}
+
+
 #: SAEBench's ``min_feats_for_eval``: letters the model must represent for absorption to apply.
 MIN_LETTERS = 20
 
@@ -131,14 +141,16 @@ def _absorption(sae: Any, ctx: Context) -> dict[str, Any]:
 
     data, ks, z_test, config = _first_letter(sae, ctx)
     out = absorption(sae, ks, data, z_test)
-    return {**out, "config": config, "unstructured": {"absorbers": out.pop("absorbers")}}
+    return {**out, "config": config, "unstructured": {"absorbers": out.pop("absorbers"),
+                                                      "letters_skipped": skipped_letters(data)}}
 
 
 def _splitting(sae: Any, ctx: Context) -> dict[str, Any]:
     from .splitting import splitting
 
     data, ks, _, config = _first_letter(sae, ctx)
-    return {**splitting(ks, data), "config": config}
+    return {**splitting(ks, data), "config": config,
+            "unstructured": {"letters_skipped": skipped_letters(data)}}
 
 
 def _probing(sae: Any, ctx: Context) -> dict[str, Any]:
@@ -162,7 +174,10 @@ def _probing(sae: Any, ctx: Context) -> dict[str, Any]:
 def _synthetic(sae: Any, ctx: Context) -> dict[str, Any]:
     if ctx.synthetic is None:
         raise NotApplicable("it needs --synthetic MODEL (the synthetic model it was trained on)")
-    m = ctx.synthetic(sae)
+    try:
+        m = ctx.synthetic(sae)
+    except ValueError as e:  # e.g. a synthetic model of another width than the SAE's
+        raise NotApplicable(str(e)) from e
     return {"metrics": {"recovery": {k: v for k, v in m.items() if _number(v)}}, "config": {}}
 
 
