@@ -55,20 +55,18 @@ TYPES = ["core", "absorption_first_letter", "feature_splitting", "sparse_probing
 
 
 def collect(run: Path) -> dict[str, dict]:
-    """Per SAE folder of ``run``: flattened metrics and seconds per eval type."""
+    """Per SAE folder of ``run``: its metrics (``sae.plot.metric_values``: ``<type>.<metric>``)
+    and the seconds each eval took."""
+    from sae.evals.suite import result_path
+    from sae.plot import metric_values
+
     out = {}
     for cfg in sorted(run.glob("*/cfg.json")):
         folder = cfg.parent
-        own = f"{folder.parent.name}_{folder.name}_eval_results.json"
-        entry: dict = {"metrics": {}, "seconds": {}}
-        for path in sorted(folder.glob(f"eval_results/*/{own}")):
-            doc = json.loads(path.read_text())
-            t = doc["eval_type_id"]
-            entry["seconds"][t] = doc["eval_result_unstructured"].get("seconds")
-            for cat in doc["eval_result_metrics"].values():
-                for k, v in cat.items():
-                    entry["metrics"][f"{t}.{k}"] = v
-        out[folder.name] = entry
+        seconds = {path.parent.name: json.loads(path.read_text())["eval_result_unstructured"]
+                   .get("seconds")
+                   for path in folder.glob(str(result_path(folder).relative_to(folder)))}
+        out[folder.name] = {"metrics": metric_values(folder), "seconds": seconds}
     return out
 
 

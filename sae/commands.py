@@ -113,8 +113,8 @@ def _with_encoders(sae: Any, opts: EvalOptions, measure) -> dict[str, Any]:
     return out
 
 
-def _eval_on_array(saes: dict, folders: dict, path: str, opts: EvalOptions,
-                   device: torch.device) -> dict[str, Any]:
+def _load_array(path: str, opts: EvalOptions, device: torch.device) -> torch.Tensor:
+    """The ``--activations`` rows (up to ``--max-tokens``), checked, on ``device``."""
     import numpy as np
 
     from .data import check_finite
@@ -127,15 +127,24 @@ def _eval_on_array(saes: dict, folders: dict, path: str, opts: EvalOptions,
         raise fail(f"{apath} must hold a non-empty (N, d_in) array, got shape {arr.shape}")
     x = torch.from_numpy(np.array(arr[: opts.max_tokens or None], dtype=np.float32))
     check_finite(x, what=str(apath))
-    x = x.to(device)
+    return x.to(device)
+
+
+def _check_array_fits(sae: Any, folder: Any, x: torch.Tensor) -> None:
+    if sae.cfg.transcode:
+        raise fail(f"{folder} is a transcoder: --activations holds no target; "
+                   "evaluate it in the model (without --activations)")
+    if x.shape[1] != sae.cfg.d_in:
+        raise fail(f"activations have d_in={x.shape[1]} but SAE {folder} expects "
+                   f"d_in={sae.cfg.d_in}")
+
+
+def _eval_on_array(saes: dict, folders: dict, path: str, opts: EvalOptions,
+                   device: torch.device) -> dict[str, Any]:
+    x = _load_array(path, opts, device)
     out = {}
     for name, sae in saes.items():
-        if sae.cfg.transcode:
-            raise fail(f"{folders[name]} is a transcoder: --activations holds no target; "
-                       "evaluate it in the model (without --activations)")
-        if x.shape[1] != sae.cfg.d_in:
-            raise fail(f"activations have d_in={x.shape[1]} but SAE {folders[name]} expects "
-                       f"d_in={sae.cfg.d_in}")
+        _check_array_fits(sae, folders[name], x)
         out[name] = _with_encoders(sae, opts, partial(_on_array, x, opts.batch_size))
     return out
 
@@ -255,8 +264,9 @@ def cmd_eval(args: argparse.Namespace) -> int:
     return 0
 
 
-def _suite_context(args, opts: EvalOptions, device: torch.device):
-    """The shared :class:`sae.evals.suite.Context` of one ``sae eval --suite`` call."""
+def _suite_context(args, opts: EvalOptions, device: torch.device, array: Any):
+    """The shared :class:`sae.evals.suite.Context` of one ``sae eval --suite`` call
+    (``array``: the ``--activations`` rows, or None to run the model)."""
     from sparsecode import lm
 
     from .evals.suite import Context
@@ -272,9 +282,8 @@ def _suite_context(args, opts: EvalOptions, device: torch.device):
     ctx = Context(None if opts.activations else load, settings, n_words=opts.words,
                   probe_tokens=opts.probe_tokens, seed=getattr(args, "seed", 0) or 42,
                   progress=getattr(args, "progress", False))
-    if opts.activations:
-        ctx.core = lambda view, ref: _eval_on_array({"sae": view}, {"sae": "SAE"},
-                                                    opts.activations, opts, device)["sae"]
+    if array is not None:
+        ctx.core = partial(_on_array, array, opts.batch_size)
     else:
         held: dict[str, list[str]] = {}
 
@@ -328,9 +337,12 @@ def _run_suite(saes: dict, folders: dict, args, opts: EvalOptions, names: list[s
 
     from .evals.suite import EVALS, NotApplicable, write_result
 
-    ctx = _suite_context(args, opts, device)
+    array = _load_array(opts.activations, opts, device) if opts.activations else None
+    ctx = _suite_context(args, opts, device, array)
     summary: dict[str, Any] = {}
     for name, sae in saes.items():
+        if array is not None:
+            _check_array_fits(sae, folders[name], array)
         for label, view in _views(name, sae, folders[name], opts):
             for ev in names:
                 start = time.perf_counter()

@@ -31,10 +31,11 @@ def metric_values(folder: str | os.PathLike[str]) -> dict[str, float]:
     metrics), then the metrics of its ``sae eval --suite`` results
     (``eval_results/<type>/<run>_<name>_eval_results.json``), each as ``<type>.<metric>`` and,
     where no earlier source has the name, as ``<metric>``."""
+    from .evals.suite import result_path
+
     folder = Path(folder)
     out = {k: float(v) for k, v in _read(folder / "metrics.json").items() if _number(v)}
-    own = f"{folder.parent.name}_{folder.name}_eval_results.json"
-    for path in sorted(folder.glob(f"eval_results/*/{own}")):
+    for path in sorted(folder.glob(str(result_path(folder).relative_to(folder)))):
         doc = _read(path)
         for category in (doc.get("eval_result_metrics") or {}).values():
             for k, v in (category.items() if isinstance(category, dict) else ()):

@@ -137,6 +137,25 @@ def test_eval_wrong_width(acts, tmp_path):
         main(["eval", str(tmp_path / "run"), "--activations", str(tmp_path / "wide.npy")])
 
 
+def test_eval_suite_on_stored_activations(acts, tmp_path, capsys):
+    from sae.metrics import evaluate
+
+    assert _train(acts, tmp_path / "run") == 0
+    capsys.readouterr()
+    assert main(["eval", str(tmp_path / "run"), "--activations", str(acts), "--suite",
+                 "core,absorption", "--device", "cpu"]) == 0
+    printed = capsys.readouterr().out
+    assert "topk absorption: skipped: does not apply: it runs the language model" in printed
+    core = json.loads((tmp_path / "run/topk/eval_results/core/run_topk_eval_results.json")
+                      .read_text())
+    fvu = evaluate(load(tmp_path / "run" / "topk"), torch.from_numpy(np.load(acts)))["fvu"]
+    assert core["eval_result_metrics"]["reconstruction_quality"]["fvu"] == pytest.approx(fvu)
+    np.save(tmp_path / "wide.npy", np.zeros((100, 20), dtype=np.float32))
+    with pytest.raises(SystemExit, match="d_in=20 but SAE .*topk expects d_in=16"):
+        main(["eval", str(tmp_path / "run"), "--activations", str(tmp_path / "wide.npy"),
+              "--suite", "core"])
+
+
 @pytest.mark.slow
 def test_default_train_on_smollm2_gives_a_loadable_sae(tmp_path):
     pytest.importorskip("transformers")

@@ -27,8 +27,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from .first_letter import LETTERS, FirstLetterData, probe_f1, probe_scores
-from .splitting import KSparse, _std
+from .first_letter import LETTERS, MIN_PROBE_F1, FirstLetterData, probe_scores
+from .splitting import KSparse, _std, letters_present
 
 __all__ = ["absorption", "word_absorption"]
 
@@ -82,19 +82,16 @@ def word_absorption(
 
 
 def absorption(sae: Any, ks: KSparse, data: FirstLetterData, z_test: Tensor,
-               min_probe_f1: float = 0.6) -> dict[str, Any]:
+               min_probe_f1: float = MIN_PROBE_F1) -> dict[str, Any]:
     """SAEBench's absorption metrics (``mean`` category) and per-letter details for ``sae``,
     from its k-sparse probing ``ks`` and test latents ``z_test``; ``absorbers`` counts, per
     latent, the words it fully absorbed (what the feature browser shows)."""
     W, _ = data.probe
     scores = probe_scores(data)
     labels = data.labels["test"]
-    pf1 = probe_f1(data)
     W_dec = sae.W_dec.detach().float().cpu()
     details, absorbers = [], {}
-    for j in range(len(LETTERS)):
-        if pf1[j] <= min_probe_f1:
-            continue
+    for j in letters_present(data, min_probe_f1):
         rows = ((labels == j) & (scores[:, j] > 0)).nonzero()[:, 0]
         if rows.numel() == 0:
             continue

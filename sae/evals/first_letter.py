@@ -37,6 +37,9 @@ TEMPLATE = "{word} has the first letter:"
 #: steps an epoch; 512 over our default 4,800 keeps that (4096 here gave F1 > 0.6 on 18 letters of
 #: SmolLM2 layer 15 instead of 23: an under-trained probe).
 PROBE_BATCH = 512
+#: A letter is represented by the model when its activation probe's test F1 exceeds this
+#: (SAEBench's ``min_GT_probe_f1``); absorption and splitting judge those letters only.
+MIN_PROBE_F1 = 0.6
 
 
 def alpha_vocabulary(tokenizer: Any) -> list[tuple[int, str]]:

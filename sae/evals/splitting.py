@@ -18,7 +18,7 @@ from typing import Any
 import numpy as np
 from torch import Tensor
 
-from .first_letter import LETTERS, PROBE_BATCH, FirstLetterData, probe_f1
+from .first_letter import LETTERS, MIN_PROBE_F1, PROBE_BATCH, FirstLetterData, probe_f1
 from .probes import fit_logistic, fit_multi_probe
 
 __all__ = ["KSparse", "k_sparse_probing", "split_features", "splitting"]
@@ -72,13 +72,14 @@ def k_sparse_probing(z_train: Tensor, labels_train: Tensor, z_test: Tensor, labe
     return KSparse(feats, f1, main)
 
 
-def letters_present(data: FirstLetterData, min_probe_f1: float = 0.6) -> list[int]:
+def letters_present(data: FirstLetterData, min_probe_f1: float = MIN_PROBE_F1) -> list[int]:
     """The letters whose activation probe reaches test F1 > ``min_probe_f1``: the model
     represents them, so the dictionary is judged on them (SAEBench's ``min_GT_probe_f1``)."""
     return [j for j, f in enumerate(probe_f1(data)) if f > min_probe_f1]
 
 
-def splitting(ks: KSparse, data: FirstLetterData, min_probe_f1: float = 0.6) -> dict[str, Any]:
+def splitting(ks: KSparse, data: FirstLetterData, min_probe_f1: float = MIN_PROBE_F1
+              ) -> dict[str, Any]:
     """Metrics and per-letter details of feature splitting over the letters present."""
     present = letters_present(data, min_probe_f1)
     pf1 = probe_f1(data)

@@ -16,13 +16,17 @@ import json
 import math
 import time
 import uuid
+import weakref
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from sparsecode._files import atomic_write
+
 __all__ = [
-    "EVALS", "Context", "Eval", "NotApplicable", "latent_notes", "parse_suite", "write_result",
+    "EVALS", "Context", "Eval", "NotApplicable", "latent_notes", "parse_suite", "result_path",
+    "write_result",
 ]
 
 
@@ -44,11 +48,22 @@ class Context:
     seed: int = 42
     progress: bool = False
     cache: dict[Any, Any] = field(default_factory=dict)
+    # per dictionary object: what several evals compute from the same dictionary (freed with
+    # it, so a later view that reuses its memory never sees another dictionary's results)
+    owned: weakref.WeakKeyDictionary = field(default_factory=weakref.WeakKeyDictionary)
 
     def shared(self, key: Any, build: Callable[[], Any]) -> Any:
+        """What every dictionary at the same ``key`` (model, places, ...) shares, built once."""
         if key not in self.cache:
             self.cache[key] = build()
         return self.cache[key]
+
+    def of(self, sae: Any, key: str, build: Callable[[], Any]) -> Any:
+        """What the evals of one dictionary share (e.g. its k-sparse probes), built once."""
+        mine = self.owned.setdefault(sae, {})
+        if key not in mine:
+            mine[key] = build()
+        return mine[key]
 
     def lm_places(self, sae: Any) -> tuple[Any, Any, Any, Any]:
         """``(cfg, model, tokenizer, places)`` of a dictionary evaluated in its model."""
@@ -99,7 +114,7 @@ def _core(sae: Any, ctx: Context) -> dict[str, Any]:
 
 def _first_letter(sae: Any, ctx: Context):
     from .activations import latents
-    from .first_letter import first_letter_data
+    from .first_letter import MIN_PROBE_F1, first_letter_data
     from .splitting import k_sparse_probing, letters_present
 
     cfg, model, tok, places = ctx.lm_places(sae)
@@ -112,24 +127,27 @@ def _first_letter(sae: Any, ctx: Context):
     if len(present) < MIN_LETTERS:
         raise NotApplicable(
             f"the model represents only {len(present)} first letters at {list(places.reads)} "
-            f"(activation probe F1 > 0.6; {MIN_LETTERS} needed, as in SAEBench)")
-    z = {s: latents(sae, data.x[s]) for s in ("train", "test")}
-    ks = ctx.shared(("k_sparse", id(sae)), lambda: k_sparse_probing(
-        z["train"], data.labels["train"], z["test"], data.labels["test"], seed=ctx.seed))
+            f"(activation probe F1 > {MIN_PROBE_F1}; {MIN_LETTERS} needed, as in SAEBench)")
+    def probes():
+        z = {s: latents(sae, data.x[s]) for s in ("train", "test")}
+        return z["test"], k_sparse_probing(z["train"], data.labels["train"], z["test"],
+                                           data.labels["test"], seed=ctx.seed)
+
+    z_test, ks = ctx.of(sae, "k_sparse", probes)
     config = {**data.config, "model_name": cfg.model, "max_k_value": 10,
-              "f1_jump_threshold": 0.03, "min_GT_probe_f1": 0.6,
+              "f1_jump_threshold": 0.03, "min_GT_probe_f1": MIN_PROBE_F1,
               "min_feats_for_eval": MIN_LETTERS, "k_sparse_probe_l1_decay": 0.01}
-    return data, ks, z["test"], config
+    return data, ks, z_test, config
 
 
 def skipped_letters(data: Any) -> dict[str, str]:
     """Why each letter left out of absorption and splitting is left out."""
-    from .first_letter import LETTERS, probe_f1
+    from .first_letter import LETTERS, MIN_PROBE_F1, probe_f1
 
     f1 = probe_f1(data)
     counts = [int((data.labels["test"] == j).sum()) for j in range(len(LETTERS))]
-    return {c: f"activation probe F1 {f1[j]:.2f} <= 0.6 on {counts[j]} test words"
-            for j, c in enumerate(LETTERS) if f1[j] <= 0.6}
+    return {c: f"activation probe F1 {f1[j]:.2f} <= {MIN_PROBE_F1} on {counts[j]} test words"
+            for j, c in enumerate(LETTERS) if f1[j] <= MIN_PROBE_F1}
 
 
 #: SAEBench's ``min_feats_for_eval``: letters the model must represent for absorption to apply.
@@ -249,21 +267,26 @@ def write_result(folder: Path, label: str, name: str, result: dict[str, Any],
         "eval_result_unstructured": {**result.get("unstructured", {}),
                                      "seconds": round(seconds, 2)},
     }
-    out = folder / "eval_results" / type_id / f"{folder.parent.name}_{label}_eval_results.json"
+    out = result_path(folder, type_id, label)
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_suffix(".tmp")
-    tmp.write_text(json.dumps(_finite(doc), indent=2, allow_nan=False))
-    tmp.replace(out)
-    return out
+    return atomic_write(out, json.dumps(_finite(doc), indent=2, allow_nan=False))
+
+
+def result_path(folder: str | Path, type_id: str = "*", label: str | None = None) -> Path:
+    """Where the result of eval ``type_id`` for the dictionary ``label`` (default: the SAE of
+    ``folder`` itself, not an ``--encoder`` view) lives: SAEBench's
+    ``eval_results/<type_id>/<run>_<label>_eval_results.json`` inside the SAE folder (``"*"``
+    as ``type_id`` gives the glob over every eval)."""
+    folder = Path(folder)
+    name = f"{folder.parent.name}_{label or folder.name}_eval_results.json"
+    return folder / "eval_results" / type_id / name
 
 
 def latent_notes(folder: str | Path) -> dict[int, list[str]]:
     """Per latent, what the SAE's own absorption result in ``folder`` says of it: the first
     letters it is a main latent of, and the letters whose words it fully absorbs (for the
     feature browser). Empty without a result."""
-    folder = Path(folder)
-    path = (folder / "eval_results" / EVALS["absorption"].type_id
-            / f"{folder.parent.name}_{folder.name}_eval_results.json")
+    path = result_path(folder, EVALS["absorption"].type_id)
     try:
         doc = json.loads(path.read_text())
     except (OSError, ValueError):
