@@ -39,8 +39,6 @@ def lasso(
     warm-started from the homotopy's codes, to relative accuracy ``tol``. ``n_iter`` counts
     homotopy steps plus any FISTA iterations.
     """
-    if not alpha >= 0:
-        raise ValueError(f"alpha must be >= 0, got {alpha!r}")
     _check_alpha_iter(alpha, max_iter)
     codes, n_iter, ok = _homotopy(problem, float(alpha), None, True, positive, max_iter,
                                   chunk_size, progress)
