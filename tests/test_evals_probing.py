@@ -57,7 +57,8 @@ def test_a_label_free_dictionary_probes_at_chance():
 def test_document_samples_are_means_over_their_tokens():
     rows = torch.tensor([[1.0, 0], [3.0, 2], [5.0, 5]])
     data = ProbingData(rows, torch.tensor([0, 0, 1]), 2, {}, {})
-    assert data.pooled(rows).tolist() == [[2.0, 1.0], [5.0, 5.0]]
+    assert data.pooled().tolist() == [[2.0, 1.0], [5.0, 5.0]]
+    assert data.pooled(lambda r: 2 * r, chunk=1).tolist() == [[4.0, 2.0], [10.0, 10.0]]
 
 
 def test_code_and_token_labels():

@@ -14,6 +14,7 @@ the datasets (``package`` is one dataset: the mean of its one-vs-rest tasks).
 from __future__ import annotations
 
 import random
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -42,11 +43,20 @@ class ProbingData:
     tasks: dict[str, dict[str, Any]]  # name -> {"dataset", "train": (idx, y), "test": (idx, y)}
     config: dict[str, Any]
 
-    def pooled(self, values: Tensor) -> Tensor:
-        """Mean of ``values`` (one row per token row) over each sample's rows."""
-        out = values.new_zeros(self.n_samples, values.shape[1]).index_add_(0, self.owner, values)
+    def pooled(self, encode: Callable[[Tensor], Tensor] | None = None,
+               chunk: int = 4096) -> Tensor:
+        """Per sample, the mean over its token rows of the activations, or of ``encode`` of them
+        (e.g. a dictionary's latents), computed ``chunk`` rows at a time (the encoded rows are
+        never all held at once)."""
+        out = None
+        for s in range(0, self.rows.shape[0], chunk):
+            part = self.rows[s : s + chunk]
+            part = part if encode is None else encode(part)
+            if out is None:
+                out = part.new_zeros(self.n_samples, part.shape[1])
+            out.index_add_(0, self.owner[s : s + chunk], part)
         count = torch.bincount(self.owner, minlength=self.n_samples).clamp_min(1)
-        return out / count[:, None].to(values.dtype)
+        return out / count[:, None].to(out.dtype)
 
 
 class _Builder:
@@ -201,18 +211,13 @@ def _probe_all(x: Tensor, data: ProbingData, prefix: str) -> dict[str, dict[str,
 
 def llm_probes(data: ProbingData) -> dict[str, dict[str, float]]:
     """Per task, the accuracies of probes on the activations (shared by every dictionary)."""
-    return _probe_all(data.pooled(data.rows), data, "llm")
+    return _probe_all(data.pooled(), data, "llm")
 
 
 def sae_probes(sae: Any, data: ProbingData, llm: dict[str, dict[str, float]]) -> dict[str, Any]:
     """SAEBench's sparse-probing metrics (``llm`` and ``sae`` categories, means over datasets)
     and per-dataset details for ``sae``."""
-    z = torch.zeros(data.n_samples, int(sae.cfg.d_sae))
-    for s in range(0, data.rows.shape[0], 4096):
-        part = latents(sae, data.rows[s : s + 4096])
-        z.index_add_(0, data.owner[s : s + 4096], part)
-    count = torch.bincount(data.owner, minlength=data.n_samples).clamp_min(1)
-    per_task = _probe_all(z / count[:, None], data, "sae")
+    per_task = _probe_all(data.pooled(lambda rows: latents(sae, rows)), data, "sae")
     datasets: dict[str, list[dict[str, float]]] = {}
     for name, task in data.tasks.items():
         datasets.setdefault(task["dataset"], []).append({**llm[name], **per_task[name]})
