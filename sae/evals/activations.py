@@ -56,7 +56,8 @@ def read(
 ) -> tuple[Tensor, Tensor]:
     """``(x, y)``: for each token sequence ``i``, ``reduce(acts, i)`` of the activations the
     dictionary reads (``x``) and writes (``y``), concatenated over places, float32 on the CPU,
-    the rows of the sequences in their given order.
+    the rows of the sequences in their given order (one tensor for both when the dictionary
+    writes what it reads).
 
     ``reduce`` maps one sequence's activations ``(T, d)`` (``T`` its length) to rows, e.g.
     ``lambda a, i: a[positions[i]]`` or ``lambda a, i: a[1:].mean(0)``. Sequences are run in
@@ -72,6 +73,7 @@ def read(
     xs: list[Tensor | None] = [None] * len(sequences)
     ys: list[Tensor | None] = [None] * len(sequences)
     names = places.all
+    same = places.reads == places.writes  # an SAE: what it writes is what it reads
     with capture(model, names, stop_early=True) as acts, tqdm(
             total=len(sequences), desc=desc, unit="seq", leave=False, disable=not progress) as bar:
         for start in range(0, len(order), batch_size):
@@ -86,12 +88,14 @@ def read(
                 if not torch.isfinite(a).all():
                     raise ValueError(f"the model's activation at {p!r} holds NaN or inf")
             x = torch.cat([got[p] for p in places.reads], dim=-1)
-            y = torch.cat([got[p] for p in places.writes], dim=-1)
+            y = None if same else torch.cat([got[p] for p in places.writes], dim=-1)
             for row, i in enumerate(idx):
                 xs[i] = reduce(x[row, : lengths[row]], i).cpu()
-                ys[i] = reduce(y[row, : lengths[row]], i).cpu()
+                if y is not None:
+                    ys[i] = reduce(y[row, : lengths[row]], i).cpu()
             bar.update(len(idx))
-    return _rows(xs), _rows(ys)
+    x_rows = _rows(xs)
+    return x_rows, x_rows if same else _rows(ys)
 
 
 def _rows(parts: list[Tensor | None]) -> Tensor:
