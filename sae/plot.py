@@ -22,16 +22,12 @@ def _read(path: Path) -> dict[str, Any]:
     return m if isinstance(m, dict) else {}
 
 
-def _number(v: Any) -> bool:
-    return isinstance(v, (int, float)) and not isinstance(v, bool)
-
-
 def metric_values(folder: str | os.PathLike[str]) -> dict[str, float]:
     """Every number measured for the SAE in ``folder``: its ``metrics.json`` (training's held-out
     metrics), then the metrics of its ``sae eval --suite`` results
     (``eval_results/<type>/<run>_<name>_eval_results.json``), each as ``<type>.<metric>`` and,
     where no earlier source has the name, as ``<metric>``."""
-    from .evals.suite import result_path
+    from .evals.suite import _number, result_path
 
     folder = Path(folder)
     out = {k: float(v) for k, v in _read(folder / "metrics.json").items() if _number(v)}
