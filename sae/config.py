@@ -7,6 +7,7 @@ one default, in one place: :class:`SAEConfig` (one SAE), :class:`TrainConfig` (t
 
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -15,6 +16,32 @@ from sparsecode.flags import meta as _help
 from .architectures import ARCHITECTURES, PURSUITS, check_architecture, default_group_sizes
 
 JUMPRELU_MODES = ("step", "tanh", "quadratic")
+
+
+def check_int(name: str, value: Any, low: int, *, optional: bool = False) -> None:
+    """Raise ``ValueError`` unless ``value`` is an integer ``>= low`` (or None if
+    ``optional``)."""
+    if optional and value is None:
+        return
+    if isinstance(value, bool) or not isinstance(value, int) or value < low:
+        raise ValueError(f"{name} must be an integer >= {low}, got {value!r}")
+
+
+def check_number(name: str, value: Any, low: float | None = None, *, above: bool = False,
+                 high: float | None = None, optional: bool = False) -> None:
+    """Raise ``ValueError`` unless ``value`` is a finite number ``>= low`` (``> low`` if
+    ``above``; ``<= high``), or None if ``optional``."""
+    if optional and value is None:
+        return
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    if ok and low is not None:
+        ok = value > low if above else value >= low
+    if ok and high is not None:
+        ok = value <= high
+    if not ok:
+        bound = "" if low is None else f" {'>' if above else '>='} {low:g}"
+        bound += "" if high is None else f" and <= {high:g}"
+        raise ValueError(f"{name} must be a finite number{bound}, got {value!r}")
 
 
 @dataclass
@@ -99,6 +126,7 @@ class SAEConfig:
             )
         if self.target_l0 is None:
             self.target_l0 = float(self.k)
+        self._check_numbers()
         self._check_shape(arch)
         if self.pursuit not in PURSUITS:
             raise ValueError(f"unknown pursuit {self.pursuit!r}; known pursuits: "
@@ -119,6 +147,19 @@ class SAEConfig:
                 raise ValueError(
                     f"group_sizes {self.group_sizes} must be positive and sum to d_sae={self.d_sae}"
                 )
+
+    def _check_numbers(self) -> None:
+        """Coefficients and rates: finite and in range (a NaN or a negative weight would
+        otherwise surface only as a broken model after training)."""
+        for name in ("l1_coefficient", "l0_coefficient", "aux_coefficient", "threshold_init",
+                     "residual_threshold", "zipf_exponent"):
+            check_number(name, getattr(self, name), 0)
+        for name in ("bandwidth", "tanh_scale", "target_l0"):
+            check_number(name, getattr(self, name), 0, above=True)
+        check_number("threshold_rate", self.threshold_rate, 0, above=True, high=1)
+        check_int("sparsity_warmup_tokens", self.sparsity_warmup_tokens, 0)
+        check_int("aux_k", self.aux_k, 1, optional=True)
+        check_int("dead_tokens", self.dead_tokens, 1, optional=True)
 
     def _check_shape(self, arch: Any) -> None:
         """The shape fields: an autoencoder (``d_out == d_in``), a transcoder (``transcode``,
@@ -193,14 +234,27 @@ class TrainConfig:
     checkpoint_every: int = field(default=100, metadata=_help(
         "checkpoint every this many steps when there is an output folder (0: only on "
         "interruption)"))
+    divergence_factor: float = field(default=100.0, metadata=_help(
+        "stop the run as diverged when a step's training FVU exceeds this many times "
+        "max(1, the first step's FVU) (0: off; a non-finite loss or weight always stops it)"))
     seed: int = field(default=0, metadata=_help("random seed (weights, data order, prefixes)"))
     progress: bool = field(default=True, metadata=_help("progress bar"))
     wandb: bool = field(default=False, metadata=_help("log to Weights & Biases"))
     wandb_project: str = field(default="sae", metadata=_help("Weights & Biases project"))
 
     def __post_init__(self) -> None:
-        if self.total_tokens < 1:
-            raise ValueError(f"total_tokens must be >= 1, got {self.total_tokens}")
+        check_int("total_tokens", self.total_tokens, 1)
+        check_number("lr", self.lr, 0, above=True, optional=True)
+        check_int("warmup_steps", self.warmup_steps, 0, optional=True)
+        check_number("grad_clip", self.grad_clip, 0)
+        check_number("divergence_factor", self.divergence_factor, 0)
+        for name in ("eval_every", "checkpoint_every"):
+            check_int(name, getattr(self, name), 0)
+        check_int("log_every", self.log_every, 1)
+        check_int("seed", self.seed, 0)
+        if len(self.betas) != 2 or not all(isinstance(b, (int, float)) and 0 <= b < 1
+                                           for b in self.betas):
+            raise ValueError(f"betas must be two numbers in [0, 1), got {self.betas!r}")
         if self.matmul_dtype not in MATMUL_DTYPES:
             raise ValueError(
                 f"matmul_dtype must be one of {list(MATMUL_DTYPES)}, got {self.matmul_dtype!r}"
@@ -266,3 +320,17 @@ class RunConfig:
         "processes are data parallel)"))
     dist_timeout: float = field(default=300.0, metadata=_help(
         "torchrun: seconds a process waits for the others before failing"))
+    force: bool = field(default=False, metadata=_help(
+        "start over in a run folder that holds a checkpoint (deleting it) instead of refusing"))
+
+    def __post_init__(self) -> None:
+        check_int("d_sae", self.d_sae, 1, optional=True)
+        for name in ("expansion_factor", "batch_size", "latent_shards"):
+            check_int(name, getattr(self, name), 1)
+        check_int("holdout", self.holdout, 1)
+        check_number("dist_timeout", self.dist_timeout, 0, above=True)
+        if self.activations and self.cache:
+            raise ValueError("choose one of --activations and --cache")
+        if self.resume and self.force:
+            raise ValueError("--resume continues the checkpoint and --force deletes it: "
+                             "choose one")

@@ -49,7 +49,12 @@ from .optim import default_warmup, schedule
 if TYPE_CHECKING:
     from .distributed import Dist
 
-__all__ = ["TrainConfig", "Trainer", "geometric_median", "resolve_matmul_dtype"]
+__all__ = ["TrainConfig", "Trainer", "TrainingDiverged", "geometric_median",
+           "resolve_matmul_dtype"]
+
+
+class TrainingDiverged(RuntimeError):
+    """A training step gave a non-finite loss or weights, or an exploding FVU."""
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -169,6 +174,7 @@ class Trainer:
         self._wandb = None
         self._source_state: dict | None = None  # source position after the last finished step
         self._stop_requested = False
+        self._first_fvu: dict[str, float] = {}  # per SAE, the training FVU of the first step
 
     # ------------------------------------------------------------------ setup
     @property
@@ -234,18 +240,18 @@ class Trainer:
             )
 
     def request_stop(self, *_: Any) -> None:
-        """Stop after the current step, write a checkpoint and raise ``KeyboardInterrupt``
-        (the SIGINT / SIGTERM handler while :meth:`fit` runs; a second request interrupts at
-        once)."""
-        if self._stop_requested:
-            raise KeyboardInterrupt
+        """Stop at the next step boundary: the SIGINT / SIGTERM handler while :meth:`fit`
+        runs. The loop finishes the current step, writes a checkpoint (if ``out_dir`` is set)
+        and raises ``KeyboardInterrupt``; further requests change nothing, so a second signal
+        never interrupts a step or a checkpoint write."""
         self._stop_requested = True
 
     def fit(self) -> list[dict[str, Any]]:
         """Train until ``total_tokens``. Ctrl-C (SIGINT) or SIGTERM finishes the current step,
-        writes a checkpoint (if ``out_dir`` is set) and raises ``KeyboardInterrupt``; an
-        exception raised inside a step checkpoints the state before that step. Returns the
-        history."""
+        writes a checkpoint (if ``out_dir`` is set) and raises ``KeyboardInterrupt``. A step
+        whose loss or weights are not finite, or whose training FVU explodes
+        (``cfg.divergence_factor``), raises :class:`TrainingDiverged` and leaves the last
+        checkpoint as it was. Returns the history."""
         from tqdm.auto import tqdm
 
         for sae in self.saes.values():
@@ -258,11 +264,6 @@ class Trainer:
         try:
             with _stop_on_signals(self.request_stop):
                 self._loop(bar)
-        except KeyboardInterrupt:
-            # distributed: only a stop all ranks agreed on can checkpoint (a collective)
-            if self.out_dir is not None and (self.dist is None or self._stop_requested):
-                self.checkpoint()
-            raise
         finally:
             bar.close()
             self._stop_requested = False
@@ -280,6 +281,7 @@ class Trainer:
             if self.n_steps is None:
                 self.n_steps = max(1, math.ceil(cfg.total_tokens / n))
             row = self._train_step(batch)
+            self._check_diverged(row)
             self.step += 1
             self.tokens += n
             bar.update(n)
@@ -291,11 +293,40 @@ class Trainer:
             if cfg.eval_every and self.step % cfg.eval_every == 0:
                 self._log(self.evaluate())
             self._source_state = self.source.state_dict()
-            if (cfg.checkpoint_every and self.out_dir is not None
-                    and self.step % cfg.checkpoint_every == 0):
+            stop = self._stop_agreed()  # a step boundary: the state is whole
+            if self.out_dir is not None and (stop or (
+                    cfg.checkpoint_every and self.step % cfg.checkpoint_every == 0)):
                 self.checkpoint()
-            if self._stop_agreed():
+            if stop:
                 raise KeyboardInterrupt
+
+    def _check_diverged(self, row: dict[str, Any]) -> None:
+        """Raise :class:`TrainingDiverged` when a step's loss or FVU is not finite, the FVU
+        exceeds ``cfg.divergence_factor`` times max(1, the first step's) or a weight is no
+        longer finite (the step is not counted and nothing is checkpointed)."""
+        factor = self.cfg.divergence_factor
+        for name, sae in self.saes.items():
+            loss, fvu = row[f"{name}/loss"], row[f"{name}/fvu"]
+            limit = factor * max(1.0, self._first_fvu.setdefault(name, fvu))
+            bad = None
+            if not (math.isfinite(loss) and math.isfinite(fvu)):
+                bad = f"loss={loss:.4g}, fvu={fvu:.4g}"
+            elif factor and fvu > limit:
+                bad = (f"fvu={fvu:.4g}, more than {factor:g} x max(1, the first step's "
+                       f"{self._first_fvu[name]:.4g}) (--divergence-factor)")
+            else:
+                params = [n for n, p in sae.named_parameters()
+                          if not bool(torch.isfinite(p.detach().sum()))
+                          and not bool(torch.isfinite(p.detach()).all())]
+                if params:
+                    bad = f"non-finite {', '.join(params)} after the update"
+            if bad is not None:
+                ckpt = (f"; the last checkpoint in {self.out_dir / 'checkpoint'} is kept"
+                        if self.out_dir is not None else "")
+                raise TrainingDiverged(
+                    f"training diverged at step {self.step + 1} ({self.tokens} tokens): SAE "
+                    f"{name!r} has {bad} (a learning rate too high for these activations? try "
+                    f"a lower --lr){ckpt}")
 
     def _stop_agreed(self) -> bool:
         """A stop requested on any rank stops all of them after the same step."""
@@ -409,9 +440,18 @@ class Trainer:
         return path
 
     def resume(self, path: str | Path | None = None) -> None:
-        """Load a checkpoint written by :meth:`checkpoint` (same SAEs, same source)."""
-        path = Path(path) if path is not None else self._checkpoint_path("resume from")
-        checkpoint.restore(self, *checkpoint.read(path))
+        """Load a checkpoint written by :meth:`checkpoint` (same SAEs, same source, same
+        settings; checksum and finiteness verified). Without ``path``: ``out_dir/checkpoint``,
+        recovered first from the leftovers of a write interrupted between its renames
+        (:func:`sae.checkpoint.recover`)."""
+        if path is None:
+            root = self._checkpoint_path("resume from").parent
+            if self.is_main:
+                checkpoint.recover(root)
+            if self.dist is not None:
+                self.dist.barrier()
+            path = root / checkpoint.CHECKPOINT
+        checkpoint.restore(self, *checkpoint.read(Path(path)))
 
     def _checkpoint_path(self, what: str) -> Path:
         if self.out_dir is None:

@@ -123,9 +123,10 @@ def test_exact_resume(planted, tmp_path):
     part, _ = _run(X, 30, tmp_path=tmp_path)
     orig = part._train_step
 
-    def step_then_stop(batch):  # interrupt after 13 steps (mid-epoch, mid-warm-up)
-        if part.step == 13:
-            raise KeyboardInterrupt
+    def step_then_stop(batch):  # a stop request during step 13 (mid-epoch, mid-warm-up)
+        if part.step == 12:
+            part.request_stop()
+            part.request_stop()  # a second request changes nothing
         return orig(batch)
 
     part._train_step = step_then_stop
