@@ -59,6 +59,7 @@ from common import (
     device_tag,
     format_table,
     git_commit,
+    load_image,
     now_iso,
     package_versions,
     time_median,
@@ -424,14 +425,6 @@ def parse_args(argv=None):
                         "turned grey), default camera")
     p.add_argument("--tasks", default="omp,lasso", help="omp, lasso or both (default)")
     return p.parse_args(argv)
-
-
-def load_image(name: str) -> np.ndarray:
-    """A scikit-image sample image as a grey array."""
-    from skimage import color, data
-
-    img = getattr(data, name)()
-    return color.rgb2gray(img) * 255 if img.ndim == 3 else img
 
 
 def main(argv=None):

@@ -154,3 +154,12 @@ def write_results(out: Path, stem: str, lines: list[str], data) -> None:
     (out / f"{stem}.md").write_text("\n".join(lines) + "\n")
     write_json(out / f"{stem}.json", data)
     print("\n".join(lines))
+
+
+def load_image(name: str):
+    """A scikit-image sample image (a ``skimage.data`` function name) as a grey float array in
+    [0, 255] (colour images through ``rgb2gray``)."""
+    from skimage import color, data
+
+    img = getattr(data, name)()
+    return color.rgb2gray(img) * 255 if img.ndim == 3 else img

@@ -58,6 +58,25 @@ def test_bcd_is_exact_per_atom():
     torch.testing.assert_close(D, torch.tensor([[2**-0.5, 2**-0.5]], dtype=torch.float64))
 
 
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("positive", [False, True])
+def test_compiled_bcd_equals_torch_bcd(monkeypatch, dtype, positive):
+    # the compiled CPU pass (rank-one updates of A D) takes the torch loop's very steps,
+    # including the atoms it skips (unused: A_kk = 0)
+    g = torch.Generator().manual_seed(0)
+    Z = torch.randn(300, 30, generator=g, dtype=dtype).relu()
+    Z[:, 4] = 0
+    X = torch.randn(300, 12, generator=g, dtype=dtype)
+    A, B, D0 = Z.T @ Z / 300, Z.T @ X / 300, torch.randn(30, 12, generator=g, dtype=dtype)
+    out = {}
+    for backend in ("0", "1"):
+        monkeypatch.setenv("SPARSECODE_DISABLE_NUMBA", backend)
+        out[backend] = update_dictionary(D0, A, B, method="bcd", positive=positive, n_iter=3)
+    tol = 1e-12 if dtype == torch.float64 else 1e-5
+    torch.testing.assert_close(out["0"][0], out["1"][0], atol=tol, rtol=tol)
+    assert torch.equal(out["0"][1], out["1"][1]) and torch.equal(out["0"][0][4], D0[4])
+
+
 def test_unused_atoms_reported_and_untouched():
     A = torch.diag(torch.tensor([1.0, 0.0], dtype=torch.float64))
     B = torch.tensor([[0.5, 0.0], [0.0, 0.0]], dtype=torch.float64)

@@ -12,7 +12,9 @@ linear dependence, then solve ``L^T z = c``. Used when numba imports and the pro
 CPU; ``SPARSECODE_DISABLE_NUMBA=1`` forces the torch path (both are tested for the same codes).
 :func:`lars_gram` does the same for :func:`sparsecode.core.lars._lars_chunk`: each signal
 follows its own homotopy path (entries, Lasso exits, the end at ``alpha``) with rank-one updates
-of ``G_AA^{-1}``, so a batch no longer waits for its slowest row.
+of ``G_AA^{-1}``, so a batch no longer waits for its slowest row. :func:`bcd_pass` is the
+block-coordinate dictionary step of :func:`sparsecode.core.dictionary.update_dictionary`, atom
+by atom, with ``A D`` kept up to date by a rank-one update per atom instead of a product per atom.
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ import os
 
 import numpy as np
 
-__all__ = ["lars_gram", "numba_available", "omp_gram"]
+__all__ = ["bcd_pass", "lars_gram", "numba_available", "omp_gram"]
 
 try:  # numba is a dependency, but the torch path stays complete without it
     import numba
@@ -203,6 +205,7 @@ def _lars_rows(G, cov, alpha, width, cap, k_stop, lasso, positive, max_iter, eps
     for blk in numba.prange(n_blocks):
         rho = np.empty(K)
         a = np.empty(K)
+        a_gap = np.empty(K)
         active = np.zeros(K, dtype=np.bool_)
         M = np.zeros((width, width))
         d = np.zeros(width)
@@ -238,18 +241,20 @@ def _lars_rows(G, cov, alpha, width, cap, k_stop, lasso, positive, max_iter, eps
                             a[t] += di * G[row, t]
                     g_add, j_add = inf, 0
                     if cnt < cap:
+                        # branch-free (SIMD) step to each inactive atom's entry, then the min
+                        floor = 10 * eps * lam
                         for t in range(K):
-                            if active[t]:
-                                continue
                             if positive:
-                                num, den = lam - rho[t], 1.0 - a[t]
+                                sg = 1.0
                             else:
                                 x = rho[t] - lam * a[t]
                                 sg = 1.0 if x > 0 else (-1.0 if x < 0 else 0.0)
-                                num, den = lam - sg * rho[t], 1.0 - sg * a[t]
-                            g = num / max(den, eps)
-                            if g > 10 * eps * lam and g < g_add:
-                                g_add, j_add = g, t
+                            den = 1.0 - sg * a[t]
+                            g = (lam - sg * rho[t]) / (den if den > eps else eps)
+                            a_gap[t] = inf if (active[t] or g <= floor) else g
+                        for t in range(K):
+                            if a_gap[t] < g_add:
+                                g_add, j_add = a_gap[t], t
                     g_drop, p_drop = inf, 0
                     if lasso:
                         for i in range(cnt):
@@ -338,3 +343,43 @@ def lars_gram(G: np.ndarray, cov: np.ndarray, alpha: float, cap: int, k_stop: in
     _lars_compiled(G64, cov64, float(alpha), width, cap, 0 if k_stop is None else k_stop,
                    lasso, positive, max_iter, float(np.finfo(cov.dtype).eps), out, steps, ok)
     return out.astype(cov.dtype, copy=False), steps, ok
+
+
+def _bcd_rows(D, A, B, AD, atoms, n_iter, positive):  # pragma: no cover
+    K, n = D.shape
+    delta = np.empty(n, dtype=D.dtype)
+    for _ in range(n_iter):
+        for k in atoms:
+            akk = A[k, k]
+            sq = 0.0
+            for f in range(n):
+                v = D[k, f] + (B[k, f] - AD[k, f]) / akk
+                if positive and v < 0:
+                    v = 0.0
+                delta[f] = v
+                sq += v * v
+            scale = 1.0 / max(np.sqrt(sq), 1.0)
+            for f in range(n):
+                v = delta[f] * scale
+                delta[f] = v - D[k, f]
+                D[k, f] = v
+            for i in range(K):  # AD += A[:, k] delta^T
+                aik = A[i, k]
+                if aik != 0:
+                    for f in range(n):
+                        AD[i, f] += aik * delta[f]
+
+
+if _HAVE_NUMBA:
+    _bcd_compiled = numba.njit(cache=True, nogil=True)(_bcd_rows)
+
+
+def bcd_pass(D: np.ndarray, A: np.ndarray, B: np.ndarray, AD: np.ndarray, atoms: np.ndarray,
+             n_iter: int, positive: bool) -> np.ndarray:
+    """``n_iter`` block-coordinate passes over ``atoms`` (in order) of the dictionary step
+    ``d_k <- P(d_k + (b_k - a_k D) / A_kk)`` (``P``: unit ball, after clipping at 0 if
+    ``positive``), in place on ``D (K, n)``; ``A (K, K)`` symmetric, ``B (K, n)``, ``AD = A @ D``
+    (updated in place; the caller computes it, with torch's threads rather than numpy's, whose
+    idle-spinning BLAS threads would slow torch down). Returns ``D``."""
+    _bcd_compiled(D, A, B, AD, atoms, n_iter, positive)
+    return D
