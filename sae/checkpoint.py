@@ -23,7 +23,6 @@ complete one back in place. :func:`check_same_run` refuses to resume with other 
 
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 import os
@@ -33,12 +32,12 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import safetensors.torch as st
-import torch
 from torch import Tensor
 
 from sparsecode._files import atomic_folder, fsync
 
 from .config import SAEConfig, TrainConfig
+from .integrity import check_finite_tensors, load_tensors, sha256
 
 if TYPE_CHECKING:
     from .train import Trainer
@@ -101,24 +100,6 @@ def _capture_optimizer(sae: Any, name: str, optimizer: Any, tensors: dict[str, T
     return {"param_groups": opt_state["param_groups"], "opt_scalars": scalars}
 
 
-def sha256(path: str | Path) -> str:
-    """Hex SHA-256 of a file, read in 1 MiB blocks."""
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(2**20):
-            h.update(block)
-    return h.hexdigest()
-
-
-def check_finite_tensors(tensors: dict[str, Tensor], where: str) -> None:
-    """Raise ``ValueError`` naming the first tensor of ``tensors`` holding NaN or inf."""
-    for key, t in tensors.items():
-        if (t.is_floating_point() or t.is_complex()) and t.numel():
-            if not bool(torch.isfinite(t).all()):
-                bad = int((~torch.isfinite(t)).sum())
-                raise ValueError(f"{where}: {key} holds {bad} non-finite value(s) (NaN or inf)")
-
-
 def write(path: str | Path, tensors: dict[str, Tensor], meta: dict[str, Any]) -> Path:
     """Write a checkpoint folder atomically (files fsynced before the rename; the checksum of
     the tensors in ``trainer.json``, written last). Non-finite tensors are refused: the last
@@ -162,18 +143,6 @@ def read(path: str | Path, *, verify: bool = True) -> tuple[dict[str, Tensor], d
         check_finite_tensors({k: v for k, v in tensors.items() if not k.startswith("rng/")},
                              str(state_path))
     return tensors, meta
-
-
-def load_tensors(path: str | Path) -> dict[str, Tensor]:
-    """``safetensors.torch.load_file`` with errors (truncated, corrupted, not safetensors)
-    that name the file."""
-    try:
-        return st.load_file(str(path))
-    except FileNotFoundError:
-        raise
-    except Exception as e:  # safetensors raises its own SafetensorError, or OSError
-        raise ValueError(f"{path} is not a readable safetensors file ({e}); it may be truncated "
-                         "or corrupted") from e
 
 
 def _candidates(out_dir: Path) -> list[Path]:

@@ -10,14 +10,20 @@ train from stored activations instead. Every flag is generated from a configurat
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
+import math
+import os
+import shutil
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from sparsecode._files import atomic_write, is_temporary
 from sparsecode.cli import (
     add_prune_parser,
     check_writable,
@@ -29,12 +35,41 @@ from sparsecode.cli import (
 from sparsecode.flags import add_flags, values
 from sparsecode.lm import ModelConfig, torch_device
 
-from . import wiring
+from . import checkpoint, wiring
 from .config import PlacesConfig, RunConfig, SAEConfig, TrainConfig
 from .massive import MASSIVE_FACTOR
 from .models import SAE
 
-__all__ = ["build_parser", "main"]
+__all__ = ["UsageError", "build_parser", "checked_device", "main"]
+
+#: The lock file of a run folder (held by the ``sae train`` writing it).
+LOCK_FILE = ".lock"
+
+
+class UsageError(SystemExit):
+    """A user error: exits with status 2 (printed by :func:`main` as one ``error: ...`` line);
+    ``str()`` is the message."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(2)
+        self.message = message if message.startswith("error: ") else f"error: {message}"
+
+    def __str__(self) -> str:
+        return self.message
+
+
+def checked_device(name: str) -> torch.device:
+    """The ``--device``, refused (a :func:`fail`) when torch does not know it or it holds no
+    data (``meta``)."""
+    try:
+        device = torch_device(name)
+    except (RuntimeError, ValueError) as e:
+        raise fail(f"unknown --device {name!r}: {e}") from e
+    if device.type == "meta":
+        raise fail("--device meta holds no data; use cpu, cuda or auto")
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise fail(f"--device {name}: no CUDA GPU is available; use cpu or auto")
+    return device
 
 
 # ---------------------------------------------------------------------------------------------
@@ -45,8 +80,8 @@ __all__ = ["build_parser", "main"]
 def _sae_configs(args: argparse.Namespace, shape: dict[str, Any]) -> dict[str, SAEConfig]:
     """One SAEConfig per (architecture, k) of the ``--arch`` / ``--k`` lists, of the shape
     (:func:`sae.wiring.shape_fields`: an SAE, a transcoder or a crosscoder)."""
-    archs, ks = split_list(args.architecture), split_list(args.k, int)
-    d_sae = args.d_sae or args.expansion_factor * shape["d_in"]
+    archs, ks = _sweep(args)
+    d_sae = args.d_sae if args.d_sae is not None else args.expansion_factor * shape["d_in"]
     configs = {}
     for a in archs:
         for k in ks:
@@ -58,6 +93,39 @@ def _sae_configs(args: argparse.Namespace, shape: dict[str, Any]) -> dict[str, S
             except ValueError as e:
                 raise fail(e) from e
     return configs
+
+
+def _sweep(args: argparse.Namespace) -> tuple[list[str], list[int]]:
+    """The ``--arch`` and ``--k`` lists, each value once."""
+    archs = split_list(args.architecture)
+    try:
+        ks = split_list(args.k, int)
+    except ValueError as e:
+        raise fail(f"--k takes comma-separated integers, got {args.k!r}") from e
+    for flag, items in (("--arch", archs), ("--k", ks)):
+        if not items:
+            raise fail(f"{flag} is empty")
+        twice = sorted({str(v) for v in items if items.count(v) > 1})
+        if twice:
+            raise fail(f"{flag} lists {', '.join(twice)} more than once")
+    return archs, ks
+
+
+def _check_sae_settings(args: argparse.Namespace) -> None:
+    """Every SAE setting checked before any data is read or model loaded (the widths are
+    not known yet: a stand-in shape, so only the settings themselves are judged)."""
+    archs, ks = _sweep(args)
+    d_sae = args.d_sae if args.d_sae is not None else 2**30
+    for a in archs:
+        for k in ks:
+            fields = values(SAEConfig, args, d_in=2 * max(ks), d_sae=d_sae, architecture=a, k=k,
+                            metadata={})
+            if args.d_sae is None:
+                fields["group_sizes"] = None
+            try:
+                SAEConfig(**fields)
+            except ValueError as e:
+                raise fail(e) from e
 
 
 def _array_source(args, run: RunConfig, model: ModelConfig, places: PlacesConfig, configure):
@@ -134,9 +202,15 @@ def cmd_train(args: argparse.Namespace) -> int:
     """Train SAEs on one process, or on several under torchrun (data parallel, latent shards)."""
     from . import distributed
 
-    run, model = RunConfig(**values(RunConfig, args)), ModelConfig(**values(ModelConfig, args))
+    try:
+        run, model = RunConfig(**values(RunConfig, args)), ModelConfig(**values(ModelConfig, args))
+        TrainConfig(**values(TrainConfig, args, seed=model.seed, progress=model.progress))
+        PlacesConfig(**values(PlacesConfig, args))
+    except ValueError as e:
+        raise fail(e) from e
+    _check_sae_settings(args)
+    device = checked_device(model.device)
     check_writable(Path(run.out))
-    device = torch_device(model.device)
     torch.manual_seed(model.seed)
     d = None
     if distributed.launched():
@@ -190,34 +264,111 @@ def _trainer(args, run: RunConfig, model: ModelConfig, device: torch.device, d):
         raise fail(e) from e
 
 
+@contextlib.contextmanager
+def _locked(out: Path) -> Iterator[None]:
+    """Hold ``out/.lock`` (an advisory ``flock``, released when the process ends, even when
+    killed) while training into ``out``: a second ``sae train`` into it is refused."""
+    try:
+        import fcntl
+    except ImportError:  # no advisory locks (Windows)
+        yield
+        return
+    with open(out / LOCK_FILE, "a+") as f:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            f.seek(0)
+            holder = f.read().strip() or "another process"
+            raise fail(f"{out} is in use by another `sae train` ({holder}): wait for it to "
+                       "finish, or choose another --out") from None
+        f.seek(0)
+        f.truncate()
+        f.write(f"pid {os.getpid()}\n")
+        f.flush()
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
+def _prepare_out(out: Path, run: RunConfig) -> None:
+    """The run folder's protocol (under its lock): a checkpoint is continued (``--resume``) or
+    deliberately discarded (``--force``), never silently; leftovers of interrupted writes
+    (hidden ``.*.tmp`` / ``.*.old``) that are not checkpoints are removed."""
+    has = checkpoint.has_checkpoint(out)
+    if run.resume and not has:
+        raise fail(f"--resume given but there is no checkpoint in {out / checkpoint.CHECKPOINT}")
+    if has and not run.resume:
+        if not run.force:
+            raise fail(f"{out} holds the checkpoint of an unfinished run: continue it with "
+                       "--resume, or start over with --force (deletes it)")
+        for p in [out / checkpoint.CHECKPOINT, *out.glob(f".{checkpoint.CHECKPOINT}.*")]:
+            shutil.rmtree(p, ignore_errors=True)
+    for p in out.iterdir():
+        if not is_temporary(p) or p.name.startswith(f".{checkpoint.CHECKPOINT}."):
+            continue
+        if p.is_dir():
+            shutil.rmtree(p, ignore_errors=True)
+        else:
+            p.unlink(missing_ok=True)
+
+
 def _train(args, run: RunConfig, model: ModelConfig, device: torch.device, d) -> int:
     out = Path(run.out)
     main = d is None or d.is_main
+    with _locked(out) if main else contextlib.nullcontext():
+        if main:
+            _prepare_out(out, run)
+        return _train_locked(args, run, model, device, d, main)
+
+
+def _train_locked(args, run: RunConfig, model: ModelConfig, device: torch.device, d,
+                  main: bool) -> int:
+    from .train import TrainingDiverged
+
+    out = Path(run.out)
     trainer = _trainer(args, run, model, device, d)
     if run.resume:
-        ckpt = out / "checkpoint"
-        if not (ckpt / "trainer.json").exists():
-            raise fail(f"--resume given but there is no checkpoint in {ckpt}")
-        trainer.resume(ckpt)
+        try:
+            trainer.resume()
+        except (OSError, ValueError) as e:
+            raise fail(e) from e
         if main:
-            print(f"resumed from {ckpt} at step {trainer.step} ({trainer.tokens} tokens)")
+            print(f"resumed from {out / checkpoint.CHECKPOINT} at step {trainer.step} "
+                  f"({trainer.tokens} tokens)")
     t0 = time.perf_counter()
     try:
         trainer.fit()
     except KeyboardInterrupt:
         if main:
             print(f"\ninterrupted at step {trainer.step}; checkpoint written to "
-                  f"{out / 'checkpoint'}; continue with the same command and --resume",
+                  f"{out / checkpoint.CHECKPOINT}; continue with the same command and --resume",
                   file=sys.stderr)
         return 130
+    except (TrainingDiverged, ValueError) as e:
+        raise fail(e) from e
     finally:
         trainer.close()
     elapsed = time.perf_counter() - t0
-    paths = trainer.save(out)
-    results = trainer.evaluate()
+    try:
+        paths = trainer.save(out)
+        results = trainer.evaluate()
+    except ValueError as e:
+        raise fail(e) from e
     if main:
         _write_metrics(trainer, run, paths, results, elapsed)
     return 0
+
+
+def _json_safe(value: Any) -> Any:
+    """``value`` with non-finite floats as None (``metrics.json`` stays valid JSON)."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: _json_safe(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_json_safe(v) for v in value]
+    return value
 
 
 def _write_metrics(trainer, run: RunConfig, paths: dict, results: dict, elapsed: float) -> None:
@@ -226,17 +377,20 @@ def _write_metrics(trainer, run: RunConfig, paths: dict, results: dict, elapsed:
     summary: dict[str, Any] = {}
     for name in trainer.saes:
         m = {k.split("/heldout/")[1]: v for k, v in results.items() if k.startswith(f"{name}/")}
+        broken = [k for k in ("fvu", "l0") if not math.isfinite(m.get(k, math.nan))]
+        if broken:
+            raise fail(f"SAE {name!r} gives a non-finite held-out {', '.join(broken)}; its "
+                       f"folder {paths[name]} is not usable (the checkpoint is kept)")
         m["tokens_per_s"] = trainer.tokens / max(elapsed, 1e-9) if not run.resume else None
         m["train_tokens"] = trainer.tokens
         m["train_seconds"] = elapsed
         m["path"] = str(paths[name])
-        summary[name] = m
-        (paths[name] / "metrics.json").write_text(json.dumps(m, indent=1))
-    (out / "metrics.json").write_text(json.dumps(summary, indent=1))
-    ckpt = out / "checkpoint"
+        summary[name] = _json_safe(m)
+        atomic_write(paths[name] / "metrics.json",
+                     json.dumps(summary[name], indent=1, allow_nan=False))
+    atomic_write(out / "metrics.json", json.dumps(summary, indent=1, allow_nan=False))
+    ckpt = out / checkpoint.CHECKPOINT
     if ckpt.exists() and not run.keep_checkpoint:
-        import shutil
-
         shutil.rmtree(ckpt)
     for name, m in summary.items():
         print(f"{name}: fvu={m['fvu']:.4f} l0={m['l0']:.1f} "
@@ -273,7 +427,29 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    return run(build_parser(), argv)
+    """Run ``sae`` with ``argv``. A user error (a bad flag or file, data a command cannot
+    use, a diverged run) prints one ``error: ...`` line and exits with status 2
+    (:class:`UsageError`); ``SAE_TRACEBACK=1`` shows the traceback of such a ``ValueError``
+    instead."""
+    try:
+        return run(build_parser(), argv)
+    except UsageError as e:
+        print(e, file=sys.stderr)
+        raise
+    except SystemExit as e:
+        if isinstance(e.code, str) and e.code.startswith("error: "):
+            print(e.code, file=sys.stderr)
+            raise UsageError(e.code) from e
+        raise
+    except KeyboardInterrupt:
+        print("\ninterrupted", file=sys.stderr)
+        return 130
+    except (ValueError, FileNotFoundError, NotADirectoryError, IsADirectoryError) as e:
+        if os.environ.get("SAE_TRACEBACK"):
+            raise
+        message = UsageError(str(e)).message
+        print(message, file=sys.stderr)
+        raise UsageError(message) from e
 
 
 if __name__ == "__main__":

@@ -92,6 +92,16 @@ class EvalOptions:
         "probing: tokens of the text labelled for the token-level tasks"))
     json: bool = field(default=False, metadata=meta("print one JSON object"))
 
+    def check(self) -> None:
+        """Raise ``ValueError`` for a count or weight out of range."""
+        from .config import check_int, check_number
+
+        for name in ("batch_size", "synthetic_samples", "words", "probe_tokens"):
+            check_int(name, getattr(self, name), 1)
+        check_int("max_tokens", self.max_tokens, 0)
+        check_int("k", self.k, 1, optional=True)
+        check_number("alpha", self.alpha, 0, above=True, optional=True)
+
 
 def _with_encoders(sae: Any, opts: EvalOptions, measure) -> dict[str, Any]:
     """``measure(view, reference)`` with the trained encoder, then, for each other encoder of
@@ -117,14 +127,15 @@ def _load_array(path: str, opts: EvalOptions, device: torch.device) -> torch.Ten
     """The ``--activations`` rows (up to ``--max-tokens``), checked, on ``device``."""
     import numpy as np
 
-    from .data import check_finite
+    from .data import check_finite, open_activations
 
     apath = Path(path)
     if not apath.exists():
         raise fail(f"activations file not found: {apath}")
-    arr = np.load(apath, mmap_mode="r")
-    if arr.ndim != 2 or arr.shape[0] == 0:
-        raise fail(f"{apath} must hold a non-empty (N, d_in) array, got shape {arr.shape}")
+    try:  # the rules of sae train --activations: a .npy of float16/32/64, (N, d_in)
+        arr = open_activations(apath)
+    except (OSError, ValueError) as e:
+        raise fail(e) from e
     x = torch.from_numpy(np.array(arr[: opts.max_tokens or None], dtype=np.float32))
     check_finite(x, what=str(apath))
     return x.to(device)
@@ -232,17 +243,19 @@ def cmd_eval(args: argparse.Namespace) -> int:
     """Metrics of saved SAEs: on stored activations (``--activations``), spliced into the
     language model over held-out text (CE-loss recovered, delta LM loss, KL), or recovery of
     the known features of a synthetic model (``--synthetic``)."""
+    from .cli import checked_device
     from .encoders import check_encoder
     from .evals.suite import parse_suite
 
     opts = EvalOptions(**values(EvalOptions, args))
     try:
+        opts.check()
         for name in split_list(opts.encoder):
             check_encoder(name)
         suite = parse_suite(opts.suite) if opts.suite is not None else None
     except ValueError as e:
         raise fail(e) from e
-    device = torch_device(args.device)
+    device = checked_device(args.device)
     folders, saes = _saes(args.run, device)
     if suite:
         return _run_suite(saes, folders, args, opts, suite, device)

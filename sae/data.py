@@ -37,7 +37,7 @@ from .stream import BlockShuffledSource
 
 __all__ = [
     "MASSIVE_FACTOR", "ActivationSource", "ArrayActivations", "BlockShuffledSource",
-    "MassiveFilter", "check_finite", "drop_massive", "massive_mask",
+    "MassiveFilter", "check_finite", "drop_massive", "massive_mask", "open_activations",
 ]
 
 @runtime_checkable
@@ -287,12 +287,28 @@ def _as_array(data: Tensor | np.ndarray | str | os.PathLike) -> tuple[Any, str]:
     return arr, name
 
 
+def open_activations(path: str | os.PathLike) -> np.ndarray:
+    """The 2-D float array of a ``.npy`` file, memory-mapped and checked as every command
+    reads one (``sae train --activations``, ``sae eval --activations``): float16/32/64 only,
+    errors naming the file."""
+    return _as_array(path)[0]
+
+
+#: The first bytes of every ``.npy`` file.
+NPY_MAGIC = b"\x93NUMPY"
+
+
 def _open_npy(path: Path) -> np.ndarray:
     """Memory-map a ``.npy`` file, with errors that name the file."""
     if not path.exists():
         raise FileNotFoundError(f"activation file not found: {path}")
     if path.is_dir():
         raise IsADirectoryError(f"expected a .npy file, got the directory {path}")
+    with open(path, "rb") as f:
+        head = f.read(len(NPY_MAGIC))
+    if head != NPY_MAGIC:
+        what = "an empty file" if not head else "not a .npy file (it lacks the .npy header)"
+        raise ValueError(f"{path} is {what}: write activations with numpy.save")
     try:
         arr = np.load(path, mmap_mode="r", allow_pickle=False)
     except (ValueError, OSError) as e:

@@ -61,6 +61,7 @@ from sparsecode._files import atomic_folder, is_temporary
 from . import wiring
 from .architectures import ARCHITECTURES, LOADED_AS, PURSUITS, RUNNING_THRESHOLDS
 from .config import SAEConfig
+from .integrity import check_finite_tensors, load_tensors
 from .metrics import log_density
 from .models import SAE
 
@@ -99,6 +100,43 @@ _CONFIG_FIELDS = frozenset(f.name for f in dataclasses.fields(SAEConfig))
 
 
 # ---------------------------------------------------------------------------------- helpers
+def _count(value: Any, key: str, cfg_path: Path) -> int:
+    """A positive integer setting of ``cfg.json`` (an integral float such as 8.0 is read as 8;
+    7.9, a string or a boolean is refused)."""
+    if isinstance(value, float) and value.is_integer():
+        value = int(value)
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"{cfg_path}: {key!r} must be a positive integer, got {value!r}")
+    return value
+
+
+def _require(raw: Mapping[str, Any], cfg_path: Path) -> None:
+    """The keys a SAELens ``cfg.json`` must have: ``d_in`` and ``d_sae`` (positive integers)
+    and ``architecture`` (or, in a pre-6 config, ``activation_fn_str``): loading never guesses
+    the architecture."""
+    for key in ("d_in", "d_sae"):
+        if key not in raw:
+            raise ValueError(f"{cfg_path} lacks the required key {key!r}")
+        _count(raw[key], key, cfg_path)
+    if not raw.get("architecture") and not any(
+            raw.get(k) for k in ("activation_fn_str", "activation_fn")):
+        raise ValueError(f"{cfg_path} lacks the required key 'architecture' (one of "
+                         f"{', '.join(SAELENS_ARCHITECTURES)}; pre-6 configs name "
+                         "'activation_fn_str' instead)")
+
+
+def _check_recorded(form: str, meta: Mapping[str, Any], cfg_path: Path) -> None:
+    """A folder we wrote records the architecture it was saved from: its SAELens form must be
+    the one ``cfg.json`` names (an edited or damaged ``architecture`` would load another
+    function)."""
+    ours = meta.get("sparsecode")
+    name = ours.get("architecture") if isinstance(ours, Mapping) else None
+    arch = ARCHITECTURES.get(name) if isinstance(name, str) else None
+    if arch is not None and arch.saelens != form:
+        raise ValueError(f"{cfg_path}: 'architecture' gives a {form!r} SAE but the file was saved "
+                         f"from a {name!r} SAE, whose SAELens form is {arch.saelens!r}")
+
+
 def _as_dtype(value: Any) -> torch.dtype | None:
     if value is None or isinstance(value, torch.dtype):
         return value
@@ -308,6 +346,7 @@ def save_sae(
     folder = Path(folder)
     s, t, scales = _one_place_scales(input_scale, output_scale)
     tensors = _inference_tensors(sae, s, dtype, t)
+    check_finite_tensors(tensors, f"refusing to save {folder}")
     cfg: dict[str, Any] = {
         "architecture": _saved_form(sae),
         "d_in": sae.cfg.d_in,
@@ -403,7 +442,7 @@ def _read_density(path: Path, d_sae: int) -> Tensor | None:
     """Per-latent firing rate from a SAELens ``sparsity.safetensors`` (log10 density)."""
     if not path.is_file():
         return None
-    tensors = st.load_file(str(path))
+    tensors = load_tensors(path)
     logd = tensors.get("sparsity")
     if logd is None or tuple(logd.shape) != (d_sae,):
         shape = None if logd is None else tuple(logd.shape)
@@ -499,16 +538,23 @@ def load_sae(
         # read as its inference form; its input is not centred by b_dec, and nothing is to
         # be folded into b_enc (what apply_b_dec_to_input=False means for an autoencoder)
         raw = {**raw, "architecture": transcode, "apply_b_dec_to_input": True}
+    _require(raw, cfg_path)
     form, form_fields = _saelens_form(raw, cfg_path)
+    _check_recorded(form, meta, cfg_path)
     if transcode is not None:
         form_fields = {**form_fields, "transcode": True, "skip": skip}
-    tensors = st.load_file(str(weights_path))
+    tensors = load_tensors(weights_path)
     if "log_threshold" in tensors and "threshold" not in tensors:
         tensors["threshold"] = tensors.pop("log_threshold").exp()
     needed = list(SAELENS_TENSORS[form]) + (["W_skip"] if skip else [])
     missing = [name for name in needed if name not in tensors]
     if missing:
         raise ValueError(f"{weights_path} lacks {', '.join(missing)} ({saved_form} SAE)")
+    check_finite_tensors({k: v for k, v in tensors.items() if k in (*needed, "scaling_factor")},
+                         weights_path)
+    if tensors["W_dec"].dim() != 2:
+        raise ValueError(f"{weights_path}: W_dec has shape {tuple(tensors['W_dec'].shape)}, "
+                         "expected (d_sae, d_in)")
     d_sae, d_out = tensors["W_dec"].shape
     d_in = tensors["W_enc"].shape[0] if "W_enc" in tensors else d_out
     for name, n in (("d_in", d_in), ("d_sae", d_sae), ("d_out", d_out)):
@@ -553,17 +599,20 @@ def _saelens_form(raw: Mapping[str, Any], cfg_path: Path) -> tuple[str, dict[str
         )
     if form == "standard" and activation not in ("relu", None):
         raise ValueError(f"{cfg_path}: activation {activation!r} is not supported (only relu)")
-    if form == "topk" and _number(k) is None:
+    if form == "topk" and k is None:
         raise ValueError(f"{cfg_path}: a topk SAE needs an integer 'k'")
     if form == "topk":
-        return form, {"k": int(k)}
+        return form, {"k": _count(k, "k", cfg_path)}
     if form == "matching_pursuit":
         if False in (raw.get("stop_on_duplicate_support"), raw.get("apply_b_dec_to_input")):
             raise ValueError(f"{cfg_path}: a matching pursuit SAE with stop_on_duplicate_support "
                              "or apply_b_dec_to_input false is not supported")
-        steps = raw.get("max_iterations") or raw.get("d_in")
-        return form, {"k": int(steps), "residual_threshold": float(raw.get("residual_threshold",
-                                                                           0.01))}
+        steps = _count(raw.get("max_iterations") or raw.get("d_in"), "max_iterations", cfg_path)
+        threshold = raw.get("residual_threshold", 0.01)
+        if _number(threshold) is None or not (math.isfinite(threshold) and threshold >= 0):
+            raise ValueError(f"{cfg_path}: 'residual_threshold' must be a finite number >= 0, "
+                             f"got {threshold!r}")
+        return form, {"k": steps, "residual_threshold": float(threshold)}
     return form, {}
 
 
@@ -589,7 +638,8 @@ def _fold_normalization(t: dict[str, Tensor], raw: Mapping[str, Any], meta: Mapp
             raise FileNotFoundError(
                 f"{cfg_path}: normalize_activations='covariance_whitening' needs {wpath}"
             )
-        w = {name: v.to(work) for name, v in st.load_file(str(wpath)).items()}
+        w = {name: v.to(work) for name, v in load_tensors(wpath).items()}
+        check_finite_tensors(w, wpath)
         if not {"mean", "matrix", "inverse_matrix"} <= w.keys():
             raise ValueError(f"{wpath} should hold mean, matrix and inverse_matrix")
         t["W_enc"] = w["matrix"] @ t["W_enc"]
@@ -677,7 +727,8 @@ def load_sparsify(
         raise ValueError(
             f"{cfg_path}: sparsify activation {activation!r} is not supported; only 'topk' loads"
         )
-    tensors = st.load_file(str(weights_path))
+    tensors = load_tensors(weights_path)
+    check_finite_tensors(tensors, weights_path)
     transcode = bool(raw.get("transcode"))
     skip = bool(raw.get("skip_connection"))
     if skip != ("W_skip" in tensors) or (skip and not transcode):
@@ -688,8 +739,9 @@ def load_sparsify(
     missing = [name for name in needed if name not in tensors]
     if missing:
         raise ValueError(f"{weights_path} lacks {', '.join(missing)}")
-    if _number(raw.get("k")) is None:
+    if raw.get("k") is None:
         raise ValueError(f"{cfg_path}: missing integer 'k'")
+    k = _count(raw["k"], "k", cfg_path)
     d_sae, d_in = tensors["encoder.weight"].shape
     n_latents = raw.get("num_latents") or raw.get("expansion_factor", 0) * raw.get("d_in", d_in)
     if raw.get("d_in", d_in) != d_in or n_latents != d_sae:
@@ -710,7 +762,7 @@ def load_sparsify(
     _check_shapes(t, d_in, d_sae, weights_path)
     meta = dict(raw["metadata"]) if isinstance(raw.get("metadata"), dict) else {}
     t["W_enc"] = t["W_enc"].contiguous()
-    fields = {"k": int(raw["k"]), "transcode": transcode, "skip": skip}
+    fields = {"k": k, "transcode": transcode, "skip": skip}
     return _build("topk", fields, t, meta, None, device, out_dtype, folder)
 
 
@@ -771,6 +823,7 @@ def find_sae_folders(path: str | os.PathLike[str]) -> dict[str, Path]:
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(f"no such run or SAE folder: {path}")
+    _not_temporary(path)
     if (path / CFG_FILENAME).is_file():
         return {path.name: path}
     found = {p.parent.name: p.parent for p in sorted(path.glob(f"*/{CFG_FILENAME}"))
@@ -778,6 +831,12 @@ def find_sae_folders(path: str | os.PathLike[str]) -> dict[str, Path]:
     if not found:
         raise ValueError(f"no SAE folder (a folder with {CFG_FILENAME}) in {path}")
     return found
+
+
+def _not_temporary(folder: Path) -> None:
+    if is_temporary(folder.absolute()):
+        raise ValueError(f"{folder} is the leftover of an interrupted write (a hidden .*.tmp / "
+                         ".*.old folder), not an SAE; delete it")
 
 
 def _is_crosscoder(folder: Path) -> bool:
@@ -798,6 +857,7 @@ def load(
     folder = Path(folder)
     if not folder.is_dir():
         raise FileNotFoundError(f"SAE folder not found: {folder}")
+    _not_temporary(folder)
     if _is_crosscoder(folder):
         from .io_crosscoder import load_crosscoder
 

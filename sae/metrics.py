@@ -83,6 +83,9 @@ def evaluate(sae, x: Tensor, batch_size: int = 8192, *, y: Tensor | None = None
     counts = torch.zeros(sae.cfg.d_sae, dtype=torch.float64)
     mean = y.double().mean(dim=0)
     var = torch.stack([p.pow(2).sum() for p in (y.double() - mean).split(places, dim=1)])
+    if not bool(var.sum() > 0):
+        raise ValueError(f"the {x.shape[0]} activation rows do not vary (every row is the same, "
+                         "e.g. all zero): the FVU is undefined")
     for start in range(0, x.shape[0], batch_size):
         xb, yb = x[start : start + batch_size], y[start : start + batch_size]
         rows, cols, vals = sae.encode_pairs(xb)  # no (batch, d_sae) matrix

@@ -207,6 +207,10 @@ class Trainer:
 
             batch = {hp: all_gather_rows(t.to(self.device, torch.float32), self.dist.data_group)
                      for hp, t in batch.items()}
+        for hp, t in batch.items():
+            if t.shape[0] > 1 and not bool((t.float() != t[:1].float()).any()):
+                raise ValueError(f"the activations at {hp!r} do not vary (every row of the first "
+                                 "batch is the same, e.g. all zero): there is nothing to learn")
         for name, sae in self.saes.items():
             self.scales[name] = wiring.fit_scales(batch, self.reads[name], self.writes[name],
                                                   self.cfg.normalize_input)

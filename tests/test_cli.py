@@ -100,7 +100,7 @@ def test_train_rejects_nan_and_missing_file(tmp_path):
     X = np.random.default_rng(0).standard_normal((3000, 8)).astype(np.float32)
     X[1234, 5] = np.nan
     np.save(tmp_path / "bad.npy", X)
-    with pytest.raises(ValueError, match="row 1234, column 5"):
+    with pytest.raises(SystemExit, match="row 1234, column 5") as err:
         main(
             [
                 "train",
@@ -119,6 +119,7 @@ def test_train_rejects_nan_and_missing_file(tmp_path):
                 "--no-progress",
             ]
         )
+    assert err.value.code == 2  # a user error: one "error: ..." line, status 2
     with pytest.raises(SystemExit, match="activations file not found"):
         main(["train", "--activations", str(tmp_path / "nope.npy"), "--out", str(tmp_path)])
 
