@@ -1,8 +1,10 @@
-"""The ``sparsecode`` command: sparse coding attached to a model's weights.
+"""The ``sparsecode`` command: sparse coding attached to a model's weights and activations.
 
 ``sparsecode prune`` prunes the Linear layers of a causal language model's decoder blocks
-(:mod:`sparsecode.prune`); ``sae prune`` is the same command. Flags are generated from
-:class:`sparsecode.lm.ModelConfig` and :class:`PruneOptions` (:mod:`sparsecode.flags`).
+(:mod:`sparsecode.prune`); ``sparsecode sparsify`` calibrates activation sparsity at inference
+for them (:mod:`sparsecode.activations`). ``sae prune`` and ``sae sparsify`` are the same
+commands. Flags are generated from :class:`sparsecode.lm.ModelConfig`, :class:`PruneOptions`
+and :class:`SparsifyOptions` (:mod:`sparsecode.flags`).
 """
 
 from __future__ import annotations
@@ -18,7 +20,8 @@ from typing import Any
 from .flags import add_flags, meta, values
 from .lm import ModelConfig, torch_device
 
-__all__ = ["PruneOptions", "add_prune_parser", "check_writable", "fail", "main", "split_list"]
+__all__ = ["PruneOptions", "SparsifyOptions", "add_prune_parser", "add_sparsify_parser",
+           "check_writable", "fail", "main", "split_list"]
 
 
 def fail(message: Any) -> SystemExit:
@@ -76,21 +79,12 @@ def cmd_prune(args: argparse.Namespace) -> int:
     ``model.safetensors`` (and ``model.masks.safetensors`` with ``--save-masks``) and
     ``report.json``.
     """
-    import torch
-
-    from . import lm, text
+    from . import lm
     from .prune import evaluate_perplexity, prune, save_pruned
 
     cfg, opts = ModelConfig(**values(ModelConfig, args)), PruneOptions(**values(PruneOptions, args))
     model, tokenizer = lm.load_model(cfg.model, device=torch_device(cfg.device))
-    train_texts, held_texts = text.split_texts(text.load_texts(cfg.source))
-    calib = text.pack_tokens(tokenizer, train_texts, context_size=cfg.context_size)
-    gen = torch.Generator().manual_seed(cfg.seed)
-    calib = calib[torch.randperm(len(calib), generator=gen)[: opts.n_calib]]
-    held = text.pack_tokens(tokenizer, held_texts, context_size=cfg.context_size)[: opts.n_eval]
-    if not len(calib):
-        raise fail("the calibration text gives no context; pass more text or a smaller "
-                   "--context-size")
+    calib, held = _calibration_tokens(cfg, tokenizer, opts.n_calib, opts.n_eval)
     result: dict[str, Any] = {}
     if len(held):
         result["perplexity_dense"] = evaluate_perplexity(model, held)
@@ -115,6 +109,103 @@ def cmd_prune(args: argparse.Namespace) -> int:
         print(f"{report.method} {report.pattern} ({report.allocation}): {len(report.layers)} "
               f"layers at sparsity {report.sparsity:.4f} in {report.seconds:.1f} s{ppl}")
     return 0
+
+
+@dataclass
+class SparsifyOptions:
+    """``sparsecode sparsify``'s own settings (the model and text are :class:`ModelConfig`'s)."""
+
+    method: str = field(default="wina", metadata=meta(
+        "how inputs are scored", choices=("magnitude", "wina", "cats", "topk")))
+    sparsity: float = field(default=0.4, metadata=meta(
+        "fraction of each Linear input set to zero, in [0, 1)"))
+    allocation: str = field(default="greedy", metadata=meta(
+        "sparsity per activation", choices=("uniform", "greedy")))
+    layers: str | None = field(default=None, metadata=meta(
+        "Linear paths or globs, comma-separated (default: every Linear in the decoder blocks)"))
+    n_calib: int = field(default=32, metadata=meta("calibration contexts"))
+    n_eval: int = field(default=32, metadata=meta("held-out contexts (0: no perplexity)"))
+    out: str | None = field(default=None, metadata=meta("folder for rules.json"))
+    json: bool = field(default=False, metadata=meta("print one JSON object"))
+
+
+def _calibration_tokens(cfg: ModelConfig, tokenizer, n_calib: int, n_eval: int):
+    """``(calibration, held-out)`` contexts of the configured text, or a clean error when the
+    text gives fewer calibration contexts than asked for."""
+    import torch
+
+    from . import text
+
+    train_texts, held_texts = text.split_texts(text.load_texts(cfg.source))
+    calib = text.pack_tokens(tokenizer, train_texts, context_size=cfg.context_size)
+    if len(calib) < n_calib:
+        raise fail(f"the calibration text gives {len(calib)} contexts of {cfg.context_size} "
+                   f"tokens, fewer than --n-calib {n_calib}; pass more text, a smaller "
+                   "--n-calib or a smaller --context-size")
+    gen = torch.Generator().manual_seed(cfg.seed)
+    calib = calib[torch.randperm(len(calib), generator=gen)[:n_calib]]
+    held = text.pack_tokens(tokenizer, held_texts, context_size=cfg.context_size)[:n_eval]
+    return calib, held
+
+
+def cmd_sparsify(args: argparse.Namespace) -> int:
+    """Calibrate activation sparsity for the Linear layers of a causal LM's decoder blocks
+    (``sparsecode.activations``).
+
+    Defaults: the built-in SmolLM2-135M, calibration on 32 x 256 tokens of the built-in text's
+    training split, WINA scores with TEAL's greedy allocation at 40%; achieved sparsity and
+    perplexity (dense and sparse) on the held-out split. ``--out DIR`` writes ``rules.json``,
+    which ``sparsecode.activations.load(path, model)`` re-attaches.
+    """
+    from . import lm
+    from .activations import evaluate_perplexity, sparsify_activations
+
+    cfg = ModelConfig(**values(ModelConfig, args))
+    opts = SparsifyOptions(**values(SparsifyOptions, args))
+    if not 0.0 <= opts.sparsity < 1.0:
+        raise fail(f"--sparsity must be in [0, 1), got {opts.sparsity}")
+    if opts.n_calib < 1 or opts.n_eval < 0:
+        raise fail("--n-calib must be >= 1 and --n-eval >= 0")
+    if opts.out:
+        check_writable(Path(opts.out))
+    model, tokenizer = lm.load_model(cfg.model, device=torch_device(cfg.device))
+    calib, held = _calibration_tokens(cfg, tokenizer, opts.n_calib, opts.n_eval)
+    result: dict[str, Any] = {}
+    if len(held):
+        result["perplexity_dense"] = evaluate_perplexity(model, held)
+    layers = split_list(opts.layers) or None
+    try:
+        rules = sparsify_activations(model, calib, opts.sparsity, opts.method, opts.allocation,
+                                     layers, heldout=held if len(held) else None)
+    except (ValueError, KeyError) as err:
+        raise fail(err) from None
+    if len(held):
+        result["perplexity"] = evaluate_perplexity(model, held)
+    summary = {k: v for k, v in rules.to_dict().items() if k != "groups"}
+    result.update(summary)
+    if opts.out:
+        rules.info.update({k: v for k, v in result.items() if k.startswith("perplexity")})
+        rules.save(Path(opts.out) / "rules.json")
+    if opts.json:
+        print(json.dumps(result))
+    else:
+        got = rules.achieved_sparsity
+        ppl = (f"; perplexity {result['perplexity_dense']:.2f} -> {result['perplexity']:.2f}"
+               if len(held) else "")
+        print(f"{rules.method} ({rules.allocation}): {len(rules.groups)} activations at "
+              f"sparsity {rules.sparsity:.3f}"
+              + (f" (held-out {got:.3f})" if got is not None else "") + ppl)
+    return 0
+
+
+def add_sparsify_parser(sub, help: str = "activation sparsity at inference for a language "
+                                         "model's Linear layers") -> None:
+    """``sparsify`` on a subparsers object (``sparsecode sparsify``, ``sae sparsify``)."""
+    p = sub.add_parser("sparsify", help=help, description=cmd_sparsify.__doc__)
+    add_flags(p, ModelConfig, skip=("hookpoint",),
+              defaults={"context_size": PRUNE_CONTEXT_SIZE})
+    add_flags(p, SparsifyOptions)
+    p.set_defaults(func=cmd_sparsify)
 
 
 def add_prune_parser(sub, help: str = "prune a language model's Linear layers") -> None:
@@ -143,7 +234,7 @@ def run(parser: argparse.ArgumentParser, argv: list[str] | None) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    return command_parser("sparsecode", __doc__, add_prune_parser)
+    return command_parser("sparsecode", __doc__, add_prune_parser, add_sparsify_parser)
 
 
 def main(argv: list[str] | None = None) -> int:

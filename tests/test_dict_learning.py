@@ -123,6 +123,20 @@ def test_minibatch_matches_sklearn_iterates():
     assert ours.n_steps_ == ref.n_steps_ == 6
 
 
+@pytest.mark.parametrize("cls", [DictionaryLearning, MiniBatchDictionaryLearning])
+def test_defaults_equal_the_exact_torch_path(monkeypatch, cls):
+    # the defaults (compiled per-signal homotopy, compiled bcd on a CPU) take the exact steps
+    # of the batched torch homotopy and the torch bcd loop: same dictionary to rounding
+    X, rng = data(300, 8)
+    kw = dict(n_components=12, alpha=0.3, max_iter=3, tol=0.0, random_state=0)
+    if cls is MiniBatchDictionaryLearning:
+        kw.update(batch_size=50, max_no_improvement=None)
+    fast = cls(**kw).fit(X)
+    monkeypatch.setenv("SPARSECODE_DISABLE_NUMBA", "1")
+    exact = cls(**kw, fit_algorithm="lars", dict_update="bcd").fit(X)
+    np.testing.assert_allclose(fast.components_, exact.components_, atol=1e-9)
+
+
 def test_partial_fit_equals_fit_on_the_same_batches():
     X, rng = data(200, 8)
     D0 = unit_rows(rng.standard_normal((10, 8)))
