@@ -32,6 +32,27 @@ def fsync(path: str | os.PathLike[str]) -> None:
         os.close(fd)
 
 
+def _umask() -> int:
+    """The process umask (read from /proc where it exists: setting it to read it back is not
+    thread-safe)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def _normal_mode(path: str | os.PathLike[str], base: int) -> None:
+    """Give a temporary file (``base`` 0o666) or folder (0o777) the permissions a plain
+    ``open`` / ``mkdir`` would have under the umask, not mkstemp's / mkdtemp's private 0o600 /
+    0o700."""
+    os.chmod(path, base & ~_umask())
+
+
 def is_temporary(path: str | os.PathLike[str]) -> bool:
     """Is ``path`` a leftover of an interrupted write (a hidden ``.*.tmp`` / ``.*.old``)?"""
     name = Path(path).name
@@ -51,6 +72,7 @@ def atomic_write(path: str | os.PathLike[str], data: bytes | str) -> Path:
     payload = data.encode("utf-8") if isinstance(data, str) else data
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
+        _normal_mode(tmp, 0o666)
         with os.fdopen(fd, "wb") as f:
             f.write(payload)
             f.flush()
@@ -75,11 +97,13 @@ def atomic_folder(folder: str | os.PathLike[str],
     try:
         parent.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", suffix=".tmp", dir=parent))
+        _normal_mode(tmp, 0o777)
     except OSError as e:
         raise type(e)(f"cannot write folder {folder}: {e.strerror or e}") from e
     try:
         for name, write in writers.items():
             write(tmp / name)
+            _normal_mode(tmp / name, 0o666)  # some writers (safetensors) create 0o600 files
             fsync(tmp / name)
         fsync(tmp)
         if folder.exists():
