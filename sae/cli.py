@@ -118,7 +118,8 @@ def _check_sae_settings(args: argparse.Namespace) -> None:
     d_sae = args.d_sae if args.d_sae is not None else 2**30
     for a in archs:
         for k in ks:
-            fields = values(SAEConfig, args, d_in=2 * max(ks), d_sae=d_sae, architecture=a, k=k,
+            fields = values(SAEConfig, args, d_in=2 * max(*ks, 1), d_sae=d_sae, architecture=a,
+                            k=k,
                             metadata={})
             if args.d_sae is None:
                 fields["group_sizes"] = None

@@ -214,6 +214,14 @@ class Trainer:
         for name, sae in self.saes.items():
             self.scales[name] = wiring.fit_scales(batch, self.reads[name], self.writes[name],
                                                   self.cfg.normalize_input)
+            places = self.reads[name] + self.writes[name]
+            factors = self.scales[name]["in"] + self.scales[name]["out"]
+            for hp, f in zip(places, factors, strict=True):
+                if not (math.isfinite(f) and f > 0):
+                    big = float(batch[hp].abs().max())
+                    raise ValueError(f"the activations at {hp!r} are too large for float32 "
+                                     f"arithmetic (values up to {big:.3g}: row norms overflow); "
+                                     "rescale them")
             x, y = self.inputs(name, batch)
             initialise(sae, x if y is None else y, x, b_dec_init=self.cfg.b_dec_init,
                        total_tokens=self.cfg.total_tokens)
