@@ -2,8 +2,9 @@
 ours (``sparsecode.sparse_encode``, default parameters) and SPAMS, in one process.
 
 Signals are mean-removed 8x8 patches of ``skimage.data.camera()`` (64 dimensions); the
-dictionary is ``n_atoms`` random unit-norm atoms (seed 0). Grid: 1k, 10k, 100k signals at 256
-atoms, and 64, 256, 1024, 4096 atoms at 10k signals. OMP with 8 atoms, Lasso with alpha 0.05
+dictionary is ``n_atoms`` random unit-norm atoms (seed 0). Grid: 1k, 10k, 100k, 1M signals at
+256 atoms (1M: all 255,025 camera patches tiled; ``--no-million`` leaves it out), and 64,
+256, 1024, 4096 atoms at 10k signals. OMP with 8 atoms, Lasso with alpha 0.05
 (SPAMS ``omp`` / ``lasso`` mode 2, float64; ours float64 and float32). Time: the best of
 ``--repeats`` calls after a warm-up call, ``--threads`` threads.
 
@@ -72,11 +73,14 @@ def main(argv=None) -> None:
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--out", type=Path, default=HERE / "results")
+    p.add_argument("--no-million", action="store_true", help="leave out 1M signals (~4 GB)")
     args = p.parse_args(argv)
     torch.set_num_threads(N_THREADS)
-    patches = image_patches(n_patches=100_000)
+    # all 255,025 patches of camera, tiled 4x (then cut) for the 1M-signal case
+    patches = np.tile(image_patches(n_patches=None), (4, 1))
     rng = np.random.default_rng(0)
-    grid = [(n, 256) for n in (1_000, 10_000, 100_000)] + [(10_000, k) for k in (64, 1024, 4096)]
+    sizes = (1_000, 10_000, 100_000) + (() if args.no_million else (1_000_000,))
+    grid = [(n, 256) for n in sizes] + [(10_000, k) for k in (64, 1024, 4096)]
     rows, data = [], {"when": now_iso(), "commit": git_commit(HERE.parent), "threads": N_THREADS,
                       "cases": []}
     for task in ("omp", "lasso"):

@@ -115,12 +115,12 @@ def cmd_prune(args: argparse.Namespace) -> int:
 class SparsifyOptions:
     """``sparsecode sparsify``'s own settings (the model and text are :class:`ModelConfig`'s)."""
 
-    method: str = field(default="wina", metadata=meta(
+    method: str = field(default="magnitude", metadata=meta(
         "how inputs are scored", choices=("magnitude", "wina", "cats", "topk")))
     sparsity: float = field(default=0.4, metadata=meta(
         "fraction of each Linear input set to zero, in [0, 1)"))
     allocation: str = field(default="greedy", metadata=meta(
-        "sparsity per activation", choices=("uniform", "greedy")))
+        "sparsity per activation", choices=("uniform", "greedy", "global")))
     layers: str | None = field(default=None, metadata=meta(
         "Linear paths or globs, comma-separated (default: every Linear in the decoder blocks)"))
     n_calib: int = field(default=32, metadata=meta("calibration contexts"))
@@ -153,7 +153,7 @@ def cmd_sparsify(args: argparse.Namespace) -> int:
     (``sparsecode.activations``).
 
     Defaults: the built-in SmolLM2-135M, calibration on 32 x 256 tokens of the built-in text's
-    training split, WINA scores with TEAL's greedy allocation at 40%; achieved sparsity and
+    training split, magnitude scores with TEAL's greedy allocation at 40%; achieved sparsity and
     perplexity (dense and sparse) on the held-out split. ``--out DIR`` writes ``rules.json``,
     which ``sparsecode.activations.load(path, model)`` re-attaches.
     """

@@ -95,7 +95,7 @@ def test_sparse_decode_generates_what_the_hooks_give(model, tokens):
 @pytest.mark.parametrize("method", ["magnitude", "wina", "cats"])
 def test_thresholds_reach_the_requested_sparsity_on_heldout(model, tokens, method):
     rules = sparsify_activations(model, tokens[:48], sparsity=0.4, method=method,
-                                 heldout=tokens[48:])
+                                 allocation="uniform", heldout=tokens[48:])
     rules.remove()
     assert len(rules.groups) == 8  # qkv, o, gate+up, down per block
     for g in rules.groups:
@@ -111,6 +111,22 @@ def test_topk_keeps_exactly_k_per_token(model, tokens):
     for g in rules.groups:
         assert g.k == round(0.75 * g.width)
         assert got[g.name] == pytest.approx(1 - g.k / g.width, abs=1e-6)
+
+
+def test_global_allocation_meets_the_target_where_the_loss_cost_is_least(model, tokens):
+    cal = calibrate(model, tokens[:8], "magnitude")
+    plan = cal.plan(0.5, "global")
+    assert plan.sparsity == pytest.approx(0.5, abs=1e-9)
+    curves = cal._curves
+    for g in plan.groups:  # costs grow with the level; levels where the greedy put them
+        assert (curves[g.name].diff() >= 0).all() and curves[g.name][0] == 0
+    assert len({round(g.sparsity, 6) for g in plan.groups}) > 1
+    dense = logits(model, tokens[12:])
+    errs = {}
+    for alloc in ("uniform", "global"):
+        with cal.plan(0.5, alloc).attached(model):
+            errs[alloc] = float(((logits(model, tokens[12:]) - dense) ** 2).mean())
+    assert errs["global"] < errs["uniform"]
 
 
 def test_greedy_meets_the_weighted_target_per_block(model, tokens):

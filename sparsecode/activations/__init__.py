@@ -7,7 +7,8 @@ or a per-token ``TopK``), calibrated on a little text through hooks like the pru
 
 * methods: ``"magnitude"`` (TEAL), ``"wina"`` (|x| times the weight's column norm), ``"cats"``
   (the gate of a gated MLP), ``"topk"`` (exact per-token budget);
-* allocation: ``"uniform"`` or ``"greedy"`` (TEAL's block-wise greedy search);
+* allocation: ``"greedy"`` (TEAL's block-wise greedy search), ``"global"`` (cost curves from
+  one backward pass, :mod:`sparsecode.activations.allocation`) or ``"uniform"``;
 * :func:`sparse_decode` computes single-token Linears from the nonzero inputs only;
 * rules save to a small JSON (:meth:`ActivationSparsity.save`) that :func:`load` re-attaches.
 
@@ -19,7 +20,8 @@ See ``docs/activation_sparsity.md``.
 ...     num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=2)
 >>> model = transformers.LlamaForCausalLM(cfg).eval()
 >>> ids = torch.randint(0, 64, (8, 16))
->>> rules = sparsify_activations(model, ids[:4], sparsity=0.5, heldout=ids[4:])
+>>> rules = sparsify_activations(model, ids[:4], sparsity=0.5, allocation="uniform",
+...                              heldout=ids[4:])
 >>> len(rules.groups), round(rules.sparsity, 2)
 (8, 0.5)
 >>> rules.remove()  # dense again
