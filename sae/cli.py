@@ -1,5 +1,5 @@
-"""The ``sae`` command: ``sae train | eval | cache | browse | plot`` (and ``sae prune``, an alias
-of ``sparsecode prune``).
+"""The ``sae`` command: ``sae train | eval | cache | browse | plot`` (and ``sae prune`` /
+``sae sparsify``, aliases of ``sparsecode prune`` / ``sparsecode sparsify``).
 
 ``sae train`` with no arguments trains a TopK SAE on a middle residual-stream layer of the
 built-in SmolLM2-135M over the built-in text. ``--activations FILE.npy`` or ``--cache DIR``
@@ -26,6 +26,7 @@ import torch
 from sparsecode._files import atomic_write, is_temporary
 from sparsecode.cli import (
     add_prune_parser,
+    add_sparsify_parser,
     check_writable,
     command_parser,
     fail,
@@ -419,6 +420,8 @@ def _add_train(sub) -> None:
 
 def _add_prune(sub) -> None:
     add_prune_parser(sub, help="prune a language model's Linear layers (= sparsecode prune)")
+    add_sparsify_parser(sub, help="activation sparsity at inference for a language model's "
+                                  "Linear layers (= sparsecode sparsify)")
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -60,3 +60,37 @@ def test_example_prunes_smollm2(tmp_path):
     found = dict(re.findall(r"(\w+): perplexity ([\d.]+)", proc.stdout))
     assert set(found) == {"magnitude", "iht"}, proc.stdout
     assert float(found["iht"]) < float(found["magnitude"])
+
+
+def test_sparsify_writes_rules_that_reattach(tiny_model_and_texts, tmp_path, capsys):
+    from transformers import AutoModelForCausalLM
+
+    from sparsecode.activations import load
+
+    model_dir, texts = tiny_model_and_texts
+    out = tmp_path / "sparse"
+    args = ["sparsify", "--model", str(model_dir), "--text", str(texts), "--context-size", "16",
+            "--n-calib", "8", "--n-eval", "4", "--sparsity", "0.5", "--allocation", "uniform",
+            "--device", "cpu", "--out", str(out), "--json", "--no-progress"]
+    assert main(args) == 0
+    res = json.loads(capsys.readouterr().out)
+    assert res["method"] == "magnitude" and res["sparsity"] == pytest.approx(0.5)
+    assert abs(res["achieved_sparsity"] - 0.5) < 0.1  # 4 x 16 held-out tokens
+    assert res["perplexity"] > 1 and res["perplexity_dense"] > 1
+    model = AutoModelForCausalLM.from_pretrained(model_dir).eval()
+    rules = load(out / "rules.json", model)
+    assert len(rules.groups) == 4 * 3  # 3 blocks
+    assert rules.info["perplexity"] == pytest.approx(res["perplexity"])
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--sparsity", "1.0"], r"--sparsity must be in \[0, 1\)"),
+    (["--n-calib", "100000"], "fewer than --n-calib 100000"),
+    (["--layers", "model.layers.*.mlp.dwn_proj"], "close matches"),
+])
+def test_sparsify_bad_input_is_a_clear_error(tiny_model_and_texts, flags, message):
+    model_dir, texts = tiny_model_and_texts
+    with pytest.raises(SystemExit, match=message):
+        main(["sparsify", "--model", str(model_dir), "--text", str(texts), "--context-size",
+              "16", "--n-calib", "8", "--n-eval", "0", "--device", "cpu", "--no-progress",
+              *flags])

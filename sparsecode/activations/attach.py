@@ -28,6 +28,8 @@ from .rules import METHODS, Group, column_norms
 __all__ = ["ActivationSparsity", "load"]
 
 FORMAT = "sparsecode.activations/1"
+#: The keys :meth:`ActivationSparsity.to_dict` writes itself; any others are ``info``.
+_KEYS = ("format", "method", "allocation", "target", "sparsity", "achieved_sparsity", "groups")
 
 
 @dataclass
@@ -174,8 +176,9 @@ def load(path: str | Path, model: nn.Module, attach: bool = True) -> ActivationS
     if method == "wina":  # column norms from the weights, as at calibration
         for g in groups:
             g.scale = column_norms(model, g.linears)
+    achieved = {g.name: v for g, e in zip(groups, data["groups"], strict=True)
+                if (v := e.get("achieved")) is not None}
+    info = {k: v for k, v in data.items() if k not in _KEYS}
     out = ActivationSparsity(method, data.get("allocation", "uniform"), float(data["target"]),
-                             groups, {g.name: v for g, e in zip(groups, data["groups"],
-                                                                 strict=True)
-                                      if (v := e.get("achieved")) is not None})
+                             groups, achieved, info)
     return out.attach(model) if attach else out
