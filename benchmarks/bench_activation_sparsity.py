@@ -33,21 +33,22 @@ pruned model.
 from __future__ import annotations
 
 import argparse
+import json
 import statistics
 import sys
 import time
 
 from common import ROOT, pin_threads
 
-CONFIGS = {  # label -> (method, allocation)
-    "TEAL uniform": ("magnitude", "uniform"),
-    "WINA": ("wina", "uniform"),
-    "CATS": ("cats", "uniform"),
-    "top-k": ("topk", "uniform"),
-    "Fisher global (magnitude)": ("magnitude", "global"),
-    "ours: TEAL greedy, cost per weight (default)": ("magnitude", "greedy"),
+CONFIGS = {  # key -> (label, method, allocation)
+    "teal": ("TEAL uniform", "magnitude", "uniform"),
+    "wina": ("WINA", "wina", "uniform"),
+    "cats": ("CATS", "cats", "uniform"),
+    "topk": ("top-k", "topk", "uniform"),
+    "global": ("Fisher global (magnitude)", "magnitude", "global"),
+    "ours": ("ours: TEAL greedy with cost per weight (default)", "magnitude", "greedy"),
 }
-OURS = "ours: TEAL greedy, cost per weight (default)"
+OURS = CONFIGS["ours"][0]
 SHAPES = {"q_proj/o_proj": (576, 576, 2), "k_proj/v_proj": (192, 576, 2),
           "gate_proj/up_proj": (1536, 576, 2), "down_proj": (576, 1536, 1)}  # out, in, per block
 RING_BYTES = 256e6  # distinct weights per timed shape: more than any CPU cache
@@ -70,17 +71,27 @@ def parse_args(argv=None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
-def quality_rows(model, calib, evals, configs, sparsities, dense_ppl):
+def quality_rows(model, calib, evals, configs, sparsities, dense_ppl, partial):
+    """One row per configuration and sparsity; rows already in the JSON file ``partial`` (an
+    interrupted run) are kept, new ones appended to it as they finish."""
+    from common import write_json
+
     from sparsecode.activations import calibrate, evaluate_perplexity, measure_sparsity
 
-    rows, cals = [], {}
-    for label in configs:
-        method, allocation = CONFIGS[label]
+    rows = json.loads(partial.read_text()) if partial.exists() else []
+    done = {(r["config"], r["target"]) for r in rows}
+    cals = {}
+    for key in configs:
+        label, method, allocation = CONFIGS[key]
+        if all((label, s) in done for s in sparsities) and key != "ours":
+            continue
         if method not in cals:
             t0 = time.perf_counter()
             cals[method] = (calibrate(model, calib, method), time.perf_counter() - t0)
         cal, cal_s = cals[method]
         for s in sparsities:
+            if (label, s) in done:
+                continue
             t0 = time.perf_counter()
             plan = cal.plan(s, allocation)
             plan_s = time.perf_counter() - t0
@@ -95,6 +106,7 @@ def quality_rows(model, calib, evals, configs, sparsities, dense_ppl):
             print(f"  {label:<22} {s:.2f}: perplexity {ppl:.3f} (+{ppl - dense_ppl:.3f}), "
                   f"held-out sparsity {plan.achieved_sparsity:.3f}, plan {plan_s:.1f} s",
                   flush=True)
+            write_json(partial, rows)
     return rows, cals
 
 
@@ -278,7 +290,9 @@ def main(argv=None) -> int:
                        + " ".join(argv or sys.argv[1:])}
     dense_ppl = evaluate_perplexity(model, evals)
     print(f"dense perplexity {dense_ppl:.3f}", flush=True)
-    rows, cals = quality_rows(model, calib, evals, configs, sparsities, dense_ppl)
+    stem = args.out or f"activation-sparsity-{meta['device_tag']}"
+    partial = ROOT / "benchmarks" / "results" / f"{stem}.partial.json"
+    rows, cals = quality_rows(model, calib, evals, configs, sparsities, dense_ppl, partial)
     layers, gen_rows, combo = [], [], []
     if not args.skip_speed:
         layers = layer_speed(args.reps)
@@ -288,11 +302,11 @@ def main(argv=None) -> int:
     if not args.skip_prune:
         combo = prune_composition(model, calib, evals, dense_ppl)
     lines, checks = report(meta, dense_ppl, rows, layers, gen_rows, combo, sparsities)
-    stem = args.out or f"activation-sparsity-{meta['device_tag']}"
     write_results(ROOT / "benchmarks" / "results", stem, lines,
                   {"meta": meta, "dense_perplexity": dense_ppl, "rows": rows,
                    "layer_speed": layers, "generation": gen_rows, "pruned": combo,
                    "targets": checks})
+    partial.unlink(missing_ok=True)
     return 0
 
 
