@@ -7,6 +7,7 @@ input). float32 and float64 are kept; other dtypes are converted to float64 (as 
 
 from __future__ import annotations
 
+import math
 import numbers
 from typing import Any
 
@@ -23,7 +24,10 @@ def resolve_device(device: str | torch.device | None, like: Any = None) -> torch
         if isinstance(like, Tensor):
             return like.device
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
+    device = torch.device(device)
+    if device.type == "meta":
+        raise ValueError("device='meta' holds no data: use 'cpu', 'cuda' or 'auto'")
+    return device
 
 
 def to_tensor(
@@ -37,6 +41,8 @@ def to_tensor(
 ) -> Tensor:
     """Convert ``a`` to a float tensor on ``device``; check its shape, emptiness, finiteness."""
     if isinstance(a, Tensor):
+        if a.is_meta:
+            raise ValueError(f"{name} is a meta tensor: it holds no data to compute with")
         t = a.detach()
     else:
         arr = np.asarray(a)
@@ -52,9 +58,15 @@ def to_tensor(
     t = t.to(device=device, dtype=dtype)
     if not allow_empty and t.numel() == 0:
         raise ValueError(f"{name} is empty (shape {tuple(t.shape)})")
-    if not bool(torch.isfinite(t).all()):
+    top = t.abs().amax() if t.numel() else t.new_zeros(())
+    if not bool(torch.isfinite(top)):
         bad = (~torch.isfinite(t)).nonzero()[0].tolist()
         raise ValueError(f"{name} contains NaN or inf (first at index {tuple(bad)})")
+    limit = math.sqrt(torch.finfo(t.dtype).max) / 1e3  # squares and sums of squares stay finite
+    if float(top) > limit:
+        raise ValueError(f"{name} holds values up to {float(top):.3g}: beyond {limit:.2g} their "
+                         f"squares overflow {str(t.dtype).removeprefix('torch.')}; rescale "
+                         "them (or pass float64)")
     return t
 
 

@@ -105,7 +105,9 @@ class _DictionaryLearner(DictionaryTransformerMixin, BaseEstimator):
         if n_unused:
             picks = torch.as_tensor(rng.choice(X.shape[0], n_unused), device=X.device)
             new = X[picks]
-            noise_level = 0.01 * new.std(dim=1, keepdim=True).clamp(min=1e-12)
+            # one feature has no spread (std's n - 1 = 0 would give NaN atoms): no noise
+            spread = new.std(dim=1, keepdim=True) if new.shape[1] > 1 else torch.zeros_like(new)
+            noise_level = 0.01 * spread.clamp(min=1e-12)
             noise = torch.as_tensor(rng.normal(size=tuple(new.shape)), dtype=X.dtype,
                                     device=X.device)
             D[unused] = project_atoms(new + noise_level * noise, self.positive_dict)
