@@ -63,6 +63,7 @@ def capture(trainer: Trainer) -> tuple[dict[str, Tensor], dict[str, Any]]:
         "saes": {},
         "history": trainer.history,
         "batch_size": trainer.batch_size,
+        "data_size": trainer._data_size,  # processes sharing a step: the global batch
     }
     if trainer.dist is not None:
         import torch.distributed as torch_dist
@@ -224,9 +225,13 @@ def check_same_run(trainer: Trainer, meta: dict[str, Any]) -> None:
             continue
         if not _same(saved_train[key], value):
             diff.append(f"{_flag(TrainConfig, key)} {saved_train[key]!r} (now {value!r})")
-    if meta.get("batch_size") is not None and trainer.batch_size is not None \
-            and meta["batch_size"] != trainer.batch_size:
-        diff.append(f"--batch-size {meta['batch_size']!r} (now {trainer.batch_size!r})")
+    if meta.get("batch_size") is not None and trainer.batch_size is not None:
+        # the global batch (rows per step over all data-parallel processes) must not change; a
+        # run on two processes may resume on one with twice the batch
+        saved = meta["batch_size"] * meta.get("data_size", 1)
+        if saved != trainer.batch_size * trainer._data_size:
+            diff.append(f"--batch-size {saved!r} (now {trainer.batch_size * trainer._data_size!r}"
+                        " rows per step over all processes)")
     for name, sae in trainer.saes.items():
         saved = (meta.get("saes", {}).get(name) or {}).get("config", {})
         for key, value in sae.cfg.to_dict().items():

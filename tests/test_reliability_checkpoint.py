@@ -225,12 +225,16 @@ def test_no_intact_checkpoint_is_a_clear_error(acts, tmp_path):
                "--out", str(out), "--tokens", "2560", *ARGS, "--resume")
 
 
-def test_random_sigkills_resume_bit_identically(acts, tmp_path, reference):
+def test_random_sigkills_resume_bit_identically(acts, tmp_path):
     """At least 10 SIGKILLs at random times (mid-step, mid-checkpoint write, mid-save), each
     followed by a resume: the final SAE equals the uninterrupted run's bit for bit."""
     out = tmp_path / "run"
     rng = random.Random(0)
     kills = 0
+    # children train on one thread: a forked child must not enter OpenMP parallel regions
+    # (after numba or torch ran parallel code in this process they can hang), so the
+    # reference is trained the same way, in a child of its own
+    assert _forked_train(acts, tmp_path / "ref") == 0
     for _ in range(60):
         flags = []
         if checkpoint.has_checkpoint(out):
@@ -239,31 +243,44 @@ def test_random_sigkills_resume_bit_identically(acts, tmp_path, reference):
                 flags = ["--resume"]
             except ValueError:  # killed before any checkpoint was complete
                 flags = ["--force"]
-        pid = os.fork()
-        if pid == 0:  # the child trains; the parent kills it
-            code = 1
+        pid = _fork_train(acts, out, "--checkpoint-every", "1", *flags)
+        if kills < 10:  # kill at a random time; after 10 kills let the last resume finish
+            time.sleep(rng.uniform(0.0, 0.25))
             try:
-                code = train(acts, out, "--checkpoint-every", "1", *flags)
-            except BaseException:
-                code = 3
-            finally:
-                os._exit(code)
-        time.sleep(rng.uniform(0.0, 0.25))
-        try:
-            os.kill(pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
         _, status = os.waitpid(pid, 0)
         if os.WIFSIGNALED(status):
             kills += 1
-        else:
-            assert os.WEXITSTATUS(status) == 0, os.WEXITSTATUS(status)
-            if kills >= 10:
-                break
-            shutil.rmtree(out)  # finished before 10 kills: start over
+            continue
+        assert os.WEXITSTATUS(status) == 0, os.WEXITSTATUS(status)
+        if kills >= 10:
+            break
+        shutil.rmtree(out)  # finished before 10 kills: start over
     assert kills >= 10
-    same_weights(reference / "topk", out / "topk")
+    same_weights(tmp_path / "ref" / "topk", out / "topk")
     strict_json(out / "metrics.json")
+
+
+def _fork_train(acts, out, *extra) -> int:
+    """Pid of a forked child running ``train`` on one thread (exit status 0 on success)."""
+    pid = os.fork()
+    if pid == 0:
+        code = 1
+        try:
+            torch.set_num_threads(1)
+            code = train(acts, out, *extra)
+        except BaseException:
+            code = 3
+        finally:
+            os._exit(code)
+    return pid
+
+
+def _forked_train(acts, out, *extra) -> int:
+    _, status = os.waitpid(_fork_train(acts, out, *extra), 0)
+    return os.WEXITSTATUS(status) if os.WIFEXITED(status) else -1
 
 
 # ------------------------------------------------------------------------------ run folder

@@ -237,9 +237,9 @@ def test_skip_transcoder_resumes_exactly(tmp_path):
     part, _ = run(tmp_path)
     orig = part._train_step
 
-    def step_then_stop(batch):
-        if part.step == 9:
-            raise KeyboardInterrupt
+    def step_then_stop(batch):  # a stop request during step 9: checkpoint at its end
+        if part.step == 8:
+            part.request_stop()
         return orig(batch)
 
     part._train_step = step_then_stop
