@@ -25,6 +25,7 @@ import torch
 
 from sparsecode._files import atomic_write, is_temporary
 from sparsecode.cli import (
+    UsageError,
     add_prune_parser,
     add_sparsify_parser,
     check_writable,
@@ -45,18 +46,6 @@ __all__ = ["UsageError", "build_parser", "checked_device", "main"]
 
 #: The lock file of a run folder (held by the ``sae train`` writing it).
 LOCK_FILE = ".lock"
-
-
-class UsageError(SystemExit):
-    """A user error: exits with status 2 (printed by :func:`main` as one ``error: ...`` line);
-    ``str()`` is the message."""
-
-    def __init__(self, message: str) -> None:
-        super().__init__(2)
-        self.message = message if message.startswith("error: ") else f"error: {message}"
-
-    def __str__(self) -> str:
-        return self.message
 
 
 def checked_device(name: str) -> torch.device:

@@ -20,12 +20,24 @@ from typing import Any
 from .flags import add_flags, meta, values
 from .lm import ModelConfig, torch_device
 
-__all__ = ["PruneOptions", "SparsifyOptions", "add_prune_parser", "add_sparsify_parser",
-           "check_writable", "fail", "main", "split_list"]
+__all__ = ["PruneOptions", "SparsifyOptions", "UsageError", "add_prune_parser",
+           "add_sparsify_parser", "check_writable", "fail", "main", "split_list"]
+
+
+class UsageError(SystemExit):
+    """A user error: exits with status 2 (printed by the commands' ``main`` as one
+    ``error: ...`` line); ``str()`` is the message."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(2)
+        self.message = message if message.startswith("error: ") else f"error: {message}"
+
+    def __str__(self) -> str:
+        return self.message
 
 
 def fail(message: Any) -> SystemExit:
-    """The error a command exits with (``error: ...`` on stderr, status 1)."""
+    """The error a command exits with (``error: ...``; :func:`main` makes it status 2)."""
     return SystemExit(f"error: {message}")
 
 
@@ -238,7 +250,18 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    return run(build_parser(), argv)
+    """Run ``sparsecode`` with ``argv``; a user error prints one ``error: ...`` line and exits
+    with status 2 (:class:`UsageError`), as ``sae`` does."""
+    try:
+        return run(build_parser(), argv)
+    except UsageError as e:
+        print(e, file=sys.stderr)
+        raise
+    except SystemExit as e:
+        if isinstance(e.code, str) and e.code.startswith("error: "):
+            print(e.code, file=sys.stderr)
+            raise UsageError(e.code) from e
+        raise
 
 
 if __name__ == "__main__":

@@ -36,9 +36,10 @@ def test_sae_prune_bad_pattern_is_a_clear_error(tiny_model_and_texts, tmp_path, 
 
     model_dir, texts = tiny_model_and_texts
     run = main if command == "sae" else sparsecode.cli.main  # `sae prune` is `sparsecode prune`
-    with pytest.raises(SystemExit, match="not divisible by M=5"):
+    with pytest.raises(SystemExit, match="not divisible by M=5") as err:
         run(["prune", "--model", str(model_dir), "--text", str(texts), "--context-size", "16",
               "--n-eval", "0", "--pattern", "2:5", "--device", "cpu", "--no-progress"])
+    assert err.value.code == 2  # a user error, as for every sae command
 
 
 @pytest.mark.slow
