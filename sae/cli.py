@@ -425,15 +425,7 @@ def main(argv: list[str] | None = None) -> int:
     (:class:`UsageError`); ``SAE_TRACEBACK=1`` shows the traceback of such a ``ValueError``
     instead."""
     try:
-        return run(build_parser(), argv)
-    except UsageError as e:
-        print(e, file=sys.stderr)
-        raise
-    except SystemExit as e:
-        if isinstance(e.code, str) and e.code.startswith("error: "):
-            print(e.code, file=sys.stderr)
-            raise UsageError(e.code) from e
-        raise
+        return run(build_parser(), argv)  # fail() / UsageError: one line, status 2
     except KeyboardInterrupt:
         print("\ninterrupted", file=sys.stderr)
         return 130

@@ -239,21 +239,13 @@ def command_parser(prog: str, doc: str, *adders) -> argparse.ArgumentParser:
 
 
 def run(parser: argparse.ArgumentParser, argv: list[str] | None) -> int:
-    """Parse ``argv`` and run the chosen subcommand offline (nothing is downloaded)."""
-    args = parser.parse_args(argv)
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    return int(args.func(args) or 0)
-
-
-def build_parser() -> argparse.ArgumentParser:
-    return command_parser("sparsecode", __doc__, add_prune_parser, add_sparsify_parser)
-
-
-def main(argv: list[str] | None = None) -> int:
-    """Run ``sparsecode`` with ``argv``; a user error prints one ``error: ...`` line and exits
-    with status 2 (:class:`UsageError`), as ``sae`` does."""
+    """Parse ``argv`` and run the chosen subcommand offline (nothing is downloaded). A user
+    error (:func:`fail`, :class:`UsageError`) prints one ``error: ...`` line and exits with
+    status 2: the rule of every ``sparsecode`` and ``sae`` command."""
     try:
-        return run(build_parser(), argv)
+        args = parser.parse_args(argv)
+        os.environ.setdefault("HF_HUB_OFFLINE", "1")
+        return int(args.func(args) or 0)
     except UsageError as e:
         print(e, file=sys.stderr)
         raise
@@ -262,6 +254,15 @@ def main(argv: list[str] | None = None) -> int:
             print(e.code, file=sys.stderr)
             raise UsageError(e.code) from e
         raise
+
+
+def build_parser() -> argparse.ArgumentParser:
+    return command_parser("sparsecode", __doc__, add_prune_parser, add_sparsify_parser)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run ``sparsecode`` with ``argv``; a user error exits with status 2 (:func:`run`)."""
+    return run(build_parser(), argv)
 
 
 if __name__ == "__main__":
