@@ -51,9 +51,7 @@ def loss_curves(model: nn.Module, groups: list[Group], batches: list[Tensor],
                 bins[g.name].index_add_(0, where, cost.double())
             x.register_hook(add)
 
-        if g.act is not None:
-            return mods[g.act].register_forward_hook(lambda m, a, out: keep(out))
-        return mods[g.linears[0]].register_forward_pre_hook(lambda m, a: keep(a[0]))
+        return g.watch(mods, keep)
 
     handles = [watch(g) for g in groups]
     handles.append(model.get_input_embeddings().register_forward_hook(

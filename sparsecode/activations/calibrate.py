@@ -105,7 +105,7 @@ class Calibration:
         for i, block in enumerate(blocks):
             for g in [g for g in groups if g.name.startswith(f"{prefix}.{i}.")]:
                 parts: list[Tensor] = []
-                handle = _score_hook(mods, g, parts.append)
+                handle = g.watch(mods, lambda x, g=g, parts=parts: parts.append(g.score(x).cpu()))
                 try:
                     with ActivationSparsity(self.method, "", 0.0, done).attached(self.model), \
                             torch.no_grad():
@@ -247,13 +247,6 @@ def _quantile(scores: Tensor, q: float) -> float:
     return float(flat.kthvalue(min(max(1, round(q * flat.numel())), flat.numel())).values)
 
 
-def _score_hook(mods: dict[str, nn.Module], g: Group, add):
-    """A hook passing the scores of ``g``'s activation (all tokens) to ``add``."""
-    if g.act is not None:
-        return mods[g.act].register_forward_hook(lambda m, a, out: add(g.score(out).cpu()))
-    return mods[g.linears[0]].register_forward_pre_hook(lambda m, a: add(g.score(a[0]).cpu()))
-
-
 def _sample_scores(model: nn.Module, groups: list[Group], batches: list[Tensor], seed: int
                    ) -> dict[str, Tensor]:
     """Sorted random samples of each group's scores on the dense model."""
@@ -266,9 +259,7 @@ def _sample_scores(model: nn.Module, groups: list[Group], batches: list[Tensor],
             x2 = x.detach().reshape(-1, x.shape[-1])
             pick = torch.randperm(x2.shape[0], generator=gen)[:TOKENS_PER_BATCH]
             parts[g.name].append(g.score(x2[pick.to(x2.device)]).flatten().cpu())
-        if g.act is not None:
-            return mods[g.act].register_forward_hook(lambda m, a, out: add(out))
-        return mods[g.linears[0]].register_forward_pre_hook(lambda m, a: add(a[0]))
+        return g.watch(mods, add)
 
     handles = [keep(g) for g in groups]
     try:

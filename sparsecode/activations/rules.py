@@ -21,6 +21,7 @@ The rules are the solver core's projections (:mod:`sparsecode.core.operators`): 
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -65,6 +66,14 @@ class Group:
             return Jump(float(self.threshold), positive=False)
         tiny = torch.finfo(torch.float32).tiny
         return Jump(self.threshold / self.scale.clamp(min=tiny), positive=False)
+
+    def watch(self, modules: dict[str, nn.Module], fn: Callable[[Tensor], None]):
+        """Register a hook passing the activation this rule applies to (before the rule: hooks
+        registered before :meth:`ActivationSparsity.attach` run first) to ``fn``; returns the
+        handle. ``modules``: the model's ``dict(named_modules())``."""
+        if self.act is not None:
+            return modules[self.act].register_forward_hook(lambda m, a, out: fn(out))
+        return modules[self.linears[0]].register_forward_pre_hook(lambda m, a: fn(a[0]))
 
     def score(self, x: Tensor) -> Tensor:
         """The score the rule thresholds, per entry of ``x (..., width)``."""
