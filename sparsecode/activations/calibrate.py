@@ -28,7 +28,7 @@ from torch import Tensor, nn
 
 from ..hooks import resolve
 from ..lm import decoder_layers, device_of
-from ..prune.model import _batches, _block_inputs, _run_block, _with_hidden
+from ..prune.model import block_inputs, run_block, token_batches, with_hidden
 from .allocation import global_levels, loss_curves
 from .attach import ActivationSparsity
 from .rules import METHODS, Group, find_groups
@@ -98,7 +98,7 @@ class Calibration:
         outputs; each group's threshold is the quantile of all its scores there."""
         prefix, blocks = decoder_layers(self.model)
         ids = torch.cat(self.batches)
-        inputs = _block_inputs(self.model, blocks[0],
+        inputs = block_inputs(self.model, blocks[0],
                                list(ids[:max(1, self.block_tokens // ids.shape[1])].split(4)))
         mods = dict(self.model.named_modules())
         done: list[Group] = [g for g in groups if not g.name.startswith(prefix + ".")]
@@ -110,13 +110,13 @@ class Calibration:
                     with ActivationSparsity(self.method, "", 0.0, done).attached(self.model), \
                             torch.no_grad():
                         for inp in inputs:
-                            _run_block(block, inp)
+                            run_block(block, inp)
                 finally:
                     handle.remove()
                 done.append(replace(g, threshold=_quantile(torch.cat(parts), g.sparsity)))
             with ActivationSparsity(self.method, "", 0.0, done).attached(self.model), \
                     torch.no_grad():
-                inputs = [_with_hidden(inp, _run_block(block, inp)) for inp in inputs]
+                inputs = [with_hidden(inp, run_block(block, inp)) for inp in inputs]
         order = {g.name: j for j, g in enumerate(groups)}
         return sorted(done, key=lambda g: order[g.name])
 
@@ -136,11 +136,11 @@ class Calibration:
             path = self._paths.setdefault(str(i), [{g.name: 0.0 for g in mine}])
             if _weighted(path[-1], mine) < target - 1e-9 and not _stuck(path[-1]):
                 if inputs is None:
-                    inputs = _block_inputs(self.model, blocks[0], [ids[:n_ctx]])
+                    inputs = block_inputs(self.model, blocks[0], [ids[:n_ctx]])
                     done = 0
                 with torch.no_grad():
                     for j in range(done, i):  # dense inputs of block i
-                        inputs = [_with_hidden(inp, _run_block(blocks[j], inp))
+                        inputs = [with_hidden(inp, run_block(blocks[j], inp))
                                   for inp in inputs]
                     done = i
                     self._extend(path, block, inputs, mine, target)
@@ -150,14 +150,14 @@ class Calibration:
     def _extend(self, path, block, inputs, groups, target) -> None:
         """Raise one group at a time (least error increase per weight skipped) from the end of
         ``path`` until the block's weighted sparsity reaches ``target``."""
-        dense = [_run_block(block, inp).float() for inp in inputs]
+        dense = [run_block(block, inp).float() for inp in inputs]
         ref = max(sum(float((y ** 2).sum()) for y in dense), 1e-30)
 
         def error(trial: dict[str, float]) -> float:
             plan = ActivationSparsity(self.method, "greedy", target,
                                       [self.rule(g, trial[g.name]) for g in groups])
             with plan.attached(self.model):
-                return sum(float(((_run_block(block, inp).float() - y) ** 2).sum())
+                return sum(float(((run_block(block, inp).float() - y) ** 2).sum())
                            for inp, y in zip(inputs, dense, strict=True)) / ref
 
         level, current = path[-1], error(path[-1])
@@ -287,7 +287,7 @@ def calibrate(model: nn.Module, calibration: Tensor | Sequence[Tensor], method: 
     if method not in METHODS:
         raise ValueError(f"method must be one of {', '.join(METHODS)}; got {method!r}")
     names = _linears(model, layers)
-    batches = _batches(calibration, batch_size)
+    batches = token_batches(calibration, batch_size)
     groups = find_groups(model, names, _first_inputs(model, names, batches[0]), method)
     return Calibration(model, method, groups, _sample_scores(model, groups, batches, seed),
                        batches)
@@ -318,7 +318,7 @@ def measure_sparsity(plan: ActivationSparsity, model: nn.Module, tokens: Tensor,
                 else:  # a forward hook sees the input as the pre-hooks left it
                     handles.append(mods[g.linears[0]].register_forward_hook(
                         lambda m, a, out, f=add: f(a[0])))
-            for ids in _batches(tokens, batch_size):
+            for ids in token_batches(tokens, batch_size):
                 model(input_ids=ids.to(device_of(model)), use_cache=False)
         finally:
             for h in handles:

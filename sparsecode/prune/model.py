@@ -33,12 +33,16 @@ from .layer import check_sparsity, layer_error, parse_pattern, prune_layer
 __all__ = [
     "LayerReport",
     "PruneReport",
+    "block_inputs",
     "evaluate_perplexity",
     "owl_sparsities",
     "prune",
+    "run_block",
     "save_pruned",
     "semi_structured_available",
     "to_semi_structured",
+    "token_batches",
+    "with_hidden",
 ]
 
 
@@ -88,7 +92,9 @@ class PruneReport:
         )
 
 
-def _batches(calibration: Tensor | Iterable[Tensor], batch_size: int) -> list[Tensor]:
+def token_batches(calibration: Tensor | Iterable[Tensor], batch_size: int) -> list[Tensor]:
+    """Calibration token ids ``(n, seq_len)`` (or an iterable of such batches) as a list of
+    non-empty 2-D batches; ``ValueError`` when there are none."""
     if isinstance(calibration, Tensor):
         if calibration.dim() == 1:
             calibration = calibration[None]
@@ -112,7 +118,7 @@ def _forward_until_stop(model: nn.Module, batches: list[Tensor]) -> None:
             pass
 
 
-def _block_inputs(model: nn.Module, first: nn.Module, batches: list[Tensor]) -> list[tuple]:
+def block_inputs(model: nn.Module, first: nn.Module, batches: list[Tensor]) -> list[tuple]:
     """``(args, kwargs)`` of the first decoder block for every calibration batch."""
     store: list[tuple] = []
 
@@ -128,13 +134,16 @@ def _block_inputs(model: nn.Module, first: nn.Module, batches: list[Tensor]) -> 
     return store
 
 
-def _run_block(block: nn.Module, inp: tuple) -> Tensor:
+def run_block(block: nn.Module, inp: tuple) -> Tensor:
+    """The hidden states a decoder block returns for its recorded ``(args, kwargs)``."""
     args, kwargs = inp
     out = block(*args, **kwargs)
     return out[0] if isinstance(out, (tuple, list)) else out
 
 
-def _with_hidden(inp: tuple, hidden: Tensor) -> tuple:
+def with_hidden(inp: tuple, hidden: Tensor) -> tuple:
+    """A block's recorded ``(args, kwargs)`` with ``hidden`` as its hidden states: the next
+    block's input."""
     args, kwargs = inp
     if args:
         return (hidden, *args[1:]), kwargs
@@ -244,7 +253,7 @@ def prune(
     """
     t_start = time.perf_counter()
     nm, sparsity = _check_settings(sparsity, method, pattern, allocation)
-    batches = _batches(calibration, batch_size)
+    batches = token_batches(calibration, batch_size)
     prefix, blocks = decoder_layers(model)
     block_targets = [_targets(b, targets) for b in blocks]
     if nm is not None:
@@ -258,7 +267,7 @@ def prune(
         if allocation == "owl":
             per_block = _owl(model, blocks, block_targets, batches, sparsity, owl_m, owl_lambda)
         needs_data = method != "magnitude"  # magnitude needs no calibration forwards
-        inputs = _block_inputs(model, blocks[0], batches) if needs_data else []
+        inputs = block_inputs(model, blocks[0], batches) if needs_data else []
         from tqdm.auto import tqdm
 
         for i, block in enumerate(tqdm(blocks, unit="block", desc=f"prune {method}",
@@ -266,14 +275,14 @@ def prune(
             hooks = _GramHooks(block_targets[i])
             try:
                 for inp in inputs:
-                    _run_block(block, inp)
+                    run_block(block, inp)
             finally:
                 hooks.remove()
             for name, mod in block_targets[i].items():
                 full = f"{prefix}.{i}.{name}" if prefix else f"{i}.{name}"
                 H = hooks.grams[name] if needs_data else None
                 _prune_one(mod, H, per_block[i], method, nm, full, report, options)
-            inputs = [_with_hidden(inp, _run_block(block, inp)) for inp in inputs]
+            inputs = [with_hidden(inp, run_block(block, inp)) for inp in inputs]
     report.seconds = time.perf_counter() - t_start
     return report
 
