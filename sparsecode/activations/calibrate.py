@@ -99,11 +99,11 @@ class Calibration:
         prefix, blocks = decoder_layers(self.model)
         ids = torch.cat(self.batches)
         inputs = block_inputs(self.model, blocks[0],
-                               list(ids[:max(1, self.block_tokens // ids.shape[1])].split(4)))
+                              list(ids[:max(1, self.block_tokens // ids.shape[1])].split(4)))
         mods = dict(self.model.named_modules())
         done: list[Group] = [g for g in groups if not g.name.startswith(prefix + ".")]
         for i, block in enumerate(blocks):
-            for g in [g for g in groups if g.name.startswith(f"{prefix}.{i}.")]:
+            for g in _in_block(groups, prefix, i):
                 parts: list[Tensor] = []
                 handle = g.watch(mods, lambda x, g=g, parts=parts: parts.append(g.score(x).cpu()))
                 try:
@@ -130,7 +130,7 @@ class Calibration:
         n_ctx = max(1, self.greedy_tokens // ids.shape[1])
         inputs = None
         for i, block in enumerate(blocks):
-            mine = [g for g in self.groups if g.name.startswith(f"{prefix}.{i}.")]
+            mine = _in_block(self.groups, prefix, i)
             if not mine:
                 continue
             path = self._paths.setdefault(str(i), [{g.name: 0.0 for g in mine}])
@@ -175,6 +175,11 @@ class Calibration:
                 break
             _, level, current = best
             path.append(level)
+
+
+def _in_block(groups: list[Group], prefix: str, i: int) -> list[Group]:
+    """The groups inside decoder block ``i`` (module paths under ``prefix.i.``)."""
+    return [g for g in groups if g.name.startswith(f"{prefix}.{i}.")]
 
 
 def _weighted(level: dict[str, float], groups: list[Group]) -> float:
