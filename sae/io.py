@@ -9,6 +9,8 @@ SAELens folder (written in the v6 layout; v6 and the older flat ``cfg.json`` are
     sae_weights.safetensors   W_enc [d_in, d_sae], W_dec [d_sae, d_in], b_enc [d_sae], b_dec [d_in],
                               threshold [d_sae] (jumprelu)
     sparsity.safetensors      {"sparsity": log10 firing density [d_sae]} (when statistics exist)
+    checksums.json            {"sha256": {file name: hex}} of the safetensors files (ours; SAELens
+                              ignores it), verified on load: a damaged file is refused by name
 
 Every architecture is saved as its inference form (:attr:`sae.models.SAE.inference_architecture`):
 relu as ``standard``, topk as ``topk``, and jumprelu and the batch architectures as ``jumprelu``
@@ -23,6 +25,7 @@ sparsify folder (top-k SAEs only)::
                       skip_connection, transcode, d_in (+ our metadata, which sparsify ignores)
     sae.safetensors   encoder.weight [d_sae, d_in], encoder.bias [d_sae], W_dec [d_sae, d_in],
                       b_dec [d_in]
+    checksums.json    as above (sparsify ignores it)
 
 Writes are atomic: the folder is written next to its destination under a temporary name and
 renamed into place only when complete.
@@ -61,7 +64,13 @@ from sparsecode._files import atomic_folder, is_temporary
 from . import wiring
 from .architectures import ARCHITECTURES, LOADED_AS, PURSUITS, RUNNING_THRESHOLDS
 from .config import SAEConfig
-from .integrity import check_finite_tensors, load_tensors
+from .integrity import (
+    CHECKSUMS_FILENAME,
+    check_finite_tensors,
+    checksum_writer,
+    load_tensors,
+    verify_checksums,
+)
 from .metrics import log_density
 from .models import SAE
 
@@ -370,10 +379,13 @@ def save_sae(
         sparsity = log_density(sae.fire_rate.detach().to("cpu", torch.float32)).contiguous()
         writers[SPARSITY_FILENAME] = lambda p: st.save_file({"sparsity": sparsity}, str(p))
     writers[CFG_FILENAME] = lambda p: p.write_text(text)
+    writers[CHECKSUMS_FILENAME] = checksum_writer([n for n in writers if n != CFG_FILENAME])
     return atomic_folder(folder, writers)
 
 
 def _read_cfg(folder: Path, weights_name: str) -> tuple[dict[str, Any], Path]:
+    """``folder``'s parsed ``cfg.json`` and the path of its weights, both present and, when the
+    folder records checksums (:func:`sae.integrity.verify_checksums`), undamaged."""
     if not folder.is_dir():
         raise FileNotFoundError(f"SAE folder not found: {folder}")
     cfg_path, weights_path = folder / CFG_FILENAME, folder / weights_name
@@ -382,6 +394,7 @@ def _read_cfg(folder: Path, weights_name: str) -> tuple[dict[str, Any], Path]:
             raise FileNotFoundError(
                 f"{p} not found (this format needs {CFG_FILENAME} and {weights_name})"
             )
+    verify_checksums(folder)
     try:
         cfg = json.loads(cfg_path.read_text())
     except json.JSONDecodeError as e:
@@ -707,6 +720,7 @@ def save_sparsify(
                 tensors, str(p), metadata={"format": "pt"}
             ),
             CFG_FILENAME: lambda p: p.write_text(text),
+            CHECKSUMS_FILENAME: checksum_writer([SPARSIFY_WEIGHTS_FILENAME]),
         },
     )
 

@@ -9,6 +9,7 @@ SAELens and sparsify have no crosscoder class, so a crosscoder is saved in this 
     sae_weights.safetensors   per place i: W_enc.{i} [d_in_i, d_sae], W_dec.{i} [d_sae, d_in_i],
                               b_dec.{i} [d_in_i]; shared: b_enc [d_sae], threshold [d_sae]
                               (jumprelu)
+    checksums.json            {"sha256": {"sae_weights.safetensors": ...}}, verified on load
 
 The encoder sums the places' pre-activations, ``z = act(sum_i (x_i - b_dec.i) W_enc.i +
 b_enc)``, and place ``i`` is reconstructed as ``z W_dec.i + b_dec.i`` (Lindsey et al. 2024,
@@ -40,6 +41,7 @@ from torch import Tensor
 from sparsecode._files import atomic_folder
 
 from . import io
+from .integrity import CHECKSUMS_FILENAME, check_finite_tensors, checksum_writer, load_tensors
 from .models import SAE
 
 
@@ -80,6 +82,7 @@ def save_crosscoder(
     writers: dict[str, Callable[[Path], None]] = {
         io.WEIGHTS_FILENAME: lambda p: st.save_file(tensors, str(p), metadata={"format": "pt"}),
         io.CFG_FILENAME: lambda p: p.write_text(text),
+        CHECKSUMS_FILENAME: checksum_writer([io.WEIGHTS_FILENAME]),
     }
     return atomic_folder(folder, writers)
 
@@ -103,7 +106,8 @@ def load_crosscoder(
     form = raw.get("activation")
     if form not in ("standard", "topk", "jumprelu"):
         raise ValueError(f"{cfg_path}: unknown crosscoder activation {form!r}")
-    tensors = st.load_file(str(weights_path))
+    tensors = load_tensors(weights_path)
+    check_finite_tensors(tensors, weights_path)
     parts: dict[str, list[Tensor]] = {"W_enc": [], "W_dec": [], "b_dec": []}
     for i in range(len(places)):
         for name, part in parts.items():
@@ -130,7 +134,7 @@ def load_crosscoder(
     meta.setdefault("hook_names", [p.get("hook_name") for p in places])
     form_fields: dict[str, Any] = {"places": widths}
     if form == "topk":
-        form_fields["k"] = int(raw["k"])
+        form_fields["k"] = io._count(raw.get("k"), "k", cfg_path)
     out_dtype = io._as_dtype(dtype) or io._as_dtype(raw.get("dtype")) or work
     return io._build(io._loaded_architecture(form, meta), form_fields, t, meta, None, device,
                      out_dtype, folder)

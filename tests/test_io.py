@@ -91,6 +91,7 @@ def test_save_load_roundtrip(architecture, tmp_path):
     assert path == tmp_path / "sae"
     assert sorted(os.listdir(path)) == [
         "cfg.json",
+        "checksums.json",
         "sae_weights.safetensors",
         "sparsity.safetensors",
     ]
@@ -340,6 +341,7 @@ def test_log_threshold_and_finetuning_scale(tmp_path):
     weights["W_dec"] = weights["W_dec"] / scale.unsqueeze(1)
     weights["scaling_factor"] = scale
     save_file(weights, path / "sae_weights.safetensors")
+    (path / "checksums.json").unlink()  # as a file SAELens wrote
     loaded = load_sae(path)
     x = inputs(seed=17)
     assert_close(loaded.threshold.detach(), sae.threshold.detach(), **TOL)
@@ -361,7 +363,7 @@ def test_sparsify_reads_our_folder(tmp_path, sparsify):
     s = 1.9
     sae, x = make_sae("topk", seed=18), inputs(seed=19)
     path = save_sparsify(sae, tmp_path / "layers.2", input_scale=s, metadata=META)
-    assert sorted(os.listdir(path)) == ["cfg.json", "sae.safetensors"]
+    assert sorted(os.listdir(path)) == ["cfg.json", "checksums.json", "sae.safetensors"]
     theirs = sparsify.Sae.load_from_disk(path)
     assert (theirs.num_latents, theirs.cfg.k) == (D_SAE, K)
     with torch.no_grad():

@@ -186,6 +186,7 @@ def test_non_finite_weights_are_refused_on_load(tmp_path, arch, tensor, value):
     weights = st.load_file(str(path / "sae_weights.safetensors"))
     weights[tensor].view(-1)[1] = value
     st.save_file(weights, str(path / "sae_weights.safetensors"))
+    (path / "checksums.json").unlink()  # as a folder another tool wrote: no checksum to catch it
     with pytest.raises(ValueError, match=f"sae_weights.safetensors: {tensor} holds 1 non-finite"):
         load(path)
 
@@ -194,6 +195,7 @@ def test_truncated_weights_name_the_file(tmp_path):
     _, path = _saved(tmp_path)
     weights = path / "sae_weights.safetensors"
     weights.write_bytes(weights.read_bytes()[:200])
+    (path / "checksums.json").unlink()
     with pytest.raises(ValueError, match="sae_weights.safetensors is not a readable safetensors"):
         load_sae(path)
 
@@ -214,4 +216,83 @@ def test_eval_of_a_broken_folder_is_a_clean_error(run, acts, tmp_path, capsys):
     shutil.copytree(run / "topk", broken)
     _edit_cfg(broken, k=2.5)
     clean_error(capsys, "'k' must be a positive integer",
+                ["eval", str(broken), "--activations", str(acts), "--device", "cpu"])
+
+
+# ------------------------------------------------------------------------------ folder checksums
+def _flip_bytes(path, n=4):
+    """Flip the lowest bit of ``n`` bytes near the end of ``path`` (tensor data: the weights
+    stay finite and readable, only wrong)."""
+    data = bytearray(path.read_bytes())
+    for i in range(len(data) - 40, len(data) - 40 + n):
+        data[i] ^= 1
+    path.write_bytes(bytes(data))
+
+
+def _save(kind, folder):
+    """A folder of each layout that records checksums, and its weights file."""
+    from sae.io import save_sparsify
+
+    if kind == "crosscoder":
+        sae = SAE(SAEConfig(d_in=12, d_sae=16, k=4, places=[4, 8]),
+                  generator=torch.Generator().manual_seed(0))
+        return sae, save_sae(sae, folder), "sae_weights.safetensors"
+    sae = SAE(SAEConfig(d_in=8, d_sae=16, architecture="topk", k=4),
+              generator=torch.Generator().manual_seed(0))
+    if kind == "sparsify":
+        return sae, save_sparsify(sae, folder), "sae.safetensors"
+    if kind == "sparsity":
+        sae.fire_rate.fill_(0.25)
+        return sae, save_sae(sae, folder), "sparsity.safetensors"
+    return sae, save_sae(sae, folder), "sae_weights.safetensors"
+
+
+KINDS = ["saelens", "sparsity", "sparsify", "crosscoder"]
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_damaged_weights_are_refused_naming_the_file(tmp_path, kind):
+    _, path, name = _save(kind, tmp_path / kind)
+    _flip_bytes(path / name)
+    with pytest.raises(ValueError, match="does not match its checksum") as err:
+        load(path)
+    assert str(path / name) in str(err.value) and "checksums.json" in str(err.value)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_an_unchanged_folder_loads_verified(tmp_path, kind):
+    sae, path, name = _save(kind, tmp_path / kind)
+    sums = json.loads((path / "checksums.json").read_text())["sha256"]
+    assert name in sums and "cfg.json" not in sums  # cfg.json may be edited by hand
+    x = torch.randn(5, sae.cfg.d_in, generator=torch.Generator().manual_seed(1))
+    assert torch.allclose(load(path).encode(x), sae.encode(x), atol=1e-6)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_a_folder_without_checksums_still_loads(tmp_path, kind):
+    sae, path, _ = _save(kind, tmp_path / kind)
+    (path / "checksums.json").unlink()  # as saved before checksums, or by SAELens / sparsify
+    x = torch.randn(5, sae.cfg.d_in, generator=torch.Generator().manual_seed(1))
+    assert torch.allclose(load(path).encode(x), sae.encode(x), atol=1e-6)
+
+
+@pytest.mark.parametrize("text, match", [
+    ("{not json", "checksums.json is damaged"),
+    ('{"sha256": ["sae_weights.safetensors"]}', "checksums.json is damaged"),
+    ('{"sha256": {"gone.safetensors": "00"}}', "gone.safetensors is listed in .* but missing"),
+])
+def test_a_damaged_checksums_file_is_named(tmp_path, text, match):
+    _, path, _ = _save("saelens", tmp_path / "sae")
+    (path / "checksums.json").write_text(text)
+    with pytest.raises(ValueError, match=match):
+        load(path)
+
+
+def test_eval_of_a_corrupted_folder_is_a_clean_error(run, acts, tmp_path, capsys):
+    import shutil
+
+    broken = tmp_path / "flipped"
+    shutil.copytree(run / "topk", broken)
+    _flip_bytes(broken / "sae_weights.safetensors")
+    clean_error(capsys, "sae_weights.safetensors does not match its checksum",
                 ["eval", str(broken), "--activations", str(acts), "--device", "cpu"])
