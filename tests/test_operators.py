@@ -819,3 +819,42 @@ def test_topk_projection_gradient_is_the_kept_mask(k: int, positive: bool) -> No
     (p * w).sum().backward()
     kept = p.detach() != 0
     torch.testing.assert_close(z.grad, torch.where(kept, w, 0.0))
+
+
+# --------------------------------------------------------------------------------------------
+# ColumnTopK: group top-k over whole columns of a batch (structured pruning)
+# --------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("k,groups", [(1, 1), (2, 1), (3, 1), (1, 2), (2, 2), (1, 3)])
+def test_column_topk_is_the_projection(k: int, groups: int) -> None:
+    from sparsecode.core.projections import ColumnTopK
+
+    z = torch.randn(3, 6, dtype=F64, generator=torch.Generator().manual_seed(k + 10 * groups))
+    op = ColumnTopK(k, groups)
+    n_groups = 6 // groups
+    best, best_dist = None, math.inf  # exhaustive search over the kept group sets
+    for keep in itertools.combinations(range(n_groups), min(k, n_groups)):
+        cols = [c for g in keep for c in range(g * groups, (g + 1) * groups)]
+        u = torch.zeros_like(z)
+        u[:, cols] = z[:, cols]
+        d = float((u - z).square().sum())
+        if d < best_dist:
+            best, best_dist = u, d
+    torch.testing.assert_close(op.project(z), best)
+    assert bool(op.contains(op.project(z)).all())
+    assert op.contains(z).shape == (3,) and not bool(op.contains(z).any())
+    torch.testing.assert_close(op.project(op.project(z)), op.project(z))
+    torch.testing.assert_close(op.prox(z, 0.3), op.project(z))
+
+
+def test_column_topk_ties_and_errors() -> None:
+    from sparsecode.core.projections import ColumnTopK
+
+    z = torch.tensor([[1.0, -1.0, 1.0, 0.5]])
+    assert ColumnTopK(2).kept_groups(z).tolist() == [0, 1]  # ties: lowest index kept
+    torch.testing.assert_close(ColumnTopK(9).project(z), z)
+    with pytest.raises(ValueError, match="not divisible by the group size 3"):
+        ColumnTopK(1, 3).project(z)
+    with pytest.raises(ValueError, match="k"):
+        ColumnTopK(0)

@@ -484,3 +484,63 @@ class Jump(Projection):
 
     def value(self, z: Tensor) -> Tensor:
         return torch.zeros(z.shape[:-1], dtype=z.dtype, device=z.device)
+
+
+class ColumnTopK(Projection):
+    """Projection onto ``{U : at most k groups of columns of U are nonzero}`` for a batch ``U``
+    (leading dimensions flattened), a group being ``groups`` consecutive columns: keep the ``k``
+    groups with the largest Frobenius norm over the whole batch, zero the others.
+
+    The l0 counterpart of :class:`~sparsecode.core.penalties.GroupL21` with each group made of
+    whole columns shared by every row: with the rows of a weight matrix as the batch, a zero
+    column group is an input channel (an MLP neuron, an attention head) removed from the layer,
+    i.e. structured pruning. Ties at the cut: the lowest group index wins. Membership is a
+    property of the batch: ``contains`` gives every row the batch's answer.
+
+    >>> import torch
+    >>> ColumnTopK(1).project(torch.tensor([[1.0, 0.0, 3.0], [1.0, 2.0, 0.0]]))
+    tensor([[0., 0., 3.],
+            [0., 0., 0.]])
+    """
+
+    separable = False
+
+    def __init__(self, k: int, groups: int = 1):
+        _check_positive_int("k", k)
+        _check_positive_int("groups", groups)
+        self.k = k
+        self.groups = groups
+
+    def _group_norms(self, z: Tensor) -> Tensor:
+        if z.dim() == 0:
+            raise ValueError("ColumnTopK needs a tensor with at least one dimension")
+        n = z.shape[-1]
+        if n % self.groups:
+            raise ValueError(
+                f"the last dimension ({n}) is not divisible by the group size {self.groups}"
+            )
+        z2 = z.detach().reshape(-1, n // self.groups, self.groups)
+        return z2.square().sum(dim=(0, 2))
+
+    def kept_groups(self, z: Tensor) -> Tensor:
+        """Sorted indices of the ``min(k, n_groups)`` kept column groups."""
+        norms = self._group_norms(z)
+        return top_budget(norms, min(self.k, norms.numel())).sort().values
+
+    def project(self, z: Tensor) -> Tensor:
+        n_groups = self._group_norms(z).numel()
+        if self.k >= n_groups:
+            return z.clone()
+        keep = torch.zeros(n_groups, dtype=torch.bool, device=z.device)
+        keep[self.kept_groups(z)] = True
+        return torch.where(keep.repeat_interleave(self.groups), z, 0.0)
+
+    def contains(self, z: Tensor) -> Tensor:
+        n = z.shape[-1]
+        nz = (z.reshape(-1, n // self.groups, self.groups) != 0).any(dim=(0, 2)) \
+            if n % self.groups == 0 else None
+        if nz is None:
+            raise ValueError(
+                f"the last dimension ({n}) is not divisible by the group size {self.groups}"
+            )
+        return _per_row(nz.sum() <= self.k, z)

@@ -55,3 +55,24 @@ __all__ = [
     "to_semi_structured",
     "wanda",
 ]
+from .structured import (  # noqa: E402
+    StructuredLayer,
+    StructuredReport,
+    channel_error,
+    magnitude_channels,
+    prune_structured,
+    refit_channels,
+    save_structured,
+    select_channels,
+)
+
+__all__ += [
+    "StructuredLayer",
+    "StructuredReport",
+    "channel_error",
+    "magnitude_channels",
+    "prune_structured",
+    "refit_channels",
+    "save_structured",
+    "select_channels",
+]
