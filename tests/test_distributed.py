@@ -235,3 +235,45 @@ def test_torchrun_live_model_each_rank_computes_a_share(tiny_model_and_texts, tm
     two = json.loads((tmp_path / "two" / "metrics.json").read_text())["topk"]
     assert two["train_tokens"] == one["train_tokens"]
     assert abs(two["fvu"] - one["fvu"]) < 0.05, (one["fvu"], two["fvu"])
+
+
+def test_torchrun_resume_holds_the_lock_and_recovers_a_leftover_checkpoint(tmp_path, monkeypatch):
+    """The run folder protocol under torchrun: rank 0 holds ``OUT/.lock`` (a held lock fails the
+    launch, the folder untouched) and, on ``--resume``, recovers a checkpoint left as
+    ``.checkpoint.*.tmp`` by a crash between renames before the other rank reads it."""
+    import fcntl
+
+    from sae.cli import main
+    from sae.io import load
+
+    acts = tmp_path / "acts.npy"
+    np.save(acts, np.random.default_rng(0).standard_normal((3000, 16)).astype(np.float32))
+    common = ["train", "--activations", str(acts), "--out", str(tmp_path / "run"), "--d-sae",
+              "32", "--k", "3", "--tokens", "2560", "--batch-size", "128", "--holdout", "400",
+              "--matmul-dtype", "float32", "--no-progress"]
+    orig = Trainer._train_step
+
+    def stop_at_step_3(self, batch):  # as a Ctrl-C: the checkpoint of step 3 is kept
+        if self.step == 2:
+            self.request_stop()
+        return orig(self, batch)
+
+    monkeypatch.setattr(Trainer, "_train_step", stop_at_step_3)
+    assert main(common) == 130
+    monkeypatch.undo()
+    out = tmp_path / "run"
+    os.rename(out / "checkpoint", out / ".checkpoint.x9y8z7.tmp")
+    with open(out / ".lock", "a+") as held:
+        fcntl.flock(held, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        held.truncate(0)  # as a holder does
+        held.write("pid 12345\n")
+        held.flush()
+        res = torchrun([*common, "--resume"])
+    assert res.returncode != 0 and "in use by another `sae train` (pid 12345)" in res.stderr
+    assert (out / ".checkpoint.x9y8z7.tmp").is_dir()
+    res = torchrun([*common, "--resume"])
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert f"resumed from {out / 'checkpoint'} at step 3" in res.stdout
+    assert not [p.name for p in out.iterdir() if p.name.startswith((".checkpoint", "checkpoint"))]
+    sae = load(out / "topk")  # verified: checksums, finite weights
+    assert sae.cfg.d_sae == 32
