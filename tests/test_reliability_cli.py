@@ -296,3 +296,17 @@ def test_eval_of_a_corrupted_folder_is_a_clean_error(run, acts, tmp_path, capsys
     _flip_bytes(broken / "sae_weights.safetensors")
     clean_error(capsys, "sae_weights.safetensors does not match its checksum",
                 ["eval", str(broken), "--activations", str(acts), "--device", "cpu"])
+
+
+def test_crosscoder_folders_refuse_non_finite_weights_and_a_fractional_k(tmp_path):
+    _, path, name = _save("crosscoder", tmp_path / "cc")
+    (path / "checksums.json").unlink()
+    weights = st.load_file(str(path / name))
+    weights["W_dec.1"].view(-1)[0] = math.nan
+    st.save_file(weights, str(path / name))
+    with pytest.raises(ValueError, match=r"sae_weights\.safetensors: W_dec\.1 holds 1 non-finite"):
+        load(path)
+    _, path, _ = _save("crosscoder", tmp_path / "cc2")
+    _edit_cfg(path, k=7.9)
+    with pytest.raises(ValueError, match=r"'k' must be a positive integer, got 7\.9"):
+        load(path)
