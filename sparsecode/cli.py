@@ -61,8 +61,8 @@ def split_list(text: str | None, kind=str) -> list:
 class PruneOptions:
     """``sparsecode prune``'s own settings (the model and text are :class:`ModelConfig`'s)."""
 
-    method: str = field(default="iht", metadata=meta(
-        "layer solver", choices=("magnitude", "wanda", "sparsegpt", "iht", "omp")))
+    method: str = field(default="admm", metadata=meta(
+        "layer solver", choices=("magnitude", "wanda", "sparsegpt", "iht", "omp", "admm", "alps")))
     sparsity: float | None = field(default=None, metadata=meta(
         "fraction of weights set to zero (default 0.5; N:M fixes it)"))
     pattern: str = field(default="unstructured", metadata=meta(
@@ -86,7 +86,7 @@ def cmd_prune(args: argparse.Namespace) -> int:
     """Prune the Linear layers of a causal LM's decoder blocks (``sparsecode.prune``).
 
     Defaults: the built-in SmolLM2-135M, calibration on 32 x 256 tokens of the built-in text's
-    training split, Wanda-initialised least squares + IHT (``--method iht``) at 50% unstructured;
+    training split, ADMM on the layer problem (``--method admm``) at 50% unstructured;
     perplexity before and after on the held-out split. ``--out DIR`` writes
     ``model.safetensors`` (and ``model.masks.safetensors`` with ``--save-masks``) and
     ``report.json``.

@@ -20,7 +20,7 @@ def test_sae_prune_writes_weights_masks_and_report(tiny_model_and_texts, tmp_pat
             "--out", str(out), "--save-masks", "--json", "--no-progress"]
     assert main(args) == 0
     res = json.loads(capsys.readouterr().out)
-    assert res["method"] == "iht" and res["pattern"] == "2:4"
+    assert res["method"] == "admm" and res["pattern"] == "2:4"
     assert res["achieved_sparsity"] == pytest.approx(0.5)
     assert res["perplexity"] > 1 and res["perplexity_dense"] > 1
     w = load_file(str(out / "model.safetensors"))["model.layers.0.mlp.up_proj.weight"]

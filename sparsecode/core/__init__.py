@@ -7,6 +7,7 @@ from . import operators
 from .solvers import (
     LeastSquares,
     SolverResult,
+    admm,
     fista,
     iht,
     ista,
@@ -24,6 +25,7 @@ __all__ = [
     "LeastSquares",
     "SolverResult",
     "SparseCodes",
+    "admm",
     "fista",
     "iht",
     "ista",

@@ -18,10 +18,10 @@ Operators
 Separable penalties: :class:`L1`, :class:`L0`, :class:`Lq` (``0 < q < 1``), :class:`MCP`,
 :class:`SCAD`, :class:`CEL0`. Group penalty: :class:`GroupL21` (all in
 :mod:`sparsecode.core.penalties`). Projections: :class:`TopK`, :class:`BatchTopK`,
-:class:`FeatureChoice`, :class:`NM` and the JumpReLU activation :class:`Jump` (in
-:mod:`sparsecode.core.projections`, with ``encode``: the projection as one encoder step without
-the dense pre-activations). Build one by name with :func:`make_operator` (names in
-:data:`OPERATORS`).
+:class:`FeatureChoice`, :class:`NM`, :class:`Support` (a fixed mask) and the JumpReLU
+activation :class:`Jump` (in :mod:`sparsecode.core.projections`, with ``encode``: the projection
+as one encoder step without the dense pre-activations). Build one by name with
+:func:`make_operator` (names in :data:`OPERATORS`).
 
 The nonconvex proxes are exact for every step: where a textbook closed form needs a bound on the
 step (MCP ``step < gamma``, SCAD ``step < gamma - 1``, CEL0 ``step * a_i^2 < 1``) the other
@@ -41,11 +41,12 @@ tensor([[3., 0., 0.]])
 from __future__ import annotations
 
 from .penalties import CEL0, L0, L1, MCP, SCAD, GroupL21, Lq, Operator, Step
-from .projections import NM, BatchTopK, FeatureChoice, Jump, Projection, TopK
+from .projections import NM, BatchTopK, FeatureChoice, Jump, Projection, Support, TopK
 
 __all__ = [
     "CEL0", "L0", "L1", "MCP", "NM", "OPERATORS", "SCAD", "BatchTopK", "FeatureChoice",
-    "GroupL21", "Jump", "Lq", "Operator", "Projection", "Step", "TopK", "make_operator",
+    "GroupL21", "Jump", "Lq", "Operator", "Projection", "Step", "Support", "TopK",
+    "make_operator",
 ]
 
 

@@ -25,11 +25,13 @@ OMP_CHUNK_BYTES = 20 * 2**20
 class SolverResult:
     """Codes (dense tensor, or :class:`SparseCodes` for the pursuits) and iterations used per
     row; ``path`` (matching pursuit, on request) is the atom picked at each step, ``-1`` after a
-    row stopped."""
+    row stopped; ``residual`` (ADMM) is the final relative primal residual
+    ``||z - u|| / ||u||`` of the splitting."""
 
     codes: Tensor | SparseCodes
     n_iter: Tensor  # (N,) int64
     path: Tensor | None = None  # (N, steps) int64
+    residual: float | None = None
 
 
 class LeastSquares:

@@ -27,7 +27,7 @@ from .kernels import (
     topk_encode,
 )
 from .penalties import Operator, Step, _check_nonnegative, _check_positive_int
-from .select import row_pairs, top_budget, topk_rows
+from .select import row_pairs, top_budget, top_budget_mask, topk_rows
 
 Pairs = tuple[Tensor, Tensor, Tensor]
 
@@ -199,7 +199,14 @@ class BatchTopK(Projection):
     def project(self, z: Tensor) -> Tensor:
         if z.dim() == 0:
             raise ValueError("BatchTopK needs a tensor with at least one dimension")
-        return _from_support(self, z)
+        # a dense mask from the unsorted selection: the same set as ``support``, without the
+        # sort that ordering the pairs costs (this is the inner step of pruning solvers)
+        flat = z.reshape(-1)
+        width = z.shape[-1]
+        budget = min(self.k * (flat.numel() // width if width else 0), flat.numel())
+        key = (flat if self.positive else flat.abs()).detach()
+        keep = top_budget_mask(key, budget) & _kept(flat, self.positive)
+        return torch.where(keep, flat, 0.0).reshape(z.shape)
 
     def support(self, z: Tensor) -> tuple[Tensor, Tensor]:
         width = z.shape[-1]
@@ -331,6 +338,31 @@ class NM(Projection):
         group_ok = (g != 0).sum(dim=-1, keepdim=True) <= self.n
         ok = self._ungrouped(group_ok.expand(g.shape), z)
         return ok.all(dim=-1)
+
+
+class Support(Projection):
+    """Projection onto the subspace of a fixed support: ``z`` where ``mask`` is True, else zero.
+
+    ``mask`` is boolean and broadcasts against ``z`` (one row for every row, or one per row).
+    The set a weight update for a given pruning mask lives in (Boža 2024's ADMM weight update).
+
+    >>> import torch
+    >>> Support(torch.tensor([True, False, True])).project(torch.tensor([[1.0, 2.0, 3.0]]))
+    tensor([[1., 0., 3.]])
+    """
+
+    separable = True
+
+    def __init__(self, mask: Tensor):
+        if not isinstance(mask, Tensor) or mask.dtype != torch.bool:
+            raise ValueError("Support needs a boolean mask tensor")
+        self.mask = mask
+
+    def project(self, z: Tensor) -> Tensor:
+        return torch.where(self.mask, z, 0.0)
+
+    def contains(self, z: Tensor) -> Tensor:
+        return ((z == 0) | self.mask).all(dim=-1)
 
 
 class _JumpFn(torch.autograd.Function):

@@ -132,13 +132,69 @@ def top_budget(key: Tensor, budget: int, order: Tensor | None = None) -> Tensor:
         return torch.arange(n, device=key.device)
     if budget == 0:
         return torch.empty(0, dtype=torch.long, device=key.device)
-    t = key.topk(budget, sorted=False).values.min()
+    t = kth_largest(key, budget)
     above = (key > t).nonzero().squeeze(1)
     at = (key == t).nonzero().squeeze(1)
     need = budget - above.numel()
     if at.numel() > need:
         at = at[:need] if order is None else at[order[at].topk(need, largest=False).indices]
     return torch.cat([above, at])
+
+
+#: Above this size :func:`kth_largest` first brackets the cut with a sample of the key.
+_BRACKET_MIN = 1 << 16
+_SAMPLE = 1 << 13
+
+
+def kth_largest(key: Tensor, k: int) -> Tensor:
+    """The ``k``-th largest value of a 1-D ``key`` (``1 <= k <= key.numel()``), exactly.
+
+    A full ``topk`` of a large budget is the slow part of a batch-wide selection (10 ms for
+    half of 900k entries on 2 cores); the cut of a strided sample gives a bracket, two counting
+    passes (0.3 ms each) check it, and the exact cut is the top-k of the few entries inside it.
+    A bracket that misses (never wrong, only slower) falls back to the full ``topk``.
+
+    >>> import torch
+    >>> float(kth_largest(torch.arange(100000.0), 10))
+    99990.0
+    """
+    n = key.numel()
+    if n >= _BRACKET_MIN and 1 <= k < n:
+        stride = max(n // _SAMPLE, 1)
+        sample = key[stride // 2 :: stride]
+        m = sample.numel()
+        j = k * m / n  # the cut's expected rank in the sample
+        margin = 4.0 * (j * (1 - j / m)) ** 0.5 + 8
+        hi_rank, lo_rank = int(j - margin), int(j + margin) + 1
+        if hi_rank >= 1 and lo_rank <= m:
+            top = sample.topk(lo_rank).values
+            hi, lo = top[hi_rank - 1], top[lo_rank - 1]
+            above = int((key > hi).sum())
+            band = key[(key >= lo) & (key <= hi)]
+            if above < k <= above + band.numel():
+                return band.topk(k - above).values[-1]
+    return key.topk(k, sorted=False).values.min()
+
+
+def top_budget_mask(key: Tensor, budget: int) -> Tensor:
+    """Boolean mask of the ``budget`` largest entries of a 1-D ``key`` under the tie rule (the
+    lowest index wins at the cut): the set of :func:`top_budget` without index lists.
+
+    >>> import torch
+    >>> top_budget_mask(torch.tensor([1.0, 2.0, 2.0, 0.5, 2.0]), 2).tolist()
+    [False, True, True, False, False]
+    """
+    n = key.numel()
+    budget = max(0, min(int(budget), n))
+    if budget in (0, n):
+        return torch.full_like(key, budget == n, dtype=torch.bool)
+    t = kth_largest(key, budget)
+    keep = key > t
+    at = key == t
+    need = budget - int(keep.sum())
+    if int(at.sum()) > need:  # ties at the cut: the lowest indices
+        at &= torch.cumsum(at, 0) <= need
+    return keep | at
 
 
 def row_pairs(values: Tensor, indices: Tensor, keep: Tensor | None = None

@@ -1,4 +1,4 @@
-"""Batched sparse-coding solvers: ISTA/FISTA, IHT, exact Lasso, LARS, OMP / ORMP.
+"""Batched sparse-coding solvers: ISTA/FISTA, IHT, exact Lasso, LARS, OMP / ORMP, ADMM.
 
 All solvers minimise, for every row ``x`` of a batch at once,
 
@@ -11,8 +11,9 @@ row chunks so memory stays bounded (``progress=True`` shows a progress bar over 
 have converged drop out of the batch, and every solver returns per-row iteration counts.
 
 The solvers live in :mod:`.problem` (the problem), :mod:`.proximal` (FISTA, ISTA, IHT),
-:mod:`.lars` (LARS, exact Lasso) and :mod:`.pursuit` (MP, OMP, ORMP, non-negative OMP,
-support least squares); this module gathers them.
+:mod:`.lars` (LARS, exact Lasso), :mod:`.pursuit` (MP, OMP, ORMP, non-negative OMP,
+support least squares) and :mod:`.admm` (ADMM under a projection, the pruning solver); this
+module gathers them.
 
 Example
 -------
@@ -27,6 +28,7 @@ tensor([[ 2.,  0., -1.]], dtype=torch.float64)
 
 from __future__ import annotations
 
+from .admm import ShiftedGram, admm
 from .lars import lars, lasso
 from .problem import CHUNK_BYTES, OMP_CHUNK_BYTES, LeastSquares, SolverResult, lipschitz
 from .proximal import fista, fista_momentum, iht, ista
@@ -36,7 +38,9 @@ __all__ = [
     "CHUNK_BYTES",
     "OMP_CHUNK_BYTES",
     "LeastSquares",
+    "ShiftedGram",
     "SolverResult",
+    "admm",
     "fista",
     "fista_momentum",
     "iht",

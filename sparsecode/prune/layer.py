@@ -36,8 +36,8 @@ import math
 import torch
 from torch import Tensor
 
-from ..core.operators import NM, TopK
-from ..core.solvers import LeastSquares, iht, omp, support_lstsq
+from ..core.operators import NM, BatchTopK, Support, TopK
+from ..core.solvers import LeastSquares, ShiftedGram, admm, iht, omp, support_lstsq
 
 __all__ = [
     "METHODS",
@@ -48,6 +48,8 @@ __all__ = [
     "wanda",
     "iht_prune",
     "omp_prune",
+    "alps_prune",
+    "admm_prune",
 ]
 
 NMPattern = tuple[int, int] | None
@@ -159,15 +161,41 @@ def _scaled_problem(W: Tensor, H: Tensor):
     :class:`~sparsecode.core.solvers.LeastSquares` whose rows are those of ``V``.
     """
     work = torch.float64 if W.dtype == torch.float64 else torch.float32
-    H = H.detach().to(work)
+    G, s, alive = _scaled_gram(H, work)
     W = W.detach().to(work)
-    d = torch.diagonal(H).clamp(min=0)
-    alive = d > 0
-    s = torch.where(alive, torch.sqrt(d), torch.ones_like(d))
-    G = H / s[:, None] / s[None, :]
     V = W * s
     cov = V @ G
     return W, V, G, s, alive, LeastSquares.from_gram(G, cov, (cov * V).sum(dim=1))
+
+
+class _LastGram:
+    """The scaled Gram of the last ``H`` seen, and its :class:`ShiftedGram`: the layers fed one
+    input (q/k/v, gate/up) share one Gram object, so they share one eigendecomposition."""
+
+    key: tuple | None = None
+    value: tuple = ()
+    shifted: ShiftedGram | None = None
+
+
+def _scaled_gram(H: Tensor, work: torch.dtype) -> tuple[Tensor, Tensor, Tensor]:
+    """``(G, s, alive)`` of :func:`_scaled_problem` for the Gram ``H`` (cached for the last one:
+    the same tensor object, unmodified, same dtype)."""
+    key = (id(H), H._version, work, H.device)
+    if _LastGram.key != key:
+        H2 = H.detach().to(work)
+        d = torch.diagonal(H2).clamp(min=0)
+        alive = d > 0
+        s = torch.where(alive, torch.sqrt(d), torch.ones_like(d))
+        _LastGram.key, _LastGram.value = None, (H2 / s[:, None] / s[None, :], s, alive)
+        _LastGram.shifted, _LastGram.ref, _LastGram.key = None, H, key  # ref keeps id(H) valid
+    return _LastGram.value
+
+
+def _shifted(G: Tensor) -> ShiftedGram:
+    """The eigendecomposition of the scaled Gram ``G`` returned last by :func:`_scaled_gram`."""
+    if _LastGram.shifted is None or _LastGram.value[0] is not G:
+        _LastGram.shifted = ShiftedGram(G)
+    return _LastGram.shifted
 
 
 def _row_error(V: Tensor, G: Tensor, Z: Tensor) -> Tensor:
@@ -295,12 +323,131 @@ def omp_prune(
     return (W_new * keep).to(out_dtype), keep
 
 
+def _finish(W_new: Tensor, keep: Tensor, alive: Tensor, out_dtype: torch.dtype):
+    """Scaled solution back to weights: inputs that never fire get weight 0 and no mask entry."""
+    W_new[:, ~alive] = 0.0
+    keep = keep & alive[None, :]
+    return (W_new * keep).to(out_dtype), keep
+
+
+_STARTS = ("dense", "magnitude", "wanda", "sparsegpt")
+
+
+def _start(W: Tensor, H: Tensor, sparsity: float, nm: NMPattern, init: str, s: Tensor):
+    """Scaled starting weights and mask: the dense weights (``"dense"``, no mask) or the pruned
+    weights of ``magnitude`` / ``wanda`` / ``sparsegpt`` (SparseGPT's mask chosen per row)."""
+    if init not in _STARTS:
+        raise ValueError(f"init must be one of {', '.join(_STARTS)}, got {init!r}")
+    if init == "dense":
+        return W * s, None
+    fn = {"magnitude": magnitude, "wanda": wanda, "sparsegpt": sparsegpt}[init]
+    opts = {"per_row": True} if init == "sparsegpt" else {}
+    W0, mask = fn(W, H, sparsity, nm, **opts)
+    return W0.to(s.dtype) * s, mask
+
+
+def admm_prune(
+    W: Tensor,
+    H: Tensor,
+    sparsity: float,
+    nm: NMPattern = None,
+    *,
+    init: str = "dense",
+    fix_mask: bool = False,
+    per_row: bool = False,
+    rho: float | None = None,
+    schedule: str | None = None,
+    growth: float = 1.3,
+    update_every: int | None = None,
+    max_iter: int | None = None,
+    tol: float = 0.0,
+    cg_iter: int = 0,
+    ridge: float = 1e-3,
+):
+    """The layer problem solved by the core's ADMM (:func:`~sparsecode.core.admm.admm`) on the
+    scaled problem of :func:`iht_prune` (unit-diagonal Gram; the inverses of ``G + rho I`` are
+    shared by the layers fed the same input).
+
+    Default (the default pruning method): the constraint set is the layer-wide budget
+    (``BatchTopK``: rows keep different counts, like SparseGPT's and ALPS' masks), the per-row
+    ``TopK`` (``per_row=True``) or ``NM``; from the dense weights (or the weights of a mask
+    method, ``init``), ``max_iter=10`` iterations with the penalty growing geometrically from
+    ``rho=0.2`` by ``growth=1.3`` each iteration; the answer is the last iterate in the set.
+    ``cg_iter`` conjugate-gradient steps of least squares on its support may follow (on
+    SmolLM2 they change the layer error by under 1%, so none by default).
+
+    ``fix_mask=True`` is Boža (2024)'s ADMM weight update: the mask of ``init`` (``"wanda"``
+    if ``init="dense"``) kept fixed, its weights re-solved with a fixed penalty (``rho=1``,
+    ``max_iter=20``): least squares on that support, one ``(rows, in) @ (in, in)`` product an
+    iteration.
+
+    >>> import torch
+    >>> W, H = torch.tensor([[4.0, -1.0, 0.5, 3.0]]), torch.eye(4)
+    >>> admm_prune(W, H, sparsity=0.5)[1]
+    tensor([[ True, False, False,  True]])
+    >>> admm_prune(W, H, sparsity=0.5, fix_mask=True)[0].round(decimals=4)
+    tensor([[4., 0., 0., 3.]])
+    """
+    if fix_mask:
+        init = "wanda" if init == "dense" else init
+        defaults = dict(rho=1.0, schedule="fixed", max_iter=20, update_every=1)
+    else:
+        defaults = dict(rho=0.2, schedule="geometric", max_iter=9, update_every=3)
+    rho = defaults["rho"] if rho is None else rho
+    schedule = defaults["schedule"] if schedule is None else schedule
+    max_iter = defaults["max_iter"] if max_iter is None else max_iter
+    update_every = defaults["update_every"] if update_every is None else update_every
+    out_dtype = W.dtype
+    k = _n_keep(W.shape[1], sparsity)
+    if k == 0 and nm is None:
+        return torch.zeros_like(W), torch.zeros_like(W, dtype=torch.bool)
+    W, V, G, s, alive, prob = _scaled_problem(W, H)
+    Z0, mask = _start(W, H, sparsity, nm, init, s)
+    if fix_mask:
+        proj = Support(mask)
+    else:
+        proj = NM(*nm) if nm is not None else TopK(k) if per_row else BatchTopK(k)
+    Z = admm(prob, proj, rho=rho, schedule=schedule, growth=growth, max_iter=max_iter, tol=tol,
+             update_every=update_every, init=Z0, shifted=_shifted(G)).codes
+    keep = mask if fix_mask else Z != 0
+    if cg_iter:
+        Z = support_lstsq(prob, keep, init=Z, ridge=ridge, max_iter=cg_iter).codes
+    return _finish(Z / s, keep, alive, out_dtype)
+
+
+def alps_prune(
+    W: Tensor,
+    H: Tensor,
+    sparsity: float,
+    nm: NMPattern = None,
+    *,
+    max_iter: int = 300,
+    cg_iter: int = 10,
+    **options,
+):
+    """ALPS (Meng et al. 2024): :func:`admm_prune` with ALPS' adaptive penalty (``rho`` from
+    0.1, raised every 3 iterations by how much of the support changed, stopping once it no
+    longer changes; at most ``max_iter`` iterations), then ``cg_iter`` conjugate-gradient steps
+    of least squares on the final support (Jacobi-preconditioned: the scaled Gram has a unit
+    diagonal). Several times slower than the default ``admm`` for a few percent less error.
+
+    >>> import torch
+    >>> W, H = torch.tensor([[4.0, -1.0, 0.5, 3.0]]), torch.eye(4)
+    >>> alps_prune(W, H, sparsity=0.5)[1]
+    tensor([[ True, False, False,  True]])
+    """
+    options = {"rho": 0.1, "schedule": "adaptive", "update_every": 3, **options}
+    return admm_prune(W, H, sparsity, nm, max_iter=max_iter, cg_iter=cg_iter, **options)
+
+
 METHODS = {
     "magnitude": magnitude,
     "wanda": wanda,
     "sparsegpt": sparsegpt,
     "iht": iht_prune,
     "omp": omp_prune,
+    "alps": alps_prune,
+    "admm": admm_prune,
 }
 
 
@@ -333,7 +480,7 @@ def prune_layer(
     W: Tensor,
     H: Tensor | None,
     sparsity: float = 0.5,
-    method: str = "iht",
+    method: str = "admm",
     pattern: str | tuple[int, int] | None = None,
     name: str = "layer",
     **options,

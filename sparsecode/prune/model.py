@@ -225,7 +225,7 @@ def prune(
     model: nn.Module,
     calibration: Tensor | Iterable[Tensor],
     sparsity: float | None = None,
-    method: str = "iht",
+    method: str = "admm",
     pattern: str | tuple[int, int] | None = "unstructured",
     allocation: str = "uniform",
     *,
