@@ -4,22 +4,23 @@ Calibration: ``--n-calib`` contexts of ``--seq-len`` tokens from the training pa
 text (``split_texts(builtin_texts(), seed=0)[0]``, contexts drawn with a seeded permutation);
 perplexity on ``--n-eval`` contexts of the held-out part (``split_texts(...)[1]``), disjoint
 from the calibration text at the document level. Rows: dense, then magnitude, Wanda, SparseGPT,
-ours (``iht``: least squares + IHT on the Gram with the core's TopK / NM projections, started
-from Wanda's mask) and greedy ``omp`` (unstructured settings only) at each setting: 50%
-unstructured, 2:4, 70% unstructured with OWL.
+``iht`` (least squares + IHT from the Wanda and SparseGPT masks), ``admm`` (the default: ADMM
+on the layer problem with the core's projections, 9 iterations), ``alps`` (ADMM with ALPS'
+adaptive penalty + CG refit) and, on request, greedy ``omp`` (unstructured settings only) at
+each setting: 50%, 60%, 70% with OWL unstructured, 2:4 and 4:8.
 Every pruning run starts from the same dense weights and is timed whole (calibration forwards
 included, perplexity evaluation excluded). Results go to
 ``benchmarks/results/prune-<device>.{json,md}`` after every row.
 
-    python benchmarks/bench_prune.py --threads 1 --methods magnitude,wanda,sparsegpt,iht
-                                                       # the main table (~25 min, one thread)
+    python benchmarks/bench_prune.py --n-eval 16     # the main table (~50 min, two threads)
     python benchmarks/bench_prune.py --methods iht,omp --settings 50%   # omp: ~40 min a row
-    python benchmarks/bench_prune.py --settings 2:4 --methods wanda,iht
+    python benchmarks/bench_prune.py --settings 2:4 --methods sparsegpt,admm
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
 import time
@@ -28,12 +29,14 @@ from common import ROOT, pin_threads
 
 SETTINGS = {
     "50%": dict(sparsity=0.5, pattern="unstructured", allocation="uniform"),
-    "2:4": dict(sparsity=None, pattern="2:4", allocation="uniform"),
+    "60%": dict(sparsity=0.6, pattern="unstructured", allocation="uniform"),
     "70%+owl": dict(sparsity=0.7, pattern="unstructured", allocation="owl"),
+    "2:4": dict(sparsity=None, pattern="2:4", allocation="uniform"),
+    "4:8": dict(sparsity=None, pattern="4:8", allocation="uniform"),
 }
-METHODS = ["magnitude", "wanda", "sparsegpt", "iht", "omp"]
-LABEL = {"magnitude": "magnitude", "wanda": "Wanda", "sparsegpt": "SparseGPT", "iht": "ours (iht)",
-         "omp": "ours (omp)"}
+METHODS = ["magnitude", "wanda", "sparsegpt", "iht", "admm", "alps"]
+LABEL = {"magnitude": "magnitude", "wanda": "Wanda", "sparsegpt": "SparseGPT", "iht": "iht",
+         "omp": "omp", "admm": "ours (admm, default)", "alps": "ALPS"}
 
 
 def _fmt_err(e: float | None) -> str:
@@ -49,11 +52,13 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--seq-len", type=int, default=256)
     p.add_argument("--settings", default=",".join(SETTINGS))
     p.add_argument("--methods", default=",".join(METHODS))
-    p.add_argument("--iht-iter", type=int, default=5, help="IHT iterations of ours")
-    p.add_argument("--cg-iter", type=int, default=30, help="least-squares CG iterations of ours")
+    p.add_argument("--iht-iter", type=int, default=5, help="IHT iterations of iht")
+    p.add_argument("--cg-iter", type=int, default=30, help="least-squares CG iterations of iht")
     p.add_argument("--iht-init", default="wanda+sparsegpt",
-                   help="starting mask(s) of ours: wanda, sparsegpt or wanda+sparsegpt")
+                   help="starting mask(s) of iht: wanda, sparsegpt or wanda+sparsegpt")
     p.add_argument("--out", default=None, help="result file stem (default: prune-<device>)")
+    p.add_argument("--resume", action="store_true",
+                   help="keep the rows already in the result file and run only the missing ones")
     return p.parse_args(argv)
 
 
@@ -123,16 +128,23 @@ def main(argv=None) -> int:
         (out_dir / f"{stem}.md").write_text("\n".join(md) + "\n")
         print(format_table(headers, table), flush=True)
 
-    t0 = time.perf_counter()
-    ppl = evaluate_perplexity(model, evals)
-    rows.append({"setting": "-", "method": "dense", "perplexity": ppl, "sparsity": 0.0,
-                 "mean_layer_error": None, "seconds": None,
-                 "eval_s": round(time.perf_counter() - t0, 1)})
-    save()
+    previous = out_dir / f"{stem}.json"
+    if args.resume and previous.exists():
+        rows.extend(json.loads(previous.read_text())["rows"])
+    done = {(r["setting"], r["method"]) for r in rows}
+    if ("-", "dense") not in done:
+        t0 = time.perf_counter()
+        ppl = evaluate_perplexity(model, evals)
+        rows.append({"setting": "-", "method": "dense", "perplexity": ppl, "sparsity": 0.0,
+                     "mean_layer_error": None, "seconds": None,
+                     "eval_s": round(time.perf_counter() - t0, 1)})
+        save()
     for setting in args.settings.split(","):
         for method in args.methods.split(","):
             if method == "omp" and SETTINGS[setting]["pattern"] != "unstructured":
                 continue  # greedy selection cannot honour N:M groups
+            if (setting, method) in done:
+                continue
             model.load_state_dict(dense_state)
             opts = {"max_iter": args.iht_iter, "cg_iter": args.cg_iter,
                     "init": tuple(args.iht_init.split("+"))} if method == "iht" else {}

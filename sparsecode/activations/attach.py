@@ -142,7 +142,21 @@ def _output_hook(op):
 def load(path: str | Path, model: nn.Module, attach: bool = True) -> ActivationSparsity:
     """Read rules saved by :meth:`ActivationSparsity.save` for ``model`` (the same
     architecture) and attach them unless ``attach=False``. Raises ``ValueError`` naming the file
-    when it is not such a file or does not fit the model (missing modules, other widths)."""
+    when it is not such a file or does not fit the model (missing modules, other widths).
+
+    >>> import tempfile, torch, transformers
+    >>> from sparsecode.activations import sparsify_activations
+    >>> cfg = transformers.LlamaConfig(vocab_size=64, hidden_size=16, intermediate_size=32,
+    ...     num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=2)
+    >>> model = transformers.LlamaForCausalLM(cfg).eval()
+    >>> rules = sparsify_activations(model, torch.randint(0, 64, (4, 16)), sparsity=0.5,
+    ...                              allocation="uniform")
+    >>> path = rules.save(tempfile.mkdtemp() + "/rules.json"); rules.remove()
+    >>> again = load(path, model)  # attached again
+    >>> [g.threshold for g in again.groups] == [g.threshold for g in rules.groups]
+    True
+    >>> again.remove()
+    """
     path = Path(path)
     try:
         data = json.loads(path.read_text())

@@ -288,7 +288,16 @@ def calibrate(model: nn.Module, calibration: Tensor | Sequence[Tensor], method: 
               ) -> Calibration:
     """Score samples of every sparsified activation of ``model`` on ``calibration`` token ids
     ``(n, seq_len)``; ``layers``: Linear paths or globs (default: every Linear in the decoder
-    blocks)."""
+    blocks). The samples serve every later :meth:`Calibration.plan` at any sparsity.
+
+    >>> import torch, transformers
+    >>> cfg = transformers.LlamaConfig(vocab_size=64, hidden_size=16, intermediate_size=32,
+    ...     num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=2)
+    >>> model = transformers.LlamaForCausalLM(cfg).eval()
+    >>> cal = calibrate(model, torch.randint(0, 64, (4, 16)), layers="model.layers.*.mlp.*")
+    >>> [g.name for g in cal.groups]
+    ['model.layers.0.mlp.gate_proj', 'model.layers.0.mlp.down_proj']
+    """
     if method not in METHODS:
         raise ValueError(f"method must be one of {', '.join(METHODS)}; got {method!r}")
     names = _linears(model, layers)

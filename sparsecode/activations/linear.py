@@ -71,7 +71,19 @@ def sparse_decode(model: nn.Module, layers: str | Sequence[str]) -> Iterator[lis
     ``linears`` of an :class:`~sparsecode.activations.ActivationSparsity`'s groups) compute
     single-token inputs with :func:`sparse_input_linear` from a transposed copy of their weight
     (inference only: no gradient reaches the module's weight). Hooks on the modules keep
-    working. Yields the module paths switched; restored on exit, also on error."""
+    working. Yields the module paths switched; restored on exit, also on error.
+
+    >>> import torch, transformers
+    >>> cfg = transformers.LlamaConfig(vocab_size=64, hidden_size=16, intermediate_size=32,
+    ...     num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=2)
+    >>> model = transformers.LlamaForCausalLM(cfg).eval()
+    >>> ids = torch.randint(0, 64, (1, 1))  # one token: the decoding step
+    >>> dense = model(input_ids=ids).logits
+    >>> with sparse_decode(model, "model.layers.*.mlp.*") as names:
+    ...     sparse = model(input_ids=ids).logits
+    >>> len(names), torch.allclose(sparse, dense, atol=1e-5)
+    (3, True)
+    """
     mods = dict(model.named_modules())
     names = [n for n in resolve(model, layers) if isinstance(mods[n], nn.Linear)]
     try:

@@ -16,7 +16,9 @@ and ``u`` (always in ``S``) is the answer. ``(G + rho I)^-1`` is formed once per
 * ``"fixed"``: ``rho`` constant (Boža 2024's weight update for a given mask uses this).
 * ``"adaptive"``: ALPS' rule (Meng et al. 2024): every ``update_every`` iterations, multiply
   ``rho`` by 1.3 / 1.2 / 1.1 when more than 10% / 0.5% / any of the support changed; stop once
-  the fraction of the support that changed is at most ``tol``.
+  the fraction of the support that changed is at most ``tol``. While the starting support has
+  not moved at all, ``rho`` is divided by 5 instead (at most 3 times), as ALPS does, so that
+  a start that is not a fixed point is left.
 * ``"geometric"``: ``rho`` multiplied by ``growth ** update_every`` every ``update_every``
   iterations (a fixed-length schedule, ``max_iter`` iterations).
 
@@ -65,6 +67,8 @@ class ShiftedGram:
     def __init__(self, gram: Tensor, cache: int = 32):
         if gram.dim() != 2 or gram.shape[0] != gram.shape[1]:
             raise ValueError(f"the Gram matrix must be square, got shape {tuple(gram.shape)}")
+        if not bool(torch.isfinite(gram).all()):
+            raise ValueError("the Gram matrix has non-finite values (NaN or inf)")
         self.gram = gram
         self.cache = cache
         self._inverses: dict[float, Tensor] = {}
@@ -156,6 +160,7 @@ def admm(
     support = u != 0
     size = max(int(support.sum()), 1)
     it, settled, gap = 0, schedule != "adaptive", z
+    grown, shrunk = False, 0  # adaptive schedule: has rho been raised / lowered yet
     for it in range(1, max_iter + 1):
         z = inv.solve(torch.add(C, u, alpha=rho).sub_(lam), rho)
         y = z.add(lam, alpha=1.0 / rho)
@@ -175,10 +180,14 @@ def admm(
             new = u != 0
             changed = float((new ^ support).sum()) / size
             support, size = new, max(int(new.sum()), 1)
-            if changed <= tol:
+            if changed > tol:
+                grown = True
+                rho = min(_adaptive(rho, changed), max_rho)
+            elif grown or shrunk == 3:
                 settled = True
                 break
-            rho = min(_adaptive(rho, changed), max_rho)
+            else:  # the start's support has not moved yet: a smaller penalty lets it
+                rho, shrunk = rho / 5, shrunk + 1
     residual = _residual(gap, u)
     if not settled:
         warnings.warn(f"ADMM stopped after max_iter={max_iter} iterations with the support still "

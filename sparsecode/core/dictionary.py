@@ -109,7 +109,11 @@ def surrogate(D: Tensor, A: Tensor, B: Tensor, AD: Tensor | None = None) -> Tens
 
 def auto_method(device: torch.device | str) -> str:
     """The faster update where ``D`` lives: ``"bcd"`` on a CPU with the compiled pass (one
-    exact pass costs about one product ``A @ D``), ``"pgd"`` elsewhere (no loop over atoms)."""
+    exact pass costs about one product ``A @ D``), ``"pgd"`` elsewhere (no loop over atoms).
+
+    >>> auto_method("cuda") == "pgd"
+    True
+    """
     return "bcd" if torch.device(device).type == "cpu" and numba_available() else "pgd"
 
 

@@ -1,10 +1,13 @@
 """Pruning model weights with the solver core: layer-wise sparse regression on calibration Grams.
 
 Pruning a linear layer ``W`` on calibration inputs ``X`` is, per output row, the sparse
-regression ``min ||X^T (w - w')||^2`` over ``k``-sparse or N:M ``w'``: IHT / least squares on the
-Gram ``X X^T`` with the core's TopK / NM projections (method ``"iht"``), or the core's batched
-OMP (method ``"omp"``, unstructured). The standard methods
-(``magnitude``, ``wanda``, ``sparsegpt``) ship beside it. See ``docs/pruning.md``.
+regression ``min ||X^T (w - w')||^2`` over ``k``-sparse or N:M ``w'``. The default method
+``"admm"`` solves it for the whole layer at once with the core's ADMM
+(:func:`~sparsecode.core.admm.admm`) and its ``BatchTopK`` / ``TopK`` / ``NM`` projections;
+``"alps"`` is the same with ALPS' adaptive penalty and a least-squares refit; ``"iht"`` (least
+squares + IHT) and ``"omp"`` (greedy, unstructured) are the earlier solvers. The standard
+methods (``magnitude``, ``wanda``, ``sparsegpt``) ship beside them, and
+:func:`prune_structured` removes whole MLP neurons / attention heads. See ``docs/pruning.md``.
 
 >>> import torch, transformers
 >>> from sparsecode.prune import prune
@@ -17,6 +20,8 @@ OMP (method ``"omp"``, unstructured). The standard methods
 """
 
 from .layer import (
+    admm_prune,
+    alps_prune,
     iht_prune,
     layer_error,
     magnitude,
@@ -40,6 +45,8 @@ from .model import (
 __all__ = [
     "LayerReport",
     "PruneReport",
+    "admm_prune",
+    "alps_prune",
     "decoder_layers",
     "evaluate_perplexity",
     "iht_prune",

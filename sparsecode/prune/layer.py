@@ -505,6 +505,9 @@ def prune_layer(
         raise ValueError(
             f"{name}: weight {tuple(W.shape)} and Gram {tuple(H.shape)} do not match"
         )
+    for what, t in (("weight", W), ("input Gram", H)):
+        if t is not None and not bool(torch.isfinite(t).all()):
+            raise ValueError(f"{name}: the {what} has non-finite values (NaN or inf)")
     if nm is not None and W.shape[1] % nm[1]:
         raise ValueError(
             f"{name}: input width {W.shape[1]} is not divisible by M={nm[1]} of the "

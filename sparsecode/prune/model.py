@@ -240,12 +240,14 @@ def prune(
     """Prune the ``nn.Linear`` layers of every decoder block of ``model`` in place.
 
     ``calibration``: token ids ``(n, seq_len)`` (split into ``batch_size`` rows) or an iterable
-    of such batches. ``method``: ``magnitude``, ``wanda``, ``sparsegpt``, ``iht`` (ours) or ``omp``
-    (greedy, unstructured only).
+    of such batches. ``method``: ``admm`` (the default: ADMM on each layer's problem),
+    ``alps``, ``iht``, ``omp`` (greedy, unstructured only), ``magnitude``, ``wanda`` or
+    ``sparsegpt``.
     ``pattern``: ``"unstructured"`` or ``"N:M"`` (then the sparsity is ``1 - N/M``).
     ``allocation``: ``"uniform"`` or ``"owl"`` (unstructured only). ``targets``: module paths or
     globs *inside a block* (default: all its Linears, e.g. ``"self_attn.*"`` for attention only).
     Extra ``options`` go to the method (``blocksize``, ``percdamp`` for SparseGPT; ``max_iter``,
+    ``rho``, ``init``, ``fix_mask``, ``per_row``, ``cg_iter`` for ADMM / ALPS; ``max_iter``,
     ``cg_iter``, ``ridge`` for IHT).
 
     Returns a :class:`PruneReport` with per-layer achieved sparsity, relative reconstruction error

@@ -380,6 +380,13 @@ def bcd_pass(D: np.ndarray, A: np.ndarray, B: np.ndarray, AD: np.ndarray, atoms:
     ``d_k <- P(d_k + (b_k - a_k D) / A_kk)`` (``P``: unit ball, after clipping at 0 if
     ``positive``), in place on ``D (K, n)``; ``A (K, K)`` symmetric, ``B (K, n)``, ``AD = A @ D``
     (updated in place; the caller computes it, with torch's threads rather than numpy's, whose
-    idle-spinning BLAS threads would slow torch down). Returns ``D``."""
+    idle-spinning BLAS threads would slow torch down). Returns ``D``.
+
+    >>> import numpy as np
+    >>> D, A, B = np.eye(2), np.eye(2), np.array([[0.0, 2.0], [3.0, 0.0]])
+    >>> bcd_pass(D, A, B, A @ D, np.arange(2), 1, False)  # d_k <- b_k / A_kk, on the unit ball
+    array([[0., 1.],
+           [1., 0.]])
+    """
     _bcd_compiled(D, A, B, AD, atoms, n_iter, positive)
     return D
