@@ -156,13 +156,20 @@ def channel_error(W: Tensor, W_new: Tensor, H: Tensor) -> float:
 
 
 def _obs_eliminate(W: Tensor, H: Tensor, n_remove: int, group: int, damp: float) -> Tensor:
-    """Greedy backward elimination of ``n_remove`` column groups (exact OBS steps)."""
+    """Greedy backward elimination of ``n_remove`` column groups (exact OBS steps).
+
+    Removing group ``G`` from the kept set (weights ``W'``, inverse damped Gram ``Hinv`` of the
+    kept set) costs ``tr(W'_G [Hinv_GG]^{-1} W'_G^T)``; the rest is refit by
+    ``W' -= W'_G Hinv_GG^{-1} Hinv_G:`` and ``Hinv -= Hinv_:G Hinv_GG^{-1} Hinv_G:``. The
+    matrices are compacted to the kept columns whenever an eighth of them has gone.
+    """
     Hd = _damped(H, damp)
-    d = Hd.shape[0]
-    n_groups = d // group
+    n_groups = Hd.shape[0] // group
     Hinv = torch.cholesky_inverse(torch.linalg.cholesky(Hd))
     Wc = W.double().clone()
-    alive = torch.ones(n_groups, dtype=torch.bool, device=W.device)
+    ids = torch.arange(n_groups, device=W.device)  # global group index of each local group
+    alive = torch.ones(n_groups, dtype=torch.bool, device=W.device)  # local
+    gone_since = 0
     for _ in range(n_remove):
         if group == 1:
             score = Wc.square().sum(0) / Hinv.diagonal().clamp(min=1e-300)
@@ -171,9 +178,7 @@ def _obs_eliminate(W: Tensor, H: Tensor, n_remove: int, group: int, damp: float)
             hj = Hinv[j].clone()
             Wc -= torch.outer(Wc[:, j], hj / hj[j])
             Hinv -= torch.outer(hj, hj / hj[j])
-            Wc[:, j] = 0.0
-            Hinv[j, :] = 0.0
-            Hinv[:, j] = 0.0
+            c = torch.tensor([j], device=W.device)
         else:
             idx = alive.nonzero().squeeze(1)
             cols = _columns(idx, group).reshape(len(idx), group)
@@ -187,12 +192,19 @@ def _obs_eliminate(W: Tensor, H: Tensor, n_remove: int, group: int, damp: float)
             HG = Hinv[c]  # (group, d)
             Wc -= Wc[:, c] @ Binv @ HG
             Hinv -= HG.T @ Binv @ HG
-            Wc[:, c] = 0.0
-            Hinv[c, :] = 0.0
-            Hinv[:, c] = 0.0
             j = int(idx[gi])
+        Wc[:, c] = 0.0
+        Hinv[c, :] = 0.0
+        Hinv[:, c] = 0.0
         alive[j] = False
-    return alive.nonzero().squeeze(1)
+        gone_since += 1
+        if gone_since * 8 >= len(alive) and len(alive) > 16:  # compact to the kept groups
+            keep = alive.nonzero().squeeze(1)
+            kc = _columns(keep, group)
+            Wc, Hinv, ids = Wc[:, kc].contiguous(), Hinv[kc][:, kc].contiguous(), ids[keep]
+            alive = torch.ones(len(keep), dtype=torch.bool, device=W.device)
+            gone_since = 0
+    return ids[alive]
 
 
 def _iht_groups(W: Tensor, H: Tensor, k: int, group: int, damp: float, init: Tensor,
