@@ -249,3 +249,17 @@ def test_unsupported_model_without_gated_mlp() -> None:
     with pytest.raises(ValueError, match=r"unsupported model: decoder block transformer\.h\.0 "
                                          r"\(GPT2Block\) has no mlp with gate_proj"):
         prune_structured(model, calib(), 0.2)
+
+
+def test_greedy_with_compaction_matches_brute_force_greedy() -> None:
+    """A layer wide enough for the greedy pass to compact its matrices (more than 16 groups)."""
+    g = torch.Generator().manual_seed(4)
+    d, n_remove = 40, 25
+    X = torch.randn(200, d, generator=g, dtype=F64) @ torch.randn(d, d, generator=g, dtype=F64)
+    W = torch.randn(3, d, generator=g, dtype=F64)
+    H = X.T @ X
+    alive = list(range(d))
+    for _ in range(n_remove):
+        errs = [_ls_error(W, H, [q for q in alive if q != j]) for j in alive]
+        alive.remove(alive[min(range(len(alive)), key=errs.__getitem__)])
+    assert select_channels(W, H, n_remove, damp=0.0).tolist() == alive

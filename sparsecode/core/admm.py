@@ -159,17 +159,19 @@ def admm(
     lam = torch.zeros_like(C)
     support = u != 0
     size = max(int(support.sum()), 1)
-    it, settled, gap = 0, schedule != "adaptive", z
+    settled, residual = schedule != "adaptive", 0.0
     grown, shrunk = False, 0  # adaptive schedule: has rho been raised / lowered yet
     for it in range(1, max_iter + 1):
         z = inv.solve(torch.add(C, u, alpha=rho).sub_(lam), rho)
-        y = z.add(lam, alpha=1.0 / rho)
+        y = z.add_(lam, alpha=1.0 / rho)  # z + lam / rho, in z's memory
         u = projection.project(y)
-        gap = z - u
-        lam = y.sub_(u).mul_(rho)  # lam + rho (z - u), in y's memory
-        if it % update_every:
+        lam_new = (y - u).mul_(rho)  # lam + rho (z - u)
+        check = it % update_every == 0 or it == max_iter
+        if check:  # ||z - u|| = ||lam_new - lam|| / rho
+            residual = _residual(lam_new.sub(lam).div_(rho), u)
+        lam = lam_new
+        if not check:
             continue
-        residual = _residual(gap, u)
         if residual != residual or residual == float("inf"):
             raise ValueError(f"ADMM diverged: the primal residual ||z - u|| / ||u|| is {residual} "
                              f"after {it} iterations (rho={rho:g}); check the data for "
@@ -188,7 +190,6 @@ def admm(
                 break
             else:  # the start's support has not moved yet: a smaller penalty lets it
                 rho, shrunk = rho / 5, shrunk + 1
-    residual = _residual(gap, u)
     if not settled:
         warnings.warn(f"ADMM stopped after max_iter={max_iter} iterations with the support still "
                       f"changing (primal residual {residual:.3g}); the result is in the set but "

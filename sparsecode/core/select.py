@@ -189,12 +189,12 @@ def top_budget_mask(key: Tensor, budget: int) -> Tensor:
     if budget in (0, n):
         return torch.full_like(key, budget == n, dtype=torch.bool)
     t = kth_largest(key, budget)
+    keep = key >= t
+    if int(keep.sum()) == budget:  # no surplus tie at the cut (the usual case)
+        return keep
     keep = key > t
-    at = key == t
-    need = budget - int(keep.sum())
-    if int(at.sum()) > need:  # ties at the cut: the lowest indices
-        at &= torch.cumsum(at, 0) <= need
-    return keep | at
+    at = key == t  # ties at the cut: the lowest indices
+    return keep | (at & (torch.cumsum(at, 0) <= budget - int(keep.sum())))
 
 
 def row_pairs(values: Tensor, indices: Tensor, keep: Tensor | None = None
