@@ -186,12 +186,25 @@ def test_saved_folder_loads_with_transformers(tmp_path) -> None:
 def test_parameter_count_reduced_as_requested(reduction: float, units: str) -> None:
     m = tiny_llama()
     before = sum(p.numel() for p in m.parameters())
-    rep = prune_structured(m, calib(), reduction, units=units)
+    rep = prune_structured(m, calib(), reduction, units=units, multiple_of=1)
     after = sum(p.numel() for p in m.parameters())
     assert rep.params_before == before and rep.params_after == after
     per_neuron_all_layers = 3 * 16 * 2
     assert abs((before - after) - reduction * before) <= per_neuron_all_layers / 2 + 1e-9
     assert rep.reduction == pytest.approx(1 - after / before)
+
+
+@pytest.mark.parametrize("reduction", [0.15, 0.2, 0.3])
+def test_default_keeps_a_multiple_of_8_neurons_nearest_to_the_request(reduction: float) -> None:
+    m = tiny_llama()
+    width = m.config.intermediate_size
+    before = sum(p.numel() for p in m.parameters())
+    prune_structured(m, calib(), reduction)  # multiple_of=8
+    kept = m.config.intermediate_size
+    assert kept % 8 == 0 and all(b.mlp.down_proj.in_features == kept for b in m.model.layers)
+    per_kept = 3 * 16 * 2  # parameters of one neuron in every layer
+    target = width - reduction * before / per_kept
+    assert abs(kept - target) <= 4  # the nearest multiple of 8
 
 
 def test_group_size_removes_whole_groups() -> None:

@@ -316,7 +316,7 @@ def _n_params(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())  # tied weights counted once
 
 
-def _plan(model, prefix, blocks, reduction, units, kv_groups, group_size
+def _plan(model, prefix, blocks, reduction, units, kv_groups, group_size, multiple_of=1
           ) -> tuple[int, int, int, int, int]:
     """(neurons removed per block, KV groups removed per block, params per neuron, params per KV
     group, total params) for the requested reduction."""
@@ -364,6 +364,7 @@ def _plan(model, prefix, blocks, reduction, units, kv_groups, group_size
             f"{reduction:g}"
         )
     n = int(round(rest / (L * per_neuron * group_size))) * group_size
+    n = _aligned(n, width, group_size, multiple_of, rest / (L * per_neuron))
     if n >= width:
         raise ValueError(
             f"reduction {reduction:g} would remove {n} of the {width} neurons of the MLP of "
@@ -468,6 +469,15 @@ def _prune_mlp(block, name, inputs, n_remove, group, method, refit, selection, d
                                          kept.tolist(), err, time.perf_counter() - t0))
 
 
+def _aligned(n: int, width: int, group_size: int, multiple_of: int, target: float) -> int:
+    """The neuron count to remove closest to ``target`` that keeps a multiple of
+    ``multiple_of`` neurons (and removes a multiple of ``group_size``); ``n`` if none does."""
+    ok = [c for c in range(0, width, group_size) if (width - c) % multiple_of == 0]
+    if multiple_of == 1 or not ok or n >= width:
+        return n
+    return min(ok, key=lambda c: (abs(c - target), c))
+
+
 def prune_structured(
     model: nn.Module,
     calibration: Tensor | Iterable[Tensor],
@@ -477,6 +487,7 @@ def prune_structured(
     *,
     kv_groups: int | None = None,
     group_size: int = 1,
+    multiple_of: int = 8,
     selection: str = "obs",
     refit: bool | None = None,
     damp: float = 0.01,
@@ -488,7 +499,10 @@ def prune_structured(
 
     ``reduction``: fraction of the model's parameters to remove (embeddings included, tied
     weights counted once); every block loses the same number of neurons (a multiple of
-    ``group_size``), rounded to the nearest. ``method``: ``"ours"`` (greedy selection on the
+    ``group_size``), the nearest count that keeps a multiple of ``multiple_of`` neurons
+    (matmuls over widths that are not a multiple of 8 ran 15-20% slower on this CPU: an
+    intermediate size of 1277 took 77 ms where 1280 took 64 ms; ``multiple_of=1``: the nearest
+    count). ``method``: ``"ours"`` (greedy selection on the
     calibration Gram of ``down_proj`` / ``o_proj`` plus least-squares refit of that layer) or
     ``"magnitude"`` (largest weight norms kept, no refit). ``units``: ``"mlp"``, ``"mlp+heads"``
     (``kv_groups`` KV groups per block, default 1, with their query heads; the neurons make up the
@@ -512,6 +526,8 @@ def prune_structured(
         raise ValueError(f"unknown selection {selection!r}; choose one of {', '.join(SELECTIONS)}")
     if isinstance(group_size, bool) or not isinstance(group_size, int) or group_size < 1:
         raise ValueError(f"group_size must be a positive integer, got {group_size!r}")
+    if isinstance(multiple_of, bool) or not isinstance(multiple_of, int) or multiple_of < 1:
+        raise ValueError(f"multiple_of must be a positive integer, got {multiple_of!r}")
     heads = "heads" in units
     if kv_groups is None:
         kv_groups = 1 if units == "mlp+heads" else 0
@@ -523,7 +539,7 @@ def prune_structured(
     prefix, blocks = decoder_layers(model)
     _check_model(prefix, blocks, heads)
     n_neurons, n_kv, _, _, total = _plan(model, prefix, blocks, float(reduction), units,
-                                         kv_groups, group_size)
+                                         kv_groups, group_size, multiple_of)
     if refit is None:
         refit = method == "ours"
     report = StructuredReport(method, units, float(reduction), total, neurons_removed=n_neurons,
