@@ -265,19 +265,23 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     pin_threads(args.threads)
     import torch
-    from common import cpu_name, device_tag, git_commit, now_iso, package_versions, write_results
+    from common import (
+        cpu_name,
+        device_tag,
+        git_commit,
+        lm_contexts,
+        now_iso,
+        package_versions,
+        write_results,
+    )
 
     torch.set_num_threads(args.threads)
     from sparsecode.activations import evaluate_perplexity
     from sparsecode.lm import load_model
-    from sparsecode.text import builtin_texts, pack_tokens, split_texts
 
     model, tok = load_model("smollm2", dtype=torch.float32)
-    train, held = split_texts(builtin_texts(), seed=0)
-    calib_all = pack_tokens(tok, train, args.seq_len)
-    gen = torch.Generator().manual_seed(0)
-    calib = calib_all[torch.randperm(len(calib_all), generator=gen)[: args.n_calib]]
-    evals = pack_tokens(tok, held, args.seq_len)[: args.n_eval]
+    calib, held_out = lm_contexts(tok, args.seq_len, args.n_calib)
+    evals = held_out[: args.n_eval]
     sparsities = [float(s) for s in args.sparsities.split(",")]
     configs = args.configs.split(",")
     meta = {"device_tag": device_tag(args.threads), "date": now_iso(),

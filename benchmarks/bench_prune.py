@@ -71,6 +71,7 @@ def main(argv=None) -> int:
         device_tag,
         format_table,
         git_commit,
+        lm_contexts,
         now_iso,
         package_versions,
         write_json,
@@ -79,16 +80,12 @@ def main(argv=None) -> int:
     torch.set_num_threads(args.threads)
     from sparsecode.lm import load_model
     from sparsecode.prune import evaluate_perplexity, prune
-    from sparsecode.text import builtin_texts, pack_tokens, split_texts
 
     t0 = time.perf_counter()
     model, tok = load_model("smollm2", dtype=torch.float32)
     load_s = time.perf_counter() - t0
-    train, held = split_texts(builtin_texts(), seed=0)
-    calib_all = pack_tokens(tok, train, args.seq_len)
-    gen = torch.Generator().manual_seed(0)
-    calib = calib_all[torch.randperm(len(calib_all), generator=gen)[: args.n_calib]]
-    evals = pack_tokens(tok, held, args.seq_len)[: args.n_eval]
+    calib, held_out = lm_contexts(tok, args.seq_len, args.n_calib)
+    evals = held_out[: args.n_eval]
     dense_state = {k: v.clone() for k, v in model.state_dict().items()}
     device = f"{cpu_name()} ({os.cpu_count()} cores)" if not torch.cuda.is_available() \
         else torch.cuda.get_device_name()
@@ -100,7 +97,7 @@ def main(argv=None) -> int:
         "model": "SmolLM2-135M-Instruct (GGUF Q4_1 de-quantised to float32)",
         "calibration": f"{len(calib)} x {args.seq_len} tokens of builtin_texts() training split",
         "evaluation": f"{len(evals)} x {args.seq_len} tokens of the held-out split "
-                      f"(split_texts(seed=0)[1]; {len(pack_tokens(tok, held, args.seq_len))} "
+                      f"(split_texts(seed=0)[1]; {len(held_out)} "
                       "contexts available)",
         "model_load_s": round(load_s, 1),
         "iht_options": {"max_iter": args.iht_iter, "cg_iter": args.cg_iter,

@@ -127,6 +127,7 @@ def run(args: argparse.Namespace, argv, first: contextlib.ExitStack) -> int:
         device_tag,
         format_table,
         git_commit,
+        lm_contexts,
         now_iso,
         package_versions,
         write_json,
@@ -135,17 +136,13 @@ def run(args: argparse.Namespace, argv, first: contextlib.ExitStack) -> int:
     torch.set_num_threads(args.threads)
     from sparsecode.lm import decoder_layers, load_model
     from sparsecode.prune import evaluate_perplexity, prune, prune_structured
-    from sparsecode.text import builtin_texts, pack_tokens, split_texts
 
     first.enter_context(bench_lock(args.lock))  # loading is heavy too: under the lock
     t0 = time.perf_counter()
     dense, tok = load_model("smollm2", dtype=torch.float32)
     load_s = time.perf_counter() - t0
-    train, held = split_texts(builtin_texts(), seed=0)
-    calib_all = pack_tokens(tok, train, args.seq_len)
-    gen = torch.Generator().manual_seed(0)
-    calib = calib_all[torch.randperm(len(calib_all), generator=gen)[: args.n_calib]]
-    evals = pack_tokens(tok, held, args.seq_len)[: max(args.n_eval, args.batch)]
+    calib, held_out = lm_contexts(tok, args.seq_len, args.n_calib)
+    evals = held_out[: max(args.n_eval, args.batch)]
     ev = evals[: args.n_eval]
     total = sum(p.numel() for p in dense.parameters())
     _, blocks = decoder_layers(dense)

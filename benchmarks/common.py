@@ -163,3 +163,19 @@ def load_image(name: str):
 
     img = getattr(data, name)()
     return color.rgb2gray(img) * 255 if img.ndim == 3 else img
+
+
+def lm_contexts(tokenizer, seq_len: int, n_calib: int):
+    """``(calibration, held_out)`` token contexts of ``seq_len`` for the language-model benchmarks:
+    ``n_calib`` contexts drawn with a seeded permutation from the training part of the built-in
+    text, and every context of its held-out part (``split_texts(builtin_texts(), seed=0)``:
+    disjoint at the document level)."""
+    import torch
+
+    from sparsecode.text import builtin_texts, pack_tokens, split_texts
+
+    train, held = split_texts(builtin_texts(), seed=0)
+    calib_all = pack_tokens(tokenizer, train, seq_len)
+    gen = torch.Generator().manual_seed(0)
+    calib = calib_all[torch.randperm(len(calib_all), generator=gen)[:n_calib]]
+    return calib, pack_tokens(tokenizer, held, seq_len)
