@@ -54,8 +54,9 @@ class ShiftedGram:
 
     Each distinct ``rho`` costs one Cholesky factorisation and inverse (``~K^3``); every product
     after that is one ``(N, K) @ (K, K)`` matmul. The inverses are cached (the most recent
-    ``cache`` values of ``rho``), so problems sharing a Gram and a penalty schedule (the layers
-    fed one input) share them. A ``G + rho I`` too ill-conditioned for Cholesky falls back to
+    ``cache`` values of ``rho``: enough for a geometric schedule's few values, bounded memory for
+    an adaptive one's many), so problems sharing a Gram and a penalty schedule (the layers fed
+    one input) share them. A ``G + rho I`` too ill-conditioned for Cholesky falls back to
     the eigendecomposition.
 
     >>> import torch
@@ -64,7 +65,7 @@ class ShiftedGram:
     tensor([[0.7500, 0.7500]], dtype=torch.float64)
     """
 
-    def __init__(self, gram: Tensor, cache: int = 32):
+    def __init__(self, gram: Tensor, cache: int = 4):
         if gram.dim() != 2 or gram.shape[0] != gram.shape[1]:
             raise ValueError(f"the Gram matrix must be square, got shape {tuple(gram.shape)}")
         if not bool(torch.isfinite(gram).all()):

@@ -201,18 +201,21 @@ class BatchTopK(Projection):
             raise ValueError("BatchTopK needs a tensor with at least one dimension")
         # a dense mask from the unsorted selection: the same set as ``support``, without the
         # sort that ordering the pairs costs (this is the inner step of pruning solvers)
-        flat = z.reshape(-1)
-        width = z.shape[-1]
-        budget = min(self.k * (flat.numel() // width if width else 0), flat.numel())
+        flat, budget = self._budget(z)
         key = (flat if self.positive else flat.abs()).detach()
         keep = top_budget_mask(key, budget) & _kept(flat, self.positive)
         return torch.where(keep, flat, 0.0).reshape(z.shape)
 
-    def support(self, z: Tensor) -> tuple[Tensor, Tensor]:
+    def _budget(self, z: Tensor) -> tuple[Tensor, int]:
+        """``z`` flattened and the number of entries the batch keeps (``k`` per row)."""
         width = z.shape[-1]
         flat = z.reshape(-1)
         rows = flat.numel() // width if width else 0
-        budget = min(self.k * rows, flat.numel())
+        return flat, min(self.k * rows, flat.numel())
+
+    def support(self, z: Tensor) -> tuple[Tensor, Tensor]:
+        width = z.shape[-1]
+        flat, budget = self._budget(z)
         key = flat if self.positive else flat.abs()
         idx = top_budget(key, budget).sort().values  # ties: lowest (row, column)
         idx = idx[_kept(flat[idx], self.positive)]

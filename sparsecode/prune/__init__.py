@@ -27,6 +27,7 @@ from .layer import (
     magnitude,
     omp_prune,
     prune_layer,
+    relative_error,
     sparsegpt,
     wanda,
 )
@@ -56,6 +57,7 @@ __all__ = [
     "owl_sparsities",
     "prune",
     "prune_layer",
+    "relative_error",
     "save_pruned",
     "semi_structured_available",
     "sparsegpt",

@@ -43,6 +43,7 @@ __all__ = [
     "METHODS",
     "layer_error",
     "magnitude",
+    "relative_error",
     "prune_layer",
     "sparsegpt",
     "wanda",
@@ -83,6 +84,18 @@ def layer_error(W: Tensor, W_new: Tensor, H: Tensor) -> Tensor:
     """Per output row ``(w - w') H (w - w')^T``: the squared output error on the calibration set."""
     D = (W - W_new).to(H.dtype)
     return ((D @ H) * D).sum(dim=1)
+
+
+def relative_error(W: Tensor, W_new: Tensor, H: Tensor) -> float:
+    """``tr((W - W') H (W - W')^T) / tr(W H W^T)`` (0 when the layer's output is zero), in
+    ``H``'s dtype: the error every pruning report gives.
+
+    >>> import torch
+    >>> relative_error(torch.tensor([[3.0, 4.0]]), torch.tensor([[3.0, 0.0]]), torch.eye(2))
+    0.64
+    """
+    base = float(layer_error(W, torch.zeros_like(W), H).sum())
+    return float(layer_error(W, W_new, H).sum()) / base if base > 0 else 0.0
 
 
 def magnitude(W: Tensor, H: Tensor | None, sparsity: float, nm: NMPattern = None):
@@ -175,6 +188,12 @@ class _LastGram:
     key: tuple | None = None
     value: tuple = ()
     shifted: ShiftedGram | None = None
+    ref: Tensor | None = None  # the last H itself: keeps id(H) from being reused
+
+    @classmethod
+    def clear(cls) -> None:
+        """Drop the cached Gram and inverses (``prune`` calls it when it is done)."""
+        cls.key, cls.value, cls.shifted, cls.ref = None, (), None, None
 
 
 def _scaled_gram(H: Tensor, work: torch.dtype) -> tuple[Tensor, Tensor, Tensor]:
@@ -187,7 +206,7 @@ def _scaled_gram(H: Tensor, work: torch.dtype) -> tuple[Tensor, Tensor, Tensor]:
         alive = d > 0
         s = torch.where(alive, torch.sqrt(d), torch.ones_like(d))
         _LastGram.key, _LastGram.value = None, (H2 / s[:, None] / s[None, :], s, alive)
-        _LastGram.shifted, _LastGram.ref, _LastGram.key = None, H, key  # ref keeps id(H) valid
+        _LastGram.shifted, _LastGram.ref, _LastGram.key = None, H, key
     return _LastGram.value
 
 
@@ -318,9 +337,7 @@ def omp_prune(
     better = _row_error(V, G, Z) < _row_error(V, G, best)
     best = torch.where(better[:, None], Z, best)
     keep = torch.where(better[:, None], Z != 0, keep)
-    W_new = best / s
-    keep = keep & alive[None, :]
-    return (W_new * keep).to(out_dtype), keep
+    return _finish(best / s, keep, alive, out_dtype)
 
 
 def _finish(W_new: Tensor, keep: Tensor, alive: Tensor, out_dtype: torch.dtype):

@@ -28,7 +28,7 @@ from torch import Tensor, nn
 
 from ..hooks import _StopForward, resolve
 from ..lm import decoder_layers, device_of
-from .layer import check_sparsity, layer_error, parse_pattern, prune_layer
+from .layer import _LastGram, check_sparsity, parse_pattern, prune_layer, relative_error
 
 __all__ = [
     "LayerReport",
@@ -272,19 +272,22 @@ def prune(
         inputs = block_inputs(model, blocks[0], batches) if needs_data else []
         from tqdm.auto import tqdm
 
-        for i, block in enumerate(tqdm(blocks, unit="block", desc=f"prune {method}",
-                                       disable=not progress)):
-            hooks = _GramHooks(block_targets[i])
-            try:
-                for inp in inputs:
-                    run_block(block, inp)
-            finally:
-                hooks.remove()
-            for name, mod in block_targets[i].items():
-                full = f"{prefix}.{i}.{name}" if prefix else f"{i}.{name}"
-                H = hooks.grams[name] if needs_data else None
-                _prune_one(mod, H, per_block[i], method, nm, full, report, options)
-            inputs = [with_hidden(inp, run_block(block, inp)) for inp in inputs]
+        try:
+            for i, block in enumerate(tqdm(blocks, unit="block", desc=f"prune {method}",
+                                           disable=not progress)):
+                hooks = _GramHooks(block_targets[i])
+                try:
+                    for inp in inputs:
+                        run_block(block, inp)
+                finally:
+                    hooks.remove()
+                for name, mod in block_targets[i].items():
+                    full = f"{prefix}.{i}.{name}" if prefix else f"{i}.{name}"
+                    H = hooks.grams[name] if needs_data else None
+                    _prune_one(mod, H, per_block[i], method, nm, full, report, options)
+                inputs = [with_hidden(inp, run_block(block, inp)) for inp in inputs]
+        finally:
+            _LastGram.clear()  # the last Gram and its inverses are not needed any more
     report.seconds = time.perf_counter() - t_start
     return report
 
@@ -329,15 +332,11 @@ def _prune_one(mod: nn.Module, H: Tensor | None, sparsity: float, method: str,
     t0 = time.perf_counter()
     W = mod.weight.data
     W_new, keep = prune_layer(W.float(), H, sparsity, method, nm, name=name, **options)
-    if H is not None:
-        base = float(layer_error(W.float(), torch.zeros_like(W, dtype=torch.float32), H).sum())
-        err = float(layer_error(W.float(), W_new.float(), H).sum())
-    else:
-        base, err = 1.0, math.nan
+    err = relative_error(W.float(), W_new.float(), H) if H is not None else math.nan
     mod.weight.data.copy_(W_new.to(W.dtype))
     report.layers.append(LayerReport(
-        name, tuple(W.shape), sparsity, float((W_new == 0).float().mean()),
-        err / base if base > 0 else 0.0, time.perf_counter() - t0))
+        name, tuple(W.shape), sparsity, float((W_new == 0).float().mean()), err,
+        time.perf_counter() - t0))
     if report.masks is not None:
         report.masks[name] = keep.cpu()
 

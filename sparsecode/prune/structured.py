@@ -41,6 +41,7 @@ import torch
 from torch import Tensor, nn
 
 from ..lm import decoder_layers
+from .layer import relative_error
 from .model import _GramHooks, block_inputs, run_block, token_batches, with_hidden
 
 __all__ = [
@@ -148,11 +149,15 @@ def refit_channels(W: Tensor, H: Tensor, keep: Tensor, damp: float = 0.01) -> Te
 
 def channel_error(W: Tensor, W_new: Tensor, H: Tensor) -> float:
     """Relative output error ``tr((W - W') H (W - W')^T) / tr(W H W^T)`` (``W'`` full width,
-    zero on removed columns)."""
-    H = H.double()
-    D = (W.double() - W_new.double())
-    base = float(((W.double() @ H) * W.double()).sum())
-    return float(((D @ H) * D).sum()) / base if base > 0 else 0.0
+    zero on removed columns): :func:`~sparsecode.prune.layer.relative_error` in float64."""
+    return relative_error(W.double(), W_new.double(), H.double())
+
+
+def _full_width(Wk: Tensor, cols: Tensor, width: int) -> Tensor:
+    """The kept columns ``Wk`` put back at ``cols`` of a zero ``(rows, width)`` matrix."""
+    full = Wk.new_zeros(Wk.shape[0], width)
+    full[:, cols] = Wk
+    return full
 
 
 def _obs_eliminate(W: Tensor, H: Tensor, n_remove: int, group: int, damp: float) -> Tensor:
@@ -261,8 +266,7 @@ def select_channels(W: Tensor, H: Tensor, n_remove: int, group: int = 1,
 
     def err(groups: Tensor) -> float:
         cols = _columns(groups, group)
-        full = torch.zeros_like(W, dtype=torch.float64)
-        full[:, cols] = refit_channels(W.double(), H, cols, damp)
+        full = _full_width(refit_channels(W.double(), H, cols, damp), cols, W.shape[1])
         return channel_error(W, full, _damped(H, damp))
 
     return kept_iht if err(kept_iht) < err(kept) else kept
@@ -429,9 +433,7 @@ def _prune_heads(block, name, inputs, n_remove, method, refit, selection, damp, 
     qcols = _columns(kept, group)
     kvcols = _columns(kept, hd)
     Wk = refit_channels(W, H, qcols, damp) if refit else W[:, qcols]
-    full = torch.zeros_like(W)
-    full[:, qcols] = Wk
-    err = channel_error(W, full, H)
+    err = channel_error(W, _full_width(Wk, qcols, W.shape[1]), H)
     _shrink(att, "q_proj", rows=qcols)
     _shrink(att, "k_proj", rows=kvcols)
     _shrink(att, "v_proj", rows=kvcols)
@@ -457,9 +459,7 @@ def _prune_mlp(block, name, inputs, n_remove, group, method, refit, selection, d
         norms = norms.reshape(-1, group).sum(1)
         kept = _columns(magnitude_channels(norms, n_remove // group), group)
     Wk = refit_channels(W, H, kept, damp) if refit else W[:, kept]
-    full = torch.zeros_like(W)
-    full[:, kept] = Wk
-    err = channel_error(W, full, H)
+    err = channel_error(W, _full_width(Wk, kept, width), H)
     _shrink(mlp, "gate_proj", rows=kept)
     _shrink(mlp, "up_proj", rows=kept)
     _shrink(mlp, "down_proj", weight=Wk)
