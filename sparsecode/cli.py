@@ -135,6 +135,8 @@ class SparsifyOptions:
         "sparsity per activation", choices=("uniform", "greedy", "global")))
     layers: str | None = field(default=None, metadata=meta(
         "Linear paths or globs, comma-separated (default: every Linear in the decoder blocks)"))
+    rotate: bool = field(default=False, metadata=meta(
+        "sparsify each gated MLP's input in its principal basis (LaRoSA)"))
     n_calib: int = field(default=32, metadata=meta("calibration contexts"))
     n_eval: int = field(default=32, metadata=meta("held-out contexts (0: no perplexity)"))
     out: str | None = field(default=None, metadata=meta("folder for rules.json"))
@@ -188,7 +190,8 @@ def cmd_sparsify(args: argparse.Namespace) -> int:
     layers = split_list(opts.layers) or None
     try:
         rules = sparsify_activations(model, calib, opts.sparsity, opts.method, opts.allocation,
-                                     layers, heldout=held if len(held) else None)
+                                     layers, heldout=held if len(held) else None,
+                                     rotate=opts.rotate)
     except (ValueError, KeyError) as err:
         raise fail(err) from None
     if len(held):

@@ -75,27 +75,58 @@ def test_sparse_input_linear_equals_dense_values_and_gradients(bias):
     torch.testing.assert_close(zero, b if bias else torch.zeros(7, dtype=torch.float64))
 
 
-def test_sparse_decode_generates_what_the_hooks_give(model, tokens):
-    rules = sparsify_activations(model, tokens[:8], sparsity=0.5, method="wina")
+@pytest.mark.parametrize("method,rotate", [("wina", False), ("magnitude", True),
+                                           ("cats", False), ("topk", True)])
+def test_sparse_decode_generates_what_the_hooks_give(model, tokens, method, rotate):
+    rules = sparsify_activations(model, tokens[:8], sparsity=0.5, method=method,
+                                 allocation="uniform", rotate=rotate)
     try:
         prompt = tokens[20:21, :6]
         ref = model.generate(prompt, max_new_tokens=6, do_sample=False)
-        with sparse_decode(model, [n for g in rules.groups for n in g.linears]) as names:
-            assert len(names) == 14
+        logits = model(input_ids=tokens[21:22, :5]).logits
+        with sparse_decode(model, rules) as names:
+            assert len(names) == 14 and not rules._handles  # the hooks are lifted inside
             out = model.generate(prompt, max_new_tokens=6, do_sample=False)
+            torch.testing.assert_close(model(input_ids=tokens[21:22, :5]).logits, logits,
+                                       atol=1e-4, rtol=1e-4)
         assert torch.equal(out, ref)
         assert "forward" not in vars(model.model.layers[0].mlp.down_proj)  # restored
+        assert rules._handles  # re-attached
     finally:
         rules.remove()
+
+
+def test_sparse_decode_reads_only_the_kept_rows(model, tokens):
+    """One token through a fused group equals the dense product of its sparse coordinates
+    with the stacked (rotated) weight, and reads only those rows: rows of zero coordinates
+    can be NaN without changing the output."""
+    from sparsecode.activations.linear import _GroupForward
+
+    rules = sparsify_activations(model, tokens[:8], sparsity=0.6, allocation="uniform",
+                                 rotate=True)
+    rules.remove()
+    (g,) = [g for g in rules.groups if g.linears[0].endswith("layers.1.mlp.gate_proj")]
+    assert g.rotation is not None and len(g.linears) == 2
+    fused = _GroupForward(model, g)
+    x = torch.randn(1, 1, g.width, generator=torch.Generator().manual_seed(0))
+    z = g.coords(x)
+    assert 0 < int((z == 0).sum()) < g.width
+    W = torch.cat([model.model.layers[1].mlp.gate_proj.weight,
+                   model.model.layers[1].mlp.up_proj.weight]).detach()
+    want = (g.apply(x) @ W.T).split([W.shape[0] // 2] * 2, dim=-1)
+    fused.weight_t[(z.reshape(-1) == 0)] = float("nan")
+    for j in range(2):
+        torch.testing.assert_close(fused.linear(j)(x), want[j], atol=1e-5, rtol=1e-5)
 
 
 # --- calibration -------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("method", ["magnitude", "wina", "cats"])
-def test_thresholds_reach_the_requested_sparsity_on_heldout(model, tokens, method):
+@pytest.mark.parametrize("method,rotate", [("magnitude", False), ("wina", False),
+                                           ("cats", False), ("magnitude", True)])
+def test_thresholds_reach_the_requested_sparsity_on_heldout(model, tokens, method, rotate):
     rules = sparsify_activations(model, tokens[:48], sparsity=0.4, method=method,
-                                 allocation="uniform", heldout=tokens[48:])
+                                 allocation="uniform", heldout=tokens[48:], rotate=rotate)
     rules.remove()
     assert len(rules.groups) == 8  # qkv, o, gate+up, down per block
     for g in rules.groups:
@@ -103,6 +134,42 @@ def test_thresholds_reach_the_requested_sparsity_on_heldout(model, tokens, metho
     if method == "cats":
         assert sum(g.act is not None for g in rules.groups) == 2
         assert rules.groups[3].act == "model.layers.0.mlp.act_fn"
+
+
+def test_a_rotated_rule_sparsifies_the_principal_coordinates(model, tokens):
+    """LaRoSA: the MLP input's rotation is the Gram's eigenbasis (largest first); the hooked
+    Linear sees ``threshold(x Q) Q^T``, i.e. reads ``W Q`` on the sparse coordinates."""
+    cal = calibrate(model, tokens[:8], "magnitude", rotate=True)
+    rotated = [g for g in cal.groups if g.rotation is not None]
+    assert [g.linears for g in rotated] == [[f"model.layers.{i}.mlp.gate_proj",
+                                             f"model.layers.{i}.mlp.up_proj"] for i in (0, 1)]
+    g = rotated[0]
+    Q = g.rotation
+    torch.testing.assert_close(Q.T @ Q, torch.eye(g.width), atol=1e-5, rtol=0)
+    xs = []
+    h = model.model.layers[0].mlp.gate_proj.register_forward_pre_hook(
+        lambda m, a: xs.append(a[0].reshape(-1, g.width)))
+    logits(model, tokens[:8])
+    h.remove()
+    X = torch.cat(xs).double()
+    var = ((X @ Q.double()) ** 2).sum(0)  # energy per principal coordinate, decreasing
+    assert torch.all(var[:-1] >= var[1:] * (1 - 1e-6))
+    rules = cal.plan(0.5, "uniform")
+    g = next(r for r in rules.groups if r.rotation is not None)
+    x = X[:5].float()
+    z = x @ Q
+    want = torch.where(z.abs() > g.threshold, z, 0) @ Q.T
+    torch.testing.assert_close(g.apply(x), want)
+    up = model.model.layers[0].mlp.up_proj
+    seen = []
+    hs = [up.register_forward_pre_hook(lambda m, a: seen.append(a[0])),  # before the rule
+          up.register_forward_hook(lambda m, a, out: seen.append(a[0]))]  # after it
+    with rules.attached(model):
+        logits(model, tokens[:1])
+    for h in hs:
+        h.remove()
+    z = seen[0] @ Q
+    torch.testing.assert_close(seen[1], torch.where(z.abs() > g.threshold, z, 0) @ Q.T)
 
 
 def test_topk_keeps_exactly_k_per_token(model, tokens):
@@ -159,14 +226,17 @@ def test_hooks_removed_on_exit_and_on_error(model, tokens):
     torch.testing.assert_close(logits(model, tokens[:2]), dense)
 
 
-@pytest.mark.parametrize("method", ["wina", "cats", "topk"])
-def test_saved_rules_reattach_to_a_fresh_model(model, tokens, tmp_path, method):
+@pytest.mark.parametrize("method,rotate", [("wina", False), ("cats", False), ("topk", False),
+                                           ("wina", True)])
+def test_saved_rules_reattach_to_a_fresh_model(model, tokens, tmp_path, method, rotate):
     rules = sparsify_activations(model, tokens[:8], sparsity=0.5, method=method,
-                                 heldout=tokens[8:12])
+                                 heldout=tokens[8:12], rotate=rotate)
     want = logits(model, tokens[12:14])
     rules.remove()
     path = rules.save(tmp_path / "rules.json")
     assert path.stat().st_size < 20_000  # thresholds only, no column norms
+    side = tmp_path / "rules.rotations.safetensors"
+    assert side.exists() == rotate
     fresh = llama()
     fresh.load_state_dict(model.state_dict())
     loaded = load(path, fresh)
@@ -195,6 +265,22 @@ def test_bad_input(model, tokens, tmp_path):
     opt = transformers.OPTForCausalLM(cfg).eval()
     with pytest.raises(ValueError, match="'cats' thresholds the gate of a gated MLP"):
         sparsify_activations(opt, tokens[:4], method="cats")
+    with pytest.raises(ValueError, match="rotate=True rotates the input of gated MLPs"):
+        sparsify_activations(opt, tokens[:4], rotate=True)
+    with pytest.raises(TypeError, match="needs the ActivationSparsity rules"):
+        with sparse_decode(model, ["model.layers.0.mlp.down_proj"]):
+            pass
+    rot = calibrate(model, tokens[:4], "magnitude", rotate=True).plan(0.3)
+    path = rot.save(tmp_path / "rot.json")
+    side = tmp_path / "rot.rotations.safetensors"
+    blob = bytearray(side.read_bytes())
+    blob[-1] ^= 1
+    side.write_bytes(bytes(blob))
+    with pytest.raises(ValueError, match="rot.rotations.safetensors does not match its checksum"):
+        load(path, model)
+    side.unlink()
+    with pytest.raises(ValueError, match="cannot read its rotations"):
+        load(path, model)
     bad = tmp_path / "bad.json"
     bad.write_text("{not json")
     with pytest.raises(ValueError, match="bad.json"):

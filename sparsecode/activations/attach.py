@@ -7,11 +7,13 @@ input tensor compute the projection once) or, for CATS, a forward hook on the ga
 activation function. The hooks are removable (:meth:`ActivationSparsity.remove`) and
 :meth:`ActivationSparsity.attached` removes them on exit, also when the body raises.
 :meth:`ActivationSparsity.save` writes a small JSON of thresholds (WINA's column norms are not
-stored: :func:`load` recomputes them from the model's weights).
+stored: :func:`load` recomputes them from the model's weights); rotated rules also write their
+rotations to a safetensors file beside it, named in the JSON with its SHA-256.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 from collections.abc import Iterator
@@ -29,7 +31,8 @@ __all__ = ["ActivationSparsity", "load"]
 
 FORMAT = "sparsecode.activations/1"
 #: The keys :meth:`ActivationSparsity.to_dict` writes itself; any others are ``info``.
-_KEYS = ("format", "method", "allocation", "target", "sparsity", "achieved_sparsity", "groups")
+_KEYS = ("format", "method", "allocation", "target", "sparsity", "achieved_sparsity", "groups",
+         "rotations")
 
 
 @dataclass
@@ -74,7 +77,7 @@ class ActivationSparsity:
             if g.act is not None:
                 self._handles.append(mods[g.act].register_forward_hook(_output_hook(op)))
                 continue
-            shared = _Shared(op)
+            shared = _Shared(g, op)
             for name in g.linears:
                 self._handles.append(mods[name].register_forward_pre_hook(shared))
         return self
@@ -95,9 +98,10 @@ class ActivationSparsity:
             self.remove()
 
     def to_dict(self) -> dict[str, Any]:
-        """A JSON-ready description (thresholds, not column norms)."""
+        """A JSON-ready description (thresholds, not column norms or rotations)."""
         groups = [{"linears": g.linears, "act": g.act, "width": g.width, "params": g.params,
                    "sparsity": g.sparsity, "threshold": g.threshold, "k": g.k,
+                   "rotated": g.rotation is not None,
                    "achieved": self.achieved.get(g.name)} for g in self.groups]
         return {"format": FORMAT, "method": self.method, "allocation": self.allocation,
                 "target": self.target, "sparsity": self.sparsity,
@@ -108,7 +112,17 @@ class ActivationSparsity:
         from .._files import atomic_write
 
         path = Path(path)
-        atomic_write(path, json.dumps(self.to_dict(), indent=1) + "\n")
+        data = self.to_dict()
+        rotations = {g.name: g.rotation.contiguous() for g in self.groups
+                     if g.rotation is not None}
+        if rotations:
+            from safetensors.torch import save as save_tensors
+
+            blob = save_tensors(rotations)
+            side = path.with_suffix(".rotations.safetensors")
+            atomic_write(side, blob)
+            data["rotations"] = {"file": side.name, "sha256": hashlib.sha256(blob).hexdigest()}
+        atomic_write(path, json.dumps(data, indent=1) + "\n")
         return path
 
     def __repr__(self) -> str:
@@ -119,16 +133,17 @@ class ActivationSparsity:
 
 
 class _Shared:
-    """Pre-hook projecting a Linear's input; Linears fed the same tensor reuse the result."""
+    """Pre-hook applying a group's rule to a Linear's input; Linears fed the same tensor reuse
+    the result."""
 
-    def __init__(self, op):
-        self.op = op
+    def __init__(self, group: Group, op):
+        self.group, self.op = group, op
         self._last: tuple[Tensor, Tensor] | None = None
 
     def __call__(self, module: nn.Module, args: tuple) -> tuple:
         x = args[0]
         if self._last is None or self._last[0] is not x:
-            self._last = (x, self.op.project(x))
+            self._last = (x, self.group.apply(x, self.op))
         return (self._last[1], *args[1:])
 
 
@@ -187,12 +202,37 @@ def load(path: str | Path, model: nn.Module, attach: bool = True) -> ActivationS
         g = Group(list(names), width, entry["params"], act=entry.get("act"), threshold=thr, k=k,
                   sparsity=float(entry["sparsity"]))
         groups.append(g)
+    rotated = [g for g, e in zip(groups, data["groups"], strict=True) if e.get("rotated")]
+    if rotated:
+        tensors = _read_rotations(path, data.get("rotations"))
+        for g in rotated:
+            Q = tensors.get(g.name)
+            if Q is None or tuple(Q.shape) != (g.width, g.width):
+                raise ValueError(f"{path}: no {g.width} x {g.width} rotation for {g.name} in "
+                                 "its rotations file")
+            g.rotation = Q
     if method == "wina":  # column norms from the weights, as at calibration
         for g in groups:
-            g.scale = column_norms(model, g.linears)
+            g.scale = column_norms(model, g)
     achieved = {g.name: v for g, e in zip(groups, data["groups"], strict=True)
                 if (v := e.get("achieved")) is not None}
     info = {k: v for k, v in data.items() if k not in _KEYS}
     out = ActivationSparsity(method, data.get("allocation", "uniform"), float(data["target"]),
                              groups, achieved, info)
     return out.attach(model) if attach else out
+
+
+def _read_rotations(path: Path, entry: Any) -> dict[str, Tensor]:
+    """The rotations saved beside ``path``, checked against the SHA-256 the JSON names."""
+    from safetensors.torch import load as load_tensors
+
+    if not (isinstance(entry, dict) and isinstance(entry.get("file"), str)):
+        raise ValueError(f"{path}: rotated rules but no 'rotations' file named")
+    side = path.parent / Path(entry["file"]).name
+    try:
+        blob = side.read_bytes()
+    except OSError as err:
+        raise ValueError(f"{path}: cannot read its rotations {side}: {err}") from None
+    if hashlib.sha256(blob).hexdigest() != entry.get("sha256"):
+        raise ValueError(f"{side} does not match its checksum in {path}")
+    return load_tensors(blob)

@@ -31,7 +31,7 @@ from ..lm import decoder_layers, device_of
 from ..prune.model import block_inputs, run_block, token_batches, with_hidden
 from .allocation import global_levels, loss_curves
 from .attach import ActivationSparsity
-from .rules import METHODS, Group, find_groups
+from .rules import METHODS, Group, column_norms, find_groups, mlp_inputs, principal_rotation
 
 __all__ = ["Calibration", "calibrate", "measure_sparsity", "sparsify_activations"]
 
@@ -252,6 +252,36 @@ def _quantile(scores: Tensor, q: float) -> float:
     return float(flat.kthvalue(min(max(1, round(q * flat.numel())), flat.numel())).values)
 
 
+def _rotate(model: nn.Module, groups: list[Group], batches: list[Tensor]) -> None:
+    """Give every gated-MLP input group the principal rotation of its calibration inputs (one
+    forward pass accumulating their Grams)."""
+    mine = mlp_inputs(model, groups)
+    if not mine:
+        raise ValueError(
+            "rotate=True rotates the input of gated MLPs (gate_proj, up_proj, down_proj and an "
+            "act_fn module), but none of the selected layers is the gate_proj of one in "
+            f"{type(model).__name__}; use rotate=False")
+    mods = dict(model.named_modules())
+    grams = {g.name: torch.zeros(g.width, g.width, dtype=torch.float64) for g in mine}
+
+    def add(name):
+        def hook(x: Tensor) -> None:
+            x2 = x.detach().reshape(-1, x.shape[-1]).double().cpu()
+            grams[name].add_(x2.T @ x2)
+        return hook
+
+    handles = [g.watch(mods, add(g.name)) for g in mine]
+    try:
+        with torch.no_grad():
+            for ids in batches:
+                model(input_ids=ids.to(device_of(model)), use_cache=False)
+    finally:
+        for h in handles:
+            h.remove()
+    for g in mine:
+        g.rotation = principal_rotation(grams[g.name])
+
+
 def _sample_scores(model: nn.Module, groups: list[Group], batches: list[Tensor], seed: int
                    ) -> dict[str, Tensor]:
     """Sorted random samples of each group's scores on the dense model."""
@@ -284,11 +314,13 @@ def _sample_scores(model: nn.Module, groups: list[Group], batches: list[Tensor],
 
 
 def calibrate(model: nn.Module, calibration: Tensor | Sequence[Tensor], method: str = "magnitude",
-              layers: str | Sequence[str] | None = None, batch_size: int = 4, seed: int = 0
-              ) -> Calibration:
+              layers: str | Sequence[str] | None = None, batch_size: int = 4, seed: int = 0,
+              rotate: bool = False) -> Calibration:
     """Score samples of every sparsified activation of ``model`` on ``calibration`` token ids
     ``(n, seq_len)``; ``layers``: Linear paths or globs (default: every Linear in the decoder
-    blocks). The samples serve every later :meth:`Calibration.plan` at any sparsity.
+    blocks); ``rotate``: the rule of each gated MLP's input acts in the principal basis of its
+    calibration inputs (LaRoSA, :mod:`sparsecode.activations.rules`). The samples serve every
+    later :meth:`Calibration.plan` at any sparsity.
 
     >>> import torch, transformers
     >>> cfg = transformers.LlamaConfig(vocab_size=64, hidden_size=16, intermediate_size=32,
@@ -303,41 +335,43 @@ def calibrate(model: nn.Module, calibration: Tensor | Sequence[Tensor], method: 
     names = _linears(model, layers)
     batches = token_batches(calibration, batch_size)
     groups = find_groups(model, names, _first_inputs(model, names, batches[0]), method)
+    if rotate:
+        _rotate(model, groups, batches)
+    if method == "wina":
+        for g in groups:
+            g.scale = column_norms(model, g)
     return Calibration(model, method, groups, _sample_scores(model, groups, batches, seed),
                        batches)
 
 
 def measure_sparsity(plan: ActivationSparsity, model: nn.Module, tokens: Tensor,
                      batch_size: int = 4) -> dict[str, float]:
-    """Fraction of zero entries of each group's sparsified activation on ``tokens``, with the
-    rules attached (what a sparse-input Linear skips)."""
+    """Fraction of zero entries of each group's sparse coordinates (:meth:`Group.coords`: in
+    the rotated basis for a rotated rule) on ``tokens``, with the rules attached (the weight
+    columns a sparse-input Linear skips)."""
     mods = dict(model.named_modules())
-    zeros = {g.name: 0 for g in plan.groups}
+    nonzero = {g.name: 0 for g in plan.groups}
     count = {g.name: 0 for g in plan.groups}
 
-    def counter(name):
+    def counter(g: Group):
+        op = g.operator()
+
         def add(x: Tensor) -> None:
-            zeros[name] += int((x == 0).sum())
-            count[name] += x.numel()
+            z = g.coords(x, op)
+            nonzero[g.name] += int((z != 0).sum())
+            count[g.name] += z.numel()
         return add
 
-    handles = []
-    with plan.attached(model), torch.no_grad():
-        try:  # counters registered after the rules' hooks see the sparsified activations
-            for g in plan.groups:
-                add = counter(g.name)
-                if g.act is not None:
-                    handles.append(mods[g.act].register_forward_hook(
-                        lambda m, a, out, f=add: f(out)))
-                else:  # a forward hook sees the input as the pre-hooks left it
-                    handles.append(mods[g.linears[0]].register_forward_hook(
-                        lambda m, a, out, f=add: f(a[0])))
+    # registered before the rules' hooks: each counter sees its input before the rule
+    handles = [g.watch(mods, counter(g)) for g in plan.groups]
+    try:
+        with plan.attached(model), torch.no_grad():
             for ids in token_batches(tokens, batch_size):
                 model(input_ids=ids.to(device_of(model)), use_cache=False)
-        finally:
-            for h in handles:
-                h.remove()
-    return {n: zeros[n] / max(count[n], 1) for n in zeros}
+    finally:
+        for h in handles:
+            h.remove()
+    return {n: 1.0 - nonzero[n] / max(count[n], 1) for n in nonzero}
 
 
 def sparsify_activations(
@@ -349,6 +383,7 @@ def sparsify_activations(
     layers: str | Sequence[str] | None = None,
     heldout: Tensor | None = None,
     batch_size: int = 4,
+    rotate: bool = False,
 ) -> ActivationSparsity:
     """Calibrate activation sparsity on ``calibration`` token ids ``(n, seq_len)`` and attach
     it to ``model`` (hooks; ``.remove()`` makes the model dense again). With ``heldout`` token
@@ -359,13 +394,15 @@ def sparsify_activations(
     ``allocation``: ``"greedy"`` (TEAL's block-wise search, the most accurate on SmolLM2-135M:
     docs/activation_sparsity.md; about 4 minutes there on 2 CPU cores), ``"global"`` (from
     one backward pass) or ``"uniform"``; ``layers``: Linear paths or globs (default: every
-    Linear in the decoder blocks).
+    Linear in the decoder blocks); ``rotate``: sparsify each gated MLP's input in the
+    principal basis of its calibration inputs (LaRoSA: lower perplexity at the same sparsity,
+    one ``width x width`` product per token more; docs/activation_sparsity.md).
     """
     _check_sparsity(sparsity)
     if allocation not in ALLOCATIONS:
         raise ValueError(f"allocation must be one of {', '.join(ALLOCATIONS)}; got "
                          f"{allocation!r}")
-    cal = calibrate(model, calibration, method, layers, batch_size)
+    cal = calibrate(model, calibration, method, layers, batch_size, rotate=rotate)
     plan = cal.plan(sparsity, allocation)
     if heldout is not None:
         plan.achieved = measure_sparsity(plan, model, heldout, batch_size)

@@ -14,9 +14,11 @@ the group has one rule. A rule keeps an entry ``x_i`` when its score is high eno
   groups are thresholded by magnitude;
 * ``"topk"``: the ``k`` largest ``|x_i|`` of each token, the exact-budget variant.
 
-The rules are the solver core's projections (:mod:`sparsecode.core.operators`): a threshold on
-``|x_i| s_i`` is ``Jump(theta / s, positive=False)`` (keep ``|x_i| > theta / s_i``), top-k is
-``TopK(k)``.
+Any rule can act in a rotated basis (LaRoSA, Liu et al. 2025): with ``rotation`` ``Q`` (the
+principal directions of the group's calibration inputs, :func:`principal_rotation`) the rule
+sparsifies ``z = x Q`` and the Linears read ``W Q`` (exactly ``W x = (W Q)(Q^T x)``). A gated
+MLP's input is concentrated on few directions, so far fewer coordinates carry its energy; the
+price is one ``width x width`` product per token (docs/activation_sparsity.md weighs the two).
 """
 
 from __future__ import annotations
@@ -30,7 +32,8 @@ from torch import Tensor, nn
 
 from ..core.operators import Jump, Projection, TopK
 
-__all__ = ["METHODS", "Group", "column_norms", "find_groups", "gated_mlp"]
+__all__ = ["METHODS", "Group", "column_norms", "find_groups", "gated_mlp", "mlp_inputs",
+           "principal_rotation", "stacked_weight"]
 
 METHODS = ("magnitude", "wina", "cats", "topk")
 
@@ -46,10 +49,23 @@ class Group:
     params: int  # weights of the Linears reading this activation (what skipping saves)
     act: str | None = None
     scale: Tensor | None = None  # per-feature score weight (WINA); None: 1
+    rotation: Tensor | None = None  # (width, width) orthogonal: the rule acts on x @ rotation
     threshold: float | None = None
     k: int | None = None
     sparsity: float = 0.0  # the target this group was calibrated for
     extra: dict[str, Any] = field(default_factory=dict)
+
+    def lift(self, x: Tensor) -> Tensor:
+        """The coordinates the rule sparsifies: ``x @ rotation`` (``x`` without one)."""
+        if self.rotation is None:
+            return x
+        return x @ self.rotation.to(device=x.device, dtype=x.dtype)
+
+    def lower(self, z: Tensor) -> Tensor:
+        """The input whose coordinates are ``z`` (the inverse of :meth:`lift`)."""
+        if self.rotation is None:
+            return z
+        return z @ self.rotation.to(device=z.device, dtype=z.dtype).T
 
     @property
     def name(self) -> str:
@@ -67,6 +83,17 @@ class Group:
         tiny = torch.finfo(torch.float32).tiny
         return Jump(self.threshold / self.scale.clamp(min=tiny), positive=False)
 
+    def coords(self, x: Tensor, op: Projection | None = None) -> Tensor:
+        """The sparse vector the Linears read: the rule applied to :meth:`lift` ``(x)``;
+        ``op``: :meth:`operator`, passed when the caller keeps it."""
+        op = self.operator() if op is None else op
+        z = self.lift(x)
+        return z if op is None else op.project(z)
+
+    def apply(self, x: Tensor, op: Projection | None = None) -> Tensor:
+        """``x`` with this rule applied, as an input of the unchanged Linears."""
+        return self.lower(self.coords(x, op))
+
     def watch(self, modules: dict[str, nn.Module], fn: Callable[[Tensor], None]):
         """Register a hook passing the activation this rule applies to (before the rule: hooks
         registered before :meth:`ActivationSparsity.attach` run first) to ``fn``; returns the
@@ -76,8 +103,8 @@ class Group:
         return modules[self.linears[0]].register_forward_pre_hook(lambda m, a: fn(a[0]))
 
     def score(self, x: Tensor) -> Tensor:
-        """The score the rule thresholds, per entry of ``x (..., width)``."""
-        s = x.detach().abs().float()
+        """The score the rule thresholds, per coordinate of ``x (..., width)``."""
+        s = self.lift(x.detach().float()).abs()
         return s if self.scale is None else s * self.scale.to(s.device)
 
 
@@ -120,14 +147,37 @@ def find_groups(model: nn.Module, names: list[str], inputs: dict[str, Tensor], m
                 "down_proj and an act_fn module), but none of the selected layers is the "
                 f"down_proj of one in {type(model).__name__}; use 'magnitude' or 'wina'"
             )
-    if method == "wina":
-        for g in groups:
-            g.scale = column_norms(model, g.linears)
     return groups
 
 
-def column_norms(model: nn.Module, linears: list[str]) -> Tensor:
-    """WINA's score weights: the norm of each input column of the Linears' stacked weights."""
+def stacked_weight(model: nn.Module, group: Group) -> Tensor:
+    """The weights of the group's Linears stacked ``(sum of out_features, width)``, times the
+    rotation when there is one: the columns its coordinates read."""
     mods = dict(model.named_modules())
-    W = torch.cat([mods[n].weight.detach().float() for n in linears])
-    return torch.linalg.vector_norm(W, dim=0)
+    W = torch.cat([mods[n].weight.detach() for n in group.linears])
+    return W if group.rotation is None else W @ group.rotation.to(W)
+
+
+def column_norms(model: nn.Module, group: Group) -> Tensor:
+    """WINA's score weights: the norm of each column of :func:`stacked_weight`."""
+    return torch.linalg.vector_norm(stacked_weight(model, group).float(), dim=0)
+
+
+def mlp_inputs(model: nn.Module, groups: list[Group]) -> list[Group]:
+    """The groups that are the input of a gated MLP (read by its ``gate_proj``)."""
+    mods = dict(model.named_modules())
+    out = []
+    for g in groups:
+        for name in g.linears:
+            parent, _, leaf = name.rpartition(".")
+            if leaf == "gate_proj" and g.act is None and gated_mlp(mods.get(parent)):
+                out.append(g)
+                break
+    return out
+
+
+def principal_rotation(gram: Tensor) -> Tensor:
+    """The eigenvectors of a Gram ``sum x x^T`` as columns, largest eigenvalue first (PCA
+    without centering, as LaRoSA): the orthogonal basis concentrating the inputs' energy."""
+    _, vecs = torch.linalg.eigh(gram.double())
+    return vecs.flip(1).float().contiguous()
