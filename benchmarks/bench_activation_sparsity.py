@@ -7,22 +7,28 @@ every block Linear's input (weighted by the weights that read it):
 
 * TEAL uniform (``magnitude``, ``uniform``), WINA (``wina``, uniform), CATS (``cats``,
   uniform), top-k (``topk``, uniform), the Fisher-estimated global allocation (``magnitude``,
-  ``global``) and the default of ``sparsecode sparsify``: TEAL's block-wise greedy allocation
-  with our cost per weight column (``magnitude``, ``greedy``).
+  ``global``), the default of ``sparsecode sparsify``: TEAL's block-wise greedy allocation
+  with our cost per weight column (``magnitude``, ``greedy``), and the gated MLP's input
+  rotated into its principal basis (LaRoSA-style, ``rotate=True``) with uniform and global
+  allocation.
 
 Target: at 40% the perplexity increase of the best row over dense is at most half of TEAL
-uniform's.
+uniform's. A rotated rule reads one ``576 x 576`` rotation per block and token on top of its
+sparse columns (9.4% of a block's Linear weights), so its rows are also compared with
+unrotated rows at the sparsity that reads as many weights.
 
 Speed (``--skip-speed`` to leave out), batch 1, ``--threads`` threads:
 
-* per Linear shape of SmolLM2 (q/o 576x576, k/v 192x576, gate/up 1536x576, down 576x1536): the
-  dense ``F.linear`` of one token against ``sparse_input_linear`` at input sparsities 0-90%,
-  each call on the next of a ring of distinct weights totalling 256 MB (as in decoding, where
-  the 540 MB of weights stream from memory rather than sit in cache; median of ``--reps``
-  passes over the ring), and the sum over one block's seven Linears; target: the block's
-  Linears >= 1.3x faster at 50%;
-* greedy generation of ``--gen-tokens`` tokens after a 16-token prompt: dense, ours (rules +
-  ``sparse_decode``) at 40/50/65%, tokens/s (median of 3).
+* per activation of a SmolLM2 block (q/k/v: 576 -> 576+192+192, o: 576 -> 576, gate/up:
+  576 -> 2x1536, down: 1536 -> 576): the dense ``F.linear`` of one token for each Linear
+  reading it (as the model runs them) against what ``sparse_decode`` runs: the threshold and
+  one ``sparse_input_linear`` over the stacked transposed weight (plus the ``576 x 576``
+  rotation for the rotated gate/up input), at input sparsities 0-90%, each call on the next
+  of a ring of distinct weights totalling 256 MB (as in decoding, where the 540 MB of weights
+  stream from memory rather than sit in cache; median of ``--reps`` passes over the ring),
+  and the sum over one block; target: the block's Linears >= 1.3x faster at 50%;
+* greedy generation of ``--gen-tokens`` tokens after a 16-token prompt: dense, the rules as
+  hooks, and ``sparse_decode(model, rules)`` at 40/50/65%, tokens/s (median of 3).
 
 Composition (``--skip-prune`` to leave out): Wanda 50% weight pruning, then ours at 40% on the
 pruned model.
@@ -37,20 +43,25 @@ import json
 import statistics
 import sys
 import time
+from pathlib import Path
 
 from common import ROOT, pin_threads
 
-CONFIGS = {  # key -> (label, method, allocation)
-    "teal": ("TEAL uniform", "magnitude", "uniform"),
-    "wina": ("WINA", "wina", "uniform"),
-    "cats": ("CATS", "cats", "uniform"),
-    "topk": ("top-k", "topk", "uniform"),
-    "global": ("Fisher global (magnitude)", "magnitude", "global"),
-    "ours": ("ours: TEAL greedy with cost per weight (default)", "magnitude", "greedy"),
+CONFIGS = {  # key -> (label, method, allocation, rotate)
+    "teal": ("TEAL uniform", "magnitude", "uniform", False),
+    "wina": ("WINA", "wina", "uniform", False),
+    "cats": ("CATS", "cats", "uniform", False),
+    "topk": ("top-k", "topk", "uniform", False),
+    "global": ("Fisher global (magnitude)", "magnitude", "global", False),
+    "ours": ("ours: TEAL greedy with cost per weight (default)", "magnitude", "greedy", False),
+    "larosa": ("rotated MLP input (LaRoSA), uniform", "magnitude", "uniform", True),
+    "larosa-global": ("rotated MLP input, Fisher global", "magnitude", "global", True),
 }
 OURS = CONFIGS["ours"][0]
-SHAPES = {"q_proj/o_proj": (576, 576, 2), "k_proj/v_proj": (192, 576, 2),
-          "gate_proj/up_proj": (1536, 576, 2), "down_proj": (576, 1536, 1)}  # out, in, per block
+# one group per activation of a SmolLM2 block: (outputs of the Linears reading it, input width)
+GROUPS = {"q/k/v": ([576, 192, 192], 576), "o": ([576], 576), "gate/up": ([1536, 1536], 576),
+          "down": ([576], 1536), "gate/up rotated": ([1536, 1536], 576)}
+ROTATION_SHARE = 576 * 576 / 3_538_944  # a rotation's weights / one block's Linear weights
 RING_BYTES = 256e6  # distinct weights per timed shape: more than any CPU cache
 
 
@@ -68,6 +79,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--skip-prune", action="store_true")
     p.add_argument("--out", default=None, help="result file stem (default: "
                                                "activation-sparsity-<device>)")
+    p.add_argument("--carry", default=None, help="a results JSON whose quality rows are kept "
+                                                 "(configs whose code did not change)")
     return p.parse_args(argv)
 
 
@@ -82,13 +95,14 @@ def quality_rows(model, calib, evals, configs, sparsities, dense_ppl, partial):
     done = {(r["config"], r["target"]) for r in rows}
     cals = {}
     for key in configs:
-        label, method, allocation = CONFIGS[key]
+        label, method, allocation, rotate = CONFIGS[key]
         if all((label, s) in done for s in sparsities) and key != "ours":
             continue
-        if method not in cals:
+        if (method, rotate) not in cals:
             t0 = time.perf_counter()
-            cals[method] = (calibrate(model, calib, method), time.perf_counter() - t0)
-        cal, cal_s = cals[method]
+            cals[method, rotate] = (calibrate(model, calib, method, rotate=rotate),
+                                    time.perf_counter() - t0)
+        cal, cal_s = cals[method, rotate]
         for s in sparsities:
             if (label, s) in done:
                 continue
@@ -100,10 +114,11 @@ def quality_rows(model, calib, evals, configs, sparsities, dense_ppl, partial):
             with plan.attached(model):
                 ppl = evaluate_perplexity(model, evals)
             rows.append({"config": label, "method": method, "allocation": allocation,
-                         "target": s, "achieved": plan.achieved_sparsity, "perplexity": ppl,
+                         "rotate": rotate, "target": s, "achieved": plan.achieved_sparsity,
+                         "perplexity": ppl,
                          "increase": ppl - dense_ppl, "calibrate_s": round(cal_s, 1),
                          "plan_s": round(plan_s, 1)})
-            print(f"  {label:<22} {s:.2f}: perplexity {ppl:.3f} (+{ppl - dense_ppl:.3f}), "
+            print(f"  {label:<22} {s:.2f}: perplexity {ppl:.3f} ({ppl - dense_ppl:+.3f}), "
                   f"held-out sparsity {plan.achieved_sparsity:.3f}, plan {plan_s:.1f} s",
                   flush=True)
             write_json(partial, rows)
@@ -123,6 +138,7 @@ def _ring_time(fn, weights, reps: int) -> float:
 
 
 def layer_speed(reps: int) -> list[dict]:
+    """Per activation of a block: dense Linears vs the rule + one fused sparse gather."""
     import torch
     import torch.nn.functional as F
 
@@ -130,25 +146,35 @@ def layer_speed(reps: int) -> list[dict]:
 
     gen = torch.Generator().manual_seed(0)
     rows = []
-    for name, (out_f, in_f, count) in SHAPES.items():
-        n = max(8, int(RING_BYTES // (out_f * in_f * 4)))
-        Ws = [torch.randn(out_f, in_f, generator=gen) for _ in range(n)]
-        Wts = [W.T.contiguous() for W in Ws]
+    for name, (outs, in_f) in GROUPS.items():
+        rotated = "rotated" in name
+        size = sum(outs) * in_f + (in_f * in_f if rotated else 0)
+        n = max(8, int(RING_BYTES // (size * 4)))
+        Ws = [[torch.randn(o, in_f, generator=gen) for o in outs] for _ in range(n)]
+        Wts = [(torch.cat(ws).T.contiguous(),
+                torch.linalg.qr(torch.randn(in_f, in_f, generator=gen))[0] if rotated else None)
+               for ws in Ws]
         x = torch.randn(1, 1, in_f, generator=gen)
         with torch.no_grad():
-            dense = _ring_time(lambda w, x=x: F.linear(x, w), Ws, reps)
+            dense = _ring_time(lambda ws, x=x: [F.linear(x, w) for w in ws], Ws, reps)
             for s in (0.0, 0.25, 0.4, 0.5, 0.65, 0.8, 0.9):
-                xs = x.clone()
-                xs[..., torch.randperm(in_f, generator=gen)[: round(s * in_f)]] = 0
-                t = _ring_time(lambda w, xs=xs: sparse_input_linear(xs, w), Wts, reps)
-                rows.append({"layer": name, "shape": [out_f, in_f], "per_block": count,
-                             "sparsity": s, "dense_us": dense * 1e6, "sparse_us": t * 1e6,
+                thr = float(x.abs().flatten().kthvalue(max(1, round(s * in_f))).values) if s else 0
+
+                def sparse(wq, thr=thr, x=x):  # rotated: x Q is as Gaussian as x
+                    w_t, Q = wq
+                    z = x if Q is None else x @ Q
+                    z = torch.where(z.abs() > thr, z, 0)
+                    return sparse_input_linear(z, w_t)
+
+                t = _ring_time(sparse, Wts, reps)
+                rows.append({"layer": name, "outputs": outs, "in": in_f, "sparsity": s,
+                             "dense_us": dense * 1e6, "sparse_us": t * 1e6,
                              "speedup": dense / t})
         del Ws, Wts
     return rows
 
 
-def generation_speed(model, tok, cal, n_tokens: int, sparsities) -> list[dict]:
+def generation_speed(model, tok, cals, n_tokens: int, sparsities) -> list[dict]:
     import torch
 
     from sparsecode.activations import sparse_decode
@@ -169,16 +195,16 @@ def generation_speed(model, tok, cal, n_tokens: int, sparsities) -> list[dict]:
     rows = [{"config": "dense", "sparsity": 0.0, "tokens_per_s": tps()}]
     print(f"  dense: {rows[0]['tokens_per_s']:.1f} tokens/s", flush=True)
     for s in sparsities:
-        plan = cal.plan(s, "greedy")
-        names = [n for g in plan.groups for n in g.linears]
-        with plan.attached(model):
-            rows.append({"config": "hooks only (dense Linears)", "sparsity": s,
-                         "tokens_per_s": tps()})
-            with sparse_decode(model, names):
-                rows.append({"config": OURS + " + sparse_decode", "sparsity": s,
+        for label, cal, allocation in cals:
+            plan = cal.plan(s, allocation)
+            with plan.attached(model):
+                rows.append({"config": f"{label}, hooks (dense Linears)", "sparsity": s,
                              "tokens_per_s": tps()})
-        for r in rows[-2:]:
-            print(f"  {r['config']} {s:.2f}: {r['tokens_per_s']:.1f} tokens/s", flush=True)
+                with sparse_decode(model, plan):
+                    rows.append({"config": f"{label} + sparse_decode", "sparsity": s,
+                                 "tokens_per_s": tps()})
+            for r in rows[-2:]:
+                print(f"  {r['config']} {s:.2f}: {r['tokens_per_s']:.1f} tokens/s", flush=True)
     return rows
 
 
@@ -224,23 +250,43 @@ def report(meta, dense_ppl, rows, layers, gen_rows, combo, sparsities) -> tuple[
             checks.append(f"[{'  MET  ' if ok else 'NOT MET'}] 40%: best ({best['config']}) "
                           f"+{best['increase']:.3f} perplexity vs TEAL uniform +{teal:.3f} "
                           f"(need <= half: {0.5 * teal:.3f})")
+    rot = [r for r in rows if r.get("rotate") and r["target"] == 0.5]
+    plain = [r for r in rows if not r.get("rotate") and r["target"] == 0.4]
+    if rot and plain:
+        r, q = min(rot, key=lambda r: r["perplexity"]), min(plain, key=lambda r: r["perplexity"])
+        checks.append(f"[ info  ] equal weights read: rotated at 50% reads "
+                      f"{0.5 + ROTATION_SHARE:.3f} of a dense block, unrotated at 40% 0.600: "
+                      f"best rotated ({r['config']}) {r['perplexity']:.2f} vs best unrotated "
+                      f"({q['config']}) {q['perplexity']:.2f}")
     if layers:
         lines += ["## Sparse-input Linear, one token", ""]
         sp = sorted({r["sparsity"] for r in layers})
         tab = []
-        for name in SHAPES:
+        for name in GROUPS:
             mine = {r["sparsity"]: r for r in layers if r["layer"] == name}
             tab.append([name, f"{mine[0.0]['dense_us']:.1f}"]
                        + [f"{mine[s]['sparse_us']:.1f} ({mine[s]['speedup']:.2f}x)" for s in sp])
-        block = {s: sum(r["dense_us"] * r["per_block"] for r in layers if r["sparsity"] == s)
-                 / sum(r["sparse_us"] * r["per_block"] for r in layers if r["sparsity"] == s)
-                 for s in sp}
+
+        def block_ratio(s, mlp):
+            mine = [r for r in layers if r["sparsity"] == s
+                    and r["layer"] in ("q/k/v", "o", "down", mlp)]
+            dense = [r for r in layers if r["sparsity"] == s
+                     and r["layer"] in ("q/k/v", "o", "down", "gate/up")]
+            return sum(r["dense_us"] for r in dense) / sum(r["sparse_us"] for r in mine)
+
+        block = {s: block_ratio(s, "gate/up") for s in sp}
         tab.append(["block (7 Linears)", ""] + [f"{block[s]:.2f}x" for s in sp])
+        tab.append(["block, MLP input rotated", ""]
+                   + [f"{block_ratio(s, 'gate/up rotated'):.2f}x" for s in sp])
         lines += [format_table(["layer", "dense [us]"] + [f"{s:.0%} [us]" for s in sp], tab,
                                markdown=True), ""]
         even = next((s for s in sp if block[s] >= 1.0), None)
         lines += [f"Break-even (block Linears as fast as dense): {even:.0%} input sparsity."
                   if even is not None else "No break-even up to 90%.", ""]
+        lines += ["Dense: one `F.linear` per Linear; sparse: the threshold and one "
+                  "`sparse_input_linear` per activation over the stacked transposed weight "
+                  "(what `sparse_decode` runs), the rotated row adds the 576 x 576 rotation.",
+                  ""]
         ok = block[0.5] >= 1.3
         checks.append(f"[{'  MET  ' if ok else 'NOT MET'}] 50%: block Linears {block[0.5]:.2f}x "
                       "dense (need >= 1.3x)")
@@ -296,13 +342,23 @@ def main(argv=None) -> int:
     print(f"dense perplexity {dense_ppl:.3f}", flush=True)
     stem = args.out or f"activation-sparsity-{meta['device_tag']}"
     partial = ROOT / "benchmarks" / "results" / f"{stem}.partial.json"
+    if args.carry and not partial.exists():
+        from common import write_json
+
+        old = json.loads(Path(args.carry).read_text())
+        kept = [r for r in old["rows"] if r["config"] in {CONFIGS[k][0] for k in configs}]
+        write_json(partial, kept)
+        names = ", ".join(sorted({r["config"] for r in kept}))
+        meta["carried"] = (f"quality rows of {names} from the run at {old['meta']['git']} "
+                           "(code paths unchanged)")
     rows, cals = quality_rows(model, calib, evals, configs, sparsities, dense_ppl, partial)
     layers, gen_rows, combo = [], [], []
     if not args.skip_speed:
         layers = layer_speed(args.reps)
-        if "magnitude" in cals:
-            gen_rows = generation_speed(model, tok, cals["magnitude"][0], args.gen_tokens,
-                                        [s for s in (0.4, 0.5, 0.65) if s in sparsities])
+        gen_cals = [(CONFIGS[k][0], cals[CONFIGS[k][1], CONFIGS[k][3]][0], CONFIGS[k][2])
+                    for k in ("ours", "larosa") if (CONFIGS[k][1], CONFIGS[k][3]) in cals]
+        gen_rows = generation_speed(model, tok, gen_cals, args.gen_tokens,
+                                    [s for s in (0.4, 0.5, 0.65) if s in sparsities])
     if not args.skip_prune:
         combo = prune_composition(model, calib, evals, dense_ppl)
     lines, checks = report(meta, dense_ppl, rows, layers, gen_rows, combo, sparsities)

@@ -63,7 +63,8 @@ def test_example_prunes_smollm2(tmp_path):
     assert float(found["iht"]) < float(found["magnitude"])
 
 
-def test_sparsify_writes_rules_that_reattach(tiny_model_and_texts, tmp_path, capsys):
+@pytest.mark.parametrize("rotate", [False, True])
+def test_sparsify_writes_rules_that_reattach(tiny_model_and_texts, tmp_path, capsys, rotate):
     from transformers import AutoModelForCausalLM
 
     from sparsecode.activations import load
@@ -73,7 +74,7 @@ def test_sparsify_writes_rules_that_reattach(tiny_model_and_texts, tmp_path, cap
     args = ["sparsify", "--model", str(model_dir), "--text", str(texts), "--context-size", "16",
             "--n-calib", "8", "--n-eval", "4", "--sparsity", "0.5", "--allocation", "uniform",
             "--device", "cpu", "--out", str(out), "--json", "--no-progress"]
-    assert main(args) == 0
+    assert main(args + ["--rotate"] * rotate) == 0
     res = json.loads(capsys.readouterr().out)
     assert res["method"] == "magnitude" and res["sparsity"] == pytest.approx(0.5)
     assert abs(res["achieved_sparsity"] - 0.5) < 0.1  # 4 x 16 held-out tokens
@@ -82,12 +83,15 @@ def test_sparsify_writes_rules_that_reattach(tiny_model_and_texts, tmp_path, cap
     rules = load(out / "rules.json", model)
     assert len(rules.groups) == 4 * 3  # 3 blocks
     assert rules.info["perplexity"] == pytest.approx(res["perplexity"])
+    assert sum(g.rotation is not None for g in rules.groups) == 3 * rotate  # the MLP inputs
+    assert (out / "rules.rotations.safetensors").exists() == rotate
 
 
 @pytest.mark.parametrize("flags, message", [
     (["--sparsity", "1.0"], r"--sparsity must be in \[0, 1\)"),
     (["--n-calib", "100000"], "fewer than --n-calib 100000"),
     (["--layers", "model.layers.*.mlp.dwn_proj"], "close matches"),
+    (["--rotate", "--layers", "model.layers.*.self_attn.*"], "rotates the input of gated MLPs"),
 ])
 def test_sparsify_bad_input_is_a_clear_error(tiny_model_and_texts, flags, message):
     model_dir, texts = tiny_model_and_texts

@@ -9,7 +9,9 @@ or a per-token ``TopK``), calibrated on a little text through hooks like the pru
   (the gate of a gated MLP), ``"topk"`` (exact per-token budget);
 * allocation: ``"greedy"`` (TEAL's block-wise greedy search), ``"global"`` (cost curves from
   one backward pass, :mod:`sparsecode.activations.allocation`) or ``"uniform"``;
-* :func:`sparse_decode` computes single-token Linears from the nonzero inputs only;
+* ``rotate=True``: a gated MLP's input is sparsified in its principal basis (LaRoSA);
+* :func:`sparse_decode` runs the rules as sparse-input Linears: single-token inputs read only
+  the weight rows of the nonzero coordinates, one gather per activation;
 * rules save to a small JSON (:meth:`ActivationSparsity.save`) that :func:`load` re-attaches.
 
 See ``docs/activation_sparsity.md``.

@@ -4,8 +4,10 @@ Decoding one token at a time reads every weight once per token, so on a CPU (and
 batch 1) a Linear layer's time is the time to stream its weight from memory. With a sparse input
 only the columns of the nonzero entries are needed: ``y = sum_{i: x_i != 0} x_i W[:, i]``. With
 the weight stored transposed (``W^T``, one contiguous row per input feature) that is a weighted
-sum of gathered rows, which ``torch.nn.functional.embedding_bag`` computes in one fused call
-(no gathered copy of the weight; differentiable in ``x`` and ``W^T``).
+sum of gathered rows: the solver core's bag sum (:func:`sparsecode.core.kernels.bag_sum`:
+``embedding_bag`` on CPU, the core's Triton kernel on CUDA where its dispatch selects it; no
+gathered copy of the weight), or, when a gradient is wanted, the core's ``sparse_decode`` (the
+same sum with its sparse backward, in ``x`` and ``W^T``).
 
 :func:`sparse_decode` runs a model's calibrated rules this way inside a ``with`` block: the
 Linears of one group (q/k/v, gate/up) become one stacked transposed weight read by one gather,
@@ -23,6 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ..core import kernels
 from .attach import ActivationSparsity
 from .rules import Group, stacked_weight
 
@@ -48,9 +51,11 @@ def sparse_input_linear(x: Tensor, weight_t: Tensor, bias: Tensor | None = None)
     if idx.numel() == 0:
         y = weight_t.new_zeros(weight_t.shape[1]) + (0 if bias is None else bias)
         return y.reshape(*x.shape[:-1], -1)
-    offsets = torch.zeros(1, dtype=torch.long, device=x.device)
-    y = F.embedding_bag(idx, weight_t, offsets, mode="sum",
-                        per_sample_weights=flat[idx].to(weight_t.dtype))[0]
+    vals = flat[idx].to(weight_t.dtype)
+    if torch.is_grad_enabled() and (x.requires_grad or weight_t.requires_grad):
+        y = kernels.sparse_decode(vals, torch.zeros_like(idx), idx, weight_t, 1)[0]
+    else:
+        y = kernels.bag_sum(idx, weight_t, idx.new_zeros(1), vals)[0]
     if bias is not None:
         y = y + bias
     return y.reshape(*x.shape[:-1], -1)
