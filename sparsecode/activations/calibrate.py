@@ -20,7 +20,7 @@ Allocation (:meth:`Calibration.plan`):
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
 
 import torch
@@ -252,6 +252,22 @@ def _quantile(scores: Tensor, q: float) -> float:
     return float(flat.kthvalue(min(max(1, round(q * flat.numel())), flat.numel())).values)
 
 
+def _watched_forward(model: nn.Module, groups: list[Group],
+                     make: Callable[[Group], Callable[[Tensor], None]], batches: list[Tensor]
+                     ) -> None:
+    """One no-grad forward of ``batches`` with ``make(g)`` watching each group's activation
+    (:meth:`Group.watch`); the hooks are removed after, also on error."""
+    mods = dict(model.named_modules())
+    handles = [g.watch(mods, make(g)) for g in groups]
+    try:
+        with torch.no_grad():
+            for ids in batches:
+                model(input_ids=ids.to(device_of(model)), use_cache=False)
+    finally:
+        for h in handles:
+            h.remove()
+
+
 def _rotate(model: nn.Module, groups: list[Group], batches: list[Tensor]) -> None:
     """Give every gated-MLP input group the principal rotation of its calibration inputs (one
     forward pass accumulating their Grams)."""
@@ -261,23 +277,15 @@ def _rotate(model: nn.Module, groups: list[Group], batches: list[Tensor]) -> Non
             "rotate=True rotates the input of gated MLPs (gate_proj, up_proj, down_proj and an "
             "act_fn module), but none of the selected layers is the gate_proj of one in "
             f"{type(model).__name__}; use rotate=False")
-    mods = dict(model.named_modules())
     grams = {g.name: torch.zeros(g.width, g.width, dtype=torch.float64) for g in mine}
 
-    def add(name):
+    def add(g: Group):
         def hook(x: Tensor) -> None:
             x2 = x.detach().reshape(-1, x.shape[-1]).double().cpu()
-            grams[name].add_(x2.T @ x2)
+            grams[g.name].add_(x2.T @ x2)
         return hook
 
-    handles = [g.watch(mods, add(g.name)) for g in mine]
-    try:
-        with torch.no_grad():
-            for ids in batches:
-                model(input_ids=ids.to(device_of(model)), use_cache=False)
-    finally:
-        for h in handles:
-            h.remove()
+    _watched_forward(model, mine, add, batches)
     for g in mine:
         g.rotation = principal_rotation(grams[g.name])
 
@@ -285,7 +293,6 @@ def _rotate(model: nn.Module, groups: list[Group], batches: list[Tensor]) -> Non
 def _sample_scores(model: nn.Module, groups: list[Group], batches: list[Tensor], seed: int
                    ) -> dict[str, Tensor]:
     """Sorted random samples of each group's scores on the dense model."""
-    mods = dict(model.named_modules())
     gen = torch.Generator().manual_seed(seed)
     parts: dict[str, list[Tensor]] = {g.name: [] for g in groups}
 
@@ -294,16 +301,9 @@ def _sample_scores(model: nn.Module, groups: list[Group], batches: list[Tensor],
             x2 = x.detach().reshape(-1, x.shape[-1])
             pick = torch.randperm(x2.shape[0], generator=gen)[:TOKENS_PER_BATCH]
             parts[g.name].append(g.score(x2[pick.to(x2.device)]).flatten().cpu())
-        return g.watch(mods, add)
+        return add
 
-    handles = [keep(g) for g in groups]
-    try:
-        with torch.no_grad():
-            for ids in batches:
-                model(input_ids=ids.to(device_of(model)), use_cache=False)
-    finally:
-        for h in handles:
-            h.remove()
+    _watched_forward(model, groups, keep, batches)
     out = {}
     for name, p in parts.items():
         s = torch.cat(p)
