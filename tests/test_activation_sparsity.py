@@ -92,6 +92,10 @@ def test_sparse_decode_generates_what_the_hooks_give(model, tokens, method, rota
         assert torch.equal(out, ref)
         assert "forward" not in vars(model.model.layers[0].mlp.down_proj)  # restored
         assert rules._handles  # re-attached
+        with pytest.raises(RuntimeError, match="inside"), sparse_decode(model, rules):
+            raise RuntimeError("inside")
+        assert "forward" not in vars(model.model.layers[1].mlp.gate_proj)  # restored on error
+        assert rules._handles
     finally:
         rules.remove()
 
