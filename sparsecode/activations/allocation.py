@@ -46,10 +46,8 @@ def loss_curves(model: nn.Module, groups: list[Group], batches: list[Tensor],
 
             def add(grad: Tensor) -> None:  # returns None: the gradient flows on unchanged
                 score = g.score(x).reshape(-1).cpu()
-                z = g.lift(x.detach().float())  # the coordinates and their gradient
-                dz = grad.detach().float()
-                if g.rotation is not None:
-                    dz = dz @ g.rotation.to(dz)
+                # the coordinates and their gradient (an orthogonal lift maps both alike)
+                z, dz = g.lift(x.detach().float()), g.lift(grad.detach().float())
                 cost = (dz * z).pow(2).reshape(-1).cpu()
                 where = torch.bucketize(score, bounds[g.name])  # dropped from level where + 1
                 bins[g.name].index_add_(0, where, cost.double())

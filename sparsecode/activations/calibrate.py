@@ -350,7 +350,7 @@ def measure_sparsity(plan: ActivationSparsity, model: nn.Module, tokens: Tensor,
     the rotated basis for a rotated rule) on ``tokens``, with the rules attached (the weight
     columns a sparse-input Linear skips)."""
     mods = dict(model.named_modules())
-    nonzero = {g.name: 0 for g in plan.groups}
+    zeros = {g.name: 0 for g in plan.groups}
     count = {g.name: 0 for g in plan.groups}
 
     def counter(g: Group):
@@ -358,7 +358,7 @@ def measure_sparsity(plan: ActivationSparsity, model: nn.Module, tokens: Tensor,
 
         def add(x: Tensor) -> None:
             z = g.coords(x, op)
-            nonzero[g.name] += int((z != 0).sum())
+            zeros[g.name] += int((z == 0).sum())
             count[g.name] += z.numel()
         return add
 
@@ -371,7 +371,7 @@ def measure_sparsity(plan: ActivationSparsity, model: nn.Module, tokens: Tensor,
     finally:
         for h in handles:
             h.remove()
-    return {n: 1.0 - nonzero[n] / max(count[n], 1) for n in nonzero}
+    return {n: zeros[n] / max(count[n], 1) for n in zeros}
 
 
 def sparsify_activations(
