@@ -442,6 +442,24 @@ def test_nm_is_the_projection(shape, n: int, m: int, dim: int) -> None:
         assert (op.value(p) == 0).all()
 
 
+@pytest.mark.parametrize(("n", "m"), [(1, 4), (2, 4), (3, 4), (4, 8), (5, 16)])
+def test_nm_sorting_network_equals_topk_selection(n: int, m: int) -> None:
+    # continuous data takes the sorting-network threshold; ties (quantised weights) the
+    # exact top-k path: both must give the selection of topk over each group
+    gen = torch.Generator().manual_seed(n * 100 + m)
+    for z in (torch.randn(37, 4 * m, generator=gen),
+              torch.randint(-2, 3, (37, 4 * m), generator=gen).float()):
+        g = z.reshape(37, 4, m)
+        idx = g.abs().topk(n, dim=-1).indices
+        ref = torch.zeros_like(g).scatter(-1, idx, g.gather(-1, idx)).reshape(z.shape)
+        out = NM(n, m).project(z)
+        if bool((g.abs().unsqueeze(-1) == g.abs().unsqueeze(-2)).sum((-1, -2)).gt(m).any()):
+            assert NM(n, m).contains(out).all()  # ties: any n of the tied entries may win
+            assert float(((out - z) ** 2).sum()) == pytest.approx(float(((ref - z) ** 2).sum()))
+        else:
+            assert torch.equal(out, ref)
+
+
 def test_nm_contains_and_errors() -> None:
     op = NM(2, 4)
     z = torch.tensor([[1.0, 2.0, 0.0, 0.0, 1.0, 1.0, 1.0, 0.0]])

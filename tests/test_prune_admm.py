@@ -134,6 +134,35 @@ def test_admm_with_a_fixed_support_converges_to_least_squares_on_it():
     assert not bool(out[~mask].any())
 
 
+@pytest.mark.parametrize("relax", [0.7, 1.5])
+def test_over_relaxed_admm_reaches_the_same_least_squares_on_a_fixed_support(relax):
+    W, H = _layer(2, rows=4, d=8)
+    prob = LeastSquares.from_gram(H, W @ H)
+    mask = torch.rand(4, 8, generator=torch.Generator().manual_seed(0)) > 0.4
+    rho = float(H.diagonal().mean())
+    ref = admm(prob, Support(mask), rho=rho, schedule="fixed", max_iter=500, init=W).codes
+    out = admm(prob, Support(mask), rho=rho, schedule="fixed", max_iter=500, init=W,
+               relax=relax).codes
+    torch.testing.assert_close(out, ref, rtol=1e-6, atol=1e-8)
+
+
+def test_batch_cut_sample_sees_every_column_of_a_column_scaled_matrix(monkeypatch):
+    # the strided sample's bracket holds on a weight whose columns have very different scales
+    # (a stride sharing a factor with the width sampled 128 of 1536 columns and missed it)
+    g = torch.Generator().manual_seed(3)
+    key = torch.randn(576, 1536, generator=g) * torch.exp(torch.randn(1, 1536, generator=g))
+    key = key.abs()
+    key = key.reshape(-1)
+    full = []
+    topk = torch.Tensor.topk
+    monkeypatch.setattr(torch.Tensor, "topk", lambda t, k, *a, **kw: (
+        full.append(t.numel()) if t.numel() == key.numel() else None) or topk(t, k, *a, **kw))
+    for frac in (0.3, 0.4, 0.5, 0.6, 0.7):
+        k = int(frac * key.numel())
+        assert kth_largest(key, k) == key.sort(descending=True).values[k - 1]
+    assert not full  # no fallback to a full topk
+
+
 @pytest.mark.parametrize("projection", [TopK(3), BatchTopK(3), NM(2, 4)])
 def test_admm_result_is_in_the_set(projection):
     W, H = _layer(3, rows=5, d=8)
@@ -162,7 +191,7 @@ def test_admm_that_runs_out_of_iterations_warns_with_the_residual():
 
 @pytest.mark.parametrize("bad", [dict(rho=0.0), dict(rho=math.inf), dict(schedule="cosine"),
                                  dict(growth=0.5), dict(max_iter=0), dict(update_every=0),
-                                 dict(tol=-1.0)])
+                                 dict(tol=-1.0), dict(relax=0.0), dict(relax=2.0)])
 def test_admm_bad_settings(bad):
     W, H = _layer(0)
     with pytest.raises(ValueError):
