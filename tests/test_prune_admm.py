@@ -134,6 +134,22 @@ def test_admm_with_a_fixed_support_converges_to_least_squares_on_it():
     assert not bool(out[~mask].any())
 
 
+@pytest.mark.parametrize("projection", [BatchTopK(3), NM(2, 4)])
+def test_admm_from_the_target_equals_admm_from_the_correlations(projection):
+    # the pruning problem given by its weights V: z = V + (rho (u - V) - lam) M, no C = V G
+    W, H = _layer(6, rows=6, d=8)
+    by_target = LeastSquares.from_target(H, W)
+    by_cov = LeastSquares.from_gram(H, W @ H, ((W @ H) * W).sum(1))
+    for prob in (by_target, by_cov):
+        assert prob.n_rows == 6 and prob.new_codes().shape == (6, 8)
+    a = admm(by_target, projection, schedule="geometric", max_iter=9, init=W, relax=1.5).codes
+    b = admm(by_cov, projection, schedule="geometric", max_iter=9, init=W, relax=1.5).codes
+    torch.testing.assert_close(a, b)
+    torch.testing.assert_close(by_target.cov, by_cov.cov)
+    torch.testing.assert_close(by_target.sq_norms, by_cov.sq_norms)
+    torch.testing.assert_close(by_target.rows(slice(1, 3)).cov, by_cov.cov[1:3])
+
+
 @pytest.mark.parametrize("relax", [0.7, 1.5])
 def test_over_relaxed_admm_reaches_the_same_least_squares_on_a_fixed_support(relax):
     W, H = _layer(2, rows=4, d=8)

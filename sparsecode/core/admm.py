@@ -161,7 +161,8 @@ def admm(
         raise TypeError(f"admm needs a Projection (TopK, BatchTopK, NM, ...), "
                         f"got {type(projection).__name__}")
     _check(rho, schedule, growth, max_iter, update_every, tol, relax)
-    C = problem.cov
+    V = problem.target  # with it, z = V + (rho (u - V) - lam) M needs no C = V G
+    C = V if V is not None else problem.cov
     inv = shifted if shifted is not None else ShiftedGram(problem.gram)
     z = torch.zeros_like(C) if init is None else init.to(C)
     u = projection.project(z)
@@ -171,7 +172,10 @@ def admm(
     settled, residual = schedule != "adaptive", 0.0
     grown, shrunk = False, 0  # adaptive schedule: has rho been raised / lowered yet
     for it in range(1, max_iter + 1):
-        z = inv.solve(torch.add(C, u, alpha=rho).sub_(lam), rho)
+        if V is None:
+            z = inv.solve(torch.add(C, u, alpha=rho).sub_(lam), rho)
+        else:
+            z = torch.addmm(V, torch.sub(u, V).mul_(rho).sub_(lam), inv.inverse(rho))
         if relax != 1.0:  # over-relaxation: relax z + (1 - relax) u stands for z below
             z.mul_(relax).add_(u, alpha=1.0 - relax)
         y = z.add_(lam, alpha=1.0 / rho)  # z + lam / rho, in z's memory

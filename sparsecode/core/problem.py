@@ -49,10 +49,12 @@ class LeastSquares:
         sq_norms: Tensor | None,
         X: Tensor | None = None,
         D: Tensor | None = None,
+        target: Tensor | None = None,
     ):
         self.gram = gram
         self.X = X
         self.D = D
+        self.target = target
         self._cov = cov
         self._sq_norms = sq_norms
         self.use_data = X is not None and D is not None and 2 * D.shape[1] < D.shape[0]
@@ -75,9 +77,26 @@ class LeastSquares:
         """
         return cls(gram, cov, sq_norms)
 
+    @classmethod
+    def from_target(cls, gram: Tensor, target: Tensor) -> LeastSquares:
+        """The problem ``0.5 (v - z) G (v - z)^T`` per row ``v`` of ``target (N, K)``: the Gram
+        form with ``cov = target @ gram`` (computed on first use) and ``||x||^2 = v G v^T``, up
+        to a constant. Layer-wise pruning is this problem (``v`` the weights, ``G`` the input
+        Gram); ADMM's update needs only ``v`` (``z = v + (rho (u - v) - lam) (G + rho I)^-1``),
+        which saves the ``(N, K) @ (K, K)`` product of ``cov``.
+
+        >>> import torch
+        >>> prob = LeastSquares.from_target(2 * torch.eye(2), torch.tensor([[1.0, 3.0]]))
+        >>> prob.cov, prob.sq_norms
+        (tensor([[2., 6.]]), tensor([20.]))
+        """
+        return cls(gram, None, None, target=target)
+
     @property
     def n_rows(self) -> int:
-        return self.X.shape[0] if self.X is not None else self._cov.shape[0]
+        if self.X is not None:
+            return self.X.shape[0]
+        return (self.target if self.target is not None else self._cov).shape[0]
 
     @property
     def n_atoms(self) -> int:
@@ -96,7 +115,7 @@ class LeastSquares:
 
     def new_codes(self, width: int | None = None, dtype: torch.dtype | None = None) -> Tensor:
         """Zeros of shape ``(n_rows, width or n_atoms)`` on the problem's device and dtype."""
-        ref = self.X if self.X is not None else self.cov
+        ref = next(t for t in (self.X, self.target, self._cov) if t is not None)
         return torch.zeros(self.n_rows, width or self.n_atoms, dtype=dtype or ref.dtype,
                            device=ref.device)
 
@@ -104,11 +123,13 @@ class LeastSquares:
     def cov(self) -> Tensor:
         """Correlations ``X D^T`` (computed on first use)."""
         if self._cov is None:
-            self._cov = self.X @ self.D.T
+            self._cov = self.target @ self.gram if self.target is not None else self.X @ self.D.T
         return self._cov
 
     @property
     def sq_norms(self) -> Tensor:
+        if self._sq_norms is None and self.target is not None:
+            self._sq_norms = (self.cov * self.target).sum(dim=1)
         if self._sq_norms is None:
             if self.X is None:
                 raise ValueError("this problem was built without ||x||^2 (pass sq_norms)")
@@ -120,7 +141,8 @@ class LeastSquares:
         def pick(t: Tensor | None) -> Tensor | None:
             return None if t is None else t[index]
 
-        return LeastSquares(self.gram, pick(self._cov), pick(self._sq_norms), pick(self.X), self.D)
+        return LeastSquares(self.gram, pick(self._cov), pick(self._sq_norms), pick(self.X), self.D,
+                            pick(self.target))
 
     def chunks(self, size: int, progress: bool = False) -> Iterator[tuple[slice, LeastSquares]]:
         """Consecutive row blocks of at most ``size`` rows (a tqdm bar over rows if asked)."""

@@ -177,8 +177,7 @@ def _scaled_problem(W: Tensor, H: Tensor):
     G, s, alive = _scaled_gram(H, work)
     W = W.detach().to(work)
     V = W * s
-    cov = V @ G
-    return W, V, G, s, alive, LeastSquares.from_gram(G, cov, (cov * V).sum(dim=1))
+    return W, V, G, s, alive, LeastSquares.from_target(G, V)
 
 
 class _LastGram:
@@ -392,7 +391,10 @@ def admm_prune(
     method, ``init``), ``max_iter=8`` over-relaxed iterations (``relax=1.5``) with the
     penalty ``rho=0.3`` raised by ``growth=1.3`` per iteration every ``update_every=4``
     iterations (two values of ``rho``: each costs one factorisation of ``G + rho I``, as much
-    as three iterations on a down_proj); the answer is the last iterate in the set.
+    as three iterations on a down_proj); N:M patterns take 6 iterations from ``rho=0.4``,
+    raised after 3 (their per-group selections settle sooner: 0.6% more layer error than 8
+    iterations on SmolLM2 at 2:4, for a quarter less time). The answer is the last iterate in
+    the set.
     ``cg_iter`` conjugate-gradient steps of least squares on its support may follow (on
     SmolLM2 two steps lower the layer error by about 1.5% for 15-20% more time, so none by
     default).
@@ -414,6 +416,8 @@ def admm_prune(
         defaults = dict(rho=1.0, schedule="fixed", max_iter=20, update_every=1, relax=1.0)
     else:
         defaults = dict(rho=0.3, schedule="geometric", max_iter=8, update_every=4, relax=1.5)
+        if nm is not None:  # per-group selections settle sooner: 6 iterations from rho=0.4
+            defaults.update(rho=0.4, max_iter=6, update_every=3)
     relax = defaults["relax"] if relax is None else relax
     rho = defaults["rho"] if rho is None else rho
     schedule = defaults["schedule"] if schedule is None else schedule
