@@ -5,7 +5,7 @@ text (``split_texts(builtin_texts(), seed=0)[0]``, contexts drawn with a seeded 
 perplexity on ``--n-eval`` contexts of the held-out part (``split_texts(...)[1]``), disjoint
 from the calibration text at the document level. Rows: dense, then magnitude, Wanda, SparseGPT,
 ``iht`` (least squares + IHT from the Wanda and SparseGPT masks), ``admm`` (the default: ADMM
-on the layer problem with the core's projections, 9 iterations), ``alps`` (ADMM with ALPS'
+on the layer problem with the core's projections, 8 iterations, N:M 6), ``alps`` (ADMM with ALPS'
 adaptive penalty + CG refit) and, on request, greedy ``omp`` (unstructured settings only) at
 each setting: 50%, 60%, 70% with OWL unstructured, 2:4 and 4:8.
 Every pruning run starts from the same dense weights and is timed whole (calibration forwards
