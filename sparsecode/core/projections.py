@@ -332,8 +332,8 @@ class NM(Projection):
 
     def project(self, z: Tensor) -> Tensor:
         g = self._grouped(z)
-        a = g.abs()
-        if self.m <= 16 and not a.requires_grad:  # the threshold by a sorting network
+        a = g.abs().detach()  # the selection only: gradients flow through g
+        if self.m <= 16:  # the threshold by a sorting network
             keep = a >= _nth_largest(a, self.n)
             if int(torch.count_nonzero(keep)) == self.n * (a.numel() // self.m):
                 return self._ungrouped(g * keep, z)  # no ties at any group's cut
